@@ -1,0 +1,1 @@
+"""Shared metrics and the step report."""

@@ -1,0 +1,81 @@
+"""The Task protocol: what an unlearning target gives rr (contexts, relevance oracle, scores, retain data)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol, Sequence, runtime_checkable
+
+SPLITS = ("reveal", "validation", "test")
+
+
+@dataclass(frozen=True)
+class Context:
+    """One generation context: a user prompt that Reveal answers under an instruction."""
+
+    id: str
+    prompt: str
+
+
+@dataclass(frozen=True)
+class Example:
+    """A (prompt, response) pair a PEM is trained on (retain data, or a forget record)."""
+
+    prompt: str
+    response: str
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Sampling parameters shared by every generator backend (transformers and vLLM)."""
+
+    max_new_tokens: int = 128
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    n: int = 1
+
+
+@dataclass
+class Evaluation:
+    """A task's verdict on one model: the two decision scores and every reported metric.
+
+    forget_score is higher when more of the target behaviour remains; utility_score is higher
+    when more utility remains. `intervals` maps a rate metric to its Wilson 95% interval.
+    """
+
+    forget_score: float
+    utility_score: float
+    metrics: dict[str, float] = field(default_factory=dict)
+    intervals: dict[str, tuple[float, float]] = field(default_factory=dict)
+    counts: dict[str, int] = field(default_factory=dict)
+
+
+class ModelHandle(Protocol):
+    """What a task may ask of the model under evaluation (the current composition)."""
+
+    def generate(self, prompts: Sequence[str], params: SamplingParams, seeds: Sequence[int] | None = None) -> list[list[str]]:
+        """Chat prompts (user turns) → `params.n` completions each. Seeds are per prompt."""
+
+    def perplexity(self, texts: Sequence[str]) -> float:
+        """Token-level perplexity of plain texts (no chat template)."""
+
+
+@runtime_checkable
+class Task(Protocol):
+    """An unlearning target. One file per task under rr/tasks, registered in rr/tasks/registry.py."""
+
+    name: str
+
+    def contexts(self, split: str) -> list[Context]:
+        """Generation contexts of a split ("reveal", "validation" or "test"); the splits are disjoint."""
+
+    def exemplars(self) -> list[Example]:
+        """A few (context → answer) demonstrations for instruction induction (from the reveal split)."""
+
+    def relevance(self, contexts: Sequence[Context], responses: Sequence[str]) -> list[float]:
+        """The relevance oracle τ: one score in [0, 1] per response (higher = more of the target)."""
+
+    def retain_examples(self) -> list[Example]:
+        """Training data for retain PEMs (never drawn from validation or test)."""
+
+    def evaluate(self, model: ModelHandle, split: str) -> Evaluation:
+        """Forget score, utility score and the paper's metrics of `model` on `split` (greedy)."""
