@@ -1,0 +1,155 @@
+"""The `rr` command: reveal, release, run (both + evaluation), eval and export. Every command takes --config/--output."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+from rr.errors import RRError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="rr: make an LLM forget a behaviour without being handed the data to forget.")
+console = Console(stderr=True)
+
+ConfigOption = typer.Option(None, "--config", "-c", help="job config (YAML); defaults to the embedded quickstart")
+OutputOption = typer.Option(None, "--output", "-o", help="job directory (overrides the config's output_dir)")
+
+
+def _progress(start: float):
+    def emit(message: str) -> None:
+        console.print(f"[dim]{time.time() - start:7.1f}s[/dim] {message}")
+    return emit
+
+
+def _job(config: Optional[Path], output: Optional[Path]):
+    from rr.config import load_config
+    from rr.job import Job
+
+    job = Job(load_config(config, output))
+    console.print(f"[bold]rr[/bold] job [cyan]{job.config.name}[/cyan] → {job.dir}")
+    return job
+
+
+def _fail(exc: Exception) -> None:
+    console.print(f"[red]error:[/red] {exc}")
+    raise typer.Exit(2)
+
+
+@app.command()
+def reveal(config: Optional[Path] = ConfigOption, output: Optional[Path] = OutputOption):
+    """Stage 1: search instructions with NeuralUCB and write the self-generated forget set."""
+    from rr.reveal.stage import run_reveal
+
+    try:
+        job = _job(config, output)
+        manifest = run_reveal(job, _progress(time.time()))
+    except RRError as exc:
+        _fail(exc)
+    console.print((job.dir / "reveal" / "report.md").read_text())
+    console.print(f"forget set: {manifest['size']} records in {job.dir / 'reveal' / 'forget_set.jsonl'}")
+
+
+@app.command()
+def release(config: Optional[Path] = ConfigOption, output: Optional[Path] = OutputOption):
+    """Stage 2: compose forget/retain PEMs with rule-chosen weights (needs a finished reveal)."""
+    from rr.release.stage import run_release
+
+    try:
+        job = _job(config, output)
+        run_release(job, _progress(time.time()))
+    except RRError as exc:
+        _fail(exc)
+    _print_release(job)
+
+
+@app.command()
+def run(config: Optional[Path] = ConfigOption, output: Optional[Path] = OutputOption):
+    """Reveal, release and evaluate in one job; rerunning the same command resumes where it stopped."""
+    from rr.release.stage import run_release
+    from rr.reveal.stage import run_reveal
+
+    start = time.time()
+    try:
+        job = _job(config, output)
+        progress = _progress(start)
+        run_reveal(job, progress)
+        run_release(job, progress)
+    except RRError as exc:
+        _fail(exc)
+    console.print((job.dir / "reveal" / "report.md").read_text())
+    _print_release(job)
+    console.print(f"total {time.time() - start:.0f}s")
+
+
+def _print_release(job) -> None:
+    release_dir = job.dir / "release"
+    console.print((release_dir / "steps.md").read_text())
+    console.print((release_dir / "summary.md").read_text())
+    console.print(f"step table {release_dir / 'steps.csv'}, plot {release_dir / 'steps.png'}")
+
+
+@app.command("eval")
+def evaluate(config: Optional[Path] = ConfigOption, output: Optional[Path] = OutputOption,
+             ledger: Optional[Path] = typer.Option(None, help="a job's release/ledger.json to compose on the base"),
+             split: str = typer.Option("test", help="reveal, validation or test")):
+    """Score the base model, or base + a ledger, on the config's task."""
+    import json
+
+    from rr.release.ledger import ComposedModel, Ledger, Pem
+    from rr.release.loop import evaluation_dict
+    from rr.tasks.base import SPLITS
+
+    try:
+        if split not in SPLITS:
+            raise RRError(f"--split {split!r}: choose one of {', '.join(SPLITS)}")
+        job = _job(config, output)
+        if ledger is not None:
+            if not ledger.is_file():
+                raise RRError(f"--ledger {ledger}: no such file; pass JOB_DIR/release/ledger.json")
+            composed = ComposedModel(job.model)
+            for entry in Ledger.load(ledger).entries:
+                composed.append(Pem.load(ledger.parent / entry.adapter_dir), entry.merge_weight)
+        result = evaluation_dict(job.task.evaluate(job.generator, split))
+    except RRError as exc:
+        _fail(exc)
+    print(json.dumps(result, indent=2))
+
+
+@app.command()
+def export(run_dir: Path = typer.Option(..., "--run", help="a job directory with a finished release"),
+           merged: Optional[Path] = typer.Option(None, help="write a merged HF model directory here"),
+           adapter: Optional[Path] = typer.Option(None, help="write the rank-sum PEFT adapter here")):
+    """Export the unlearned model as merged weights or as one standard PEFT adapter."""
+    from rr.config import load_config
+    from rr.job import Job
+    from rr.release.ledger import Ledger, Pem, export_adapter, export_merged
+
+    try:
+        if not merged and not adapter:
+            raise RRError("export: pass --merged OUT_DIR and/or --adapter OUT_DIR")
+        ledger_path = run_dir / "release" / "ledger.json"
+        if not ledger_path.is_file():
+            raise RRError(f"--run {run_dir}: no release/ledger.json; run `rr release` first")
+        job = Job(load_config(run_dir / "config.yaml", run_dir))
+        ledger = Ledger.load(ledger_path)
+        pems = [(Pem.load(ledger_path.parent / e.adapter_dir), e.merge_weight) for e in ledger.entries]
+        if adapter:
+            export_adapter(pems, adapter, job.config.model.name_or_path)
+            console.print(f"adapter → {adapter}")
+        if merged:
+            export_merged(job.model, pems, merged, tokenizer=job.tokenizer)
+            console.print(f"merged model → {merged}")
+    except RRError as exc:
+        _fail(exc)
+
+
+def main() -> None:  # pragma: no cover - console script entry
+    app()
+
+
+if __name__ == "__main__":
+    main()

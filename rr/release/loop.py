@@ -1,0 +1,207 @@
+"""Stage 2, Eq. 1: Φ0 − μ0·ΔF0, then per iteration +λi·ΔRi and −μi·ΔFi, weights chosen by the rules.
+
+Every step trains one PEM on the current composed model, evaluates candidate merge weights on the
+validation split by runtime scaling (no re-merge, no reload), applies the weight the rule picks, scores
+the test split, and checkpoints (adapter, ledger, scores) before the next step starts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from rr.release.ledger import ComposedModel, Ledger, LedgerEntry, Pem
+from rr.release.pem import train_pem
+from rr.release.weights import CandidateResult, WeightChoice, candidate_grid, choose_forget_weight, choose_retain_weight
+from rr.tasks.base import Evaluation, Example
+
+
+def evaluation_dict(evaluation: Evaluation) -> dict:
+    return {"forget_score": evaluation.forget_score, "utility_score": evaluation.utility_score,
+            "metrics": evaluation.metrics, "intervals": {k: list(v) for k, v in evaluation.intervals.items()},
+            "counts": evaluation.counts}
+
+
+@dataclass
+class StepRecord:
+    """One row of the step table (papers/002 Tables 7–9)."""
+
+    step: int
+    kind: str                 # "base", "forget" or "retain"
+    pem: str | None
+    merge_weight: float       # signed: −μ for forget steps, +λ for retain steps, 0 for the base
+    rule: str
+    passed: bool
+    reason: str
+    validation: dict
+    test: dict
+    candidates: list[dict] = field(default_factory=list)
+
+
+@dataclass
+class ReleaseState:
+    steps: list[StepRecord] = field(default_factory=list)
+    pending_candidates: dict = field(default_factory=dict)   # step → {weight: result} of an unfinished search
+    stopped_reason: str | None = None
+    finished: bool = False
+
+    @classmethod
+    def load(cls, path: Path) -> "ReleaseState":
+        if not path.exists():
+            return cls()
+        raw = json.loads(path.read_text())
+        return cls([StepRecord(**s) for s in raw["steps"]], raw["pending_candidates"], raw["stopped_reason"],
+                   raw["finished"])
+
+    def save(self, path: Path) -> None:
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(asdict(self), indent=1))
+        os.replace(tmp, path)
+
+
+def step_plan(iterations: int) -> list[str]:
+    """forget, then (retain, forget) × iterations."""
+    return ["forget"] + ["retain", "forget"] * iterations
+
+
+class ReleaseLoop:
+    """Runs Eq. 1 for one job; `evaluate(split)` scores the model as currently composed."""
+
+    def __init__(self, job, forget_examples: list[Example], progress: Callable[[str], None] = print):
+        self.job = job
+        self.config = job.config.release
+        self.forget_examples = forget_examples
+        self.retain_examples = job.task.retain_examples()
+        self.progress = progress
+        self.dir = job.dir / "release"
+        (self.dir / "pems").mkdir(parents=True, exist_ok=True)
+        self.state_path = self.dir / "state.json"
+        self.ledger_path = self.dir / "ledger.json"
+        self.composed = ComposedModel(job.model)
+
+    # ---- evaluation --------------------------------------------------------------------
+    def evaluate(self, split: str) -> Evaluation:
+        return self.job.task.evaluate(self.job.generator, split)
+
+    def evaluate_candidates(self, signed_weights: list[float], cached: dict) -> list[CandidateResult]:
+        """Runtime scaling of the newest ledger entry; results already computed (a resumed search) are reused."""
+        results = []
+        for weight in signed_weights:
+            key = repr(weight)
+            if key not in cached:
+                self.composed.set_weight(-1, weight)
+                evaluation = self.evaluate("validation")
+                cached[key] = [evaluation.forget_score, evaluation.utility_score]
+                self.progress(f"  candidate {weight:+g}: forget {evaluation.forget_score:.3f}, "
+                              f"utility {evaluation.utility_score:.3f}")
+                self.state.save(self.state_path)
+            forget_score, utility_score = cached[key]
+            results.append(CandidateResult(abs(weight), forget_score, utility_score))
+        return results
+
+    # ---- the loop ----------------------------------------------------------------------
+    def run(self) -> ReleaseState:
+        self.state = ReleaseState.load(self.state_path)
+        ledger = self._restore_ledger()
+        if not self.state.steps:
+            self.progress("release: scoring the base model (validation and test)")
+            self.state.steps.append(StepRecord(0, "base", None, 0.0, "base", True, "base model",
+                                               evaluation_dict(self.evaluate("validation")),
+                                               evaluation_dict(self.evaluate("test"))))
+            self.state.save(self.state_path)
+        if self.state.finished:
+            return self.state
+        plan = step_plan(self.config.iterations)
+        for step, kind in enumerate(plan, start=1):
+            if step < len(self.state.steps):
+                continue  # finished before a restart
+            record = self._run_step(step, kind, ledger)
+            if record is None:
+                break
+            target = self.config.stop_when_forget_below
+            if target is not None and kind == "forget" and record.validation["forget_score"] <= target:
+                self.state.stopped_reason = f"forget score {record.validation['forget_score']:.3f} ≤ target {target}"
+                break
+        self.state.finished = True
+        self.state.save(self.state_path)
+        return self.state
+
+    def _run_step(self, step: int, kind: str, ledger: Ledger) -> StepRecord | None:
+        name = f"step{step}-{kind}"
+        previous = self.state.steps[-1].validation
+        base = self.state.steps[0].validation
+        pem = self._train_or_load(name, kind)
+        self.composed.append(pem, 0.0)
+        sign = -1.0 if kind == "forget" else 1.0
+        magnitudes = self.config.forget_weights if kind == "forget" else self.config.retain_weights
+        cached = self.state.pending_candidates.setdefault(str(step), {})
+        self.progress(f"step {step} ({kind}): searching {len(magnitudes)} weights on the validation split")
+        choice = self._choose(kind, self.evaluate_candidates([sign * m for m in magnitudes], cached), previous, base)
+        if not choice.passed and self.config.on_no_candidate == "widen":
+            wider = [m for m in candidate_grid(magnitudes, self.config.widen_factor) if m not in magnitudes]
+            self.progress(f"step {step}: no candidate met the rule ({choice.reason}); widening to {wider}")
+            results = self.evaluate_candidates([sign * m for m in magnitudes + wider], cached)
+            choice = self._choose(kind, results, previous, base)
+        if choice.weight is None:
+            self.composed.pop()
+            self.state.stopped_reason = f"step {step} ({kind}): no candidate weight passes: {choice.reason}"
+            self.progress(self.state.stopped_reason)
+            self.state.save(self.state_path)
+            return None
+        merge_weight = sign * choice.weight
+        self.composed.set_weight(-1, merge_weight)
+        ledger.entries.append(LedgerEntry(pem.name, f"pems/{name}", kind, merge_weight, step))
+        validation = evaluation_dict(self.evaluate("validation")) if repr(merge_weight) not in cached else {
+            "forget_score": cached[repr(merge_weight)][0], "utility_score": cached[repr(merge_weight)][1]}
+        record = StepRecord(step, kind, pem.name, merge_weight, choice.rule, choice.passed, choice.reason,
+                            validation, evaluation_dict(self.evaluate("test")),
+                            [asdict(c) for c in choice.evaluated])
+        ledger.save(self.ledger_path)
+        self.state.steps.append(record)
+        self.state.pending_candidates.pop(str(step), None)
+        self.state.save(self.state_path)
+        self.progress(f"step {step}: applied {merge_weight:+g} ({choice.rule}); test forget "
+                      f"{record.test['forget_score']:.3f}, utility {record.test['utility_score']:.3f}")
+        return record
+
+    def _choose(self, kind: str, results: list[CandidateResult], previous: dict, base: dict) -> WeightChoice:
+        if kind == "forget":
+            return choose_forget_weight(results, previous["forget_score"], previous["utility_score"],
+                                        self.config.forget_fraction)
+        return choose_retain_weight(results, previous["forget_score"], base["utility_score"],
+                                    self.config.recover_fraction, self.config.forget_bounce)
+
+    def _train_or_load(self, name: str, kind: str) -> Pem:
+        out_dir = self.dir / "pems" / name
+        if (out_dir / "adapter_model.safetensors").exists():
+            self.progress(f"{name}: reusing the trained adapter in {out_dir}")
+            return Pem.load(out_dir)
+        examples = self.forget_examples if kind == "forget" else self.retain_examples
+        self.progress(f"{name}: training a LoRA on {len(examples)} {kind} examples")
+        return train_pem(self.job.model, self.job.tokenizer, examples, self.config.lora, name, kind, out_dir,
+                         seed=self.job.config.seed + len(self.state.steps))
+
+    def reattach(self) -> ComposedModel:
+        """A fresh composition of the saved ledger on the job's model (after a baseline or export detached it)."""
+        composed = ComposedModel(self.job.model)
+        if self.ledger_path.exists():
+            for entry in Ledger.load(self.ledger_path).entries:
+                composed.append(Pem.load(self.dir / entry.adapter_dir), entry.merge_weight)
+        return composed
+
+    def _restore_ledger(self) -> Ledger:
+        """Re-attach every finished step's PEM with its weight: the model is as it was before the kill."""
+        if not self.ledger_path.exists():
+            return Ledger(base_model=self.job.config.model.name_or_path, entries=[])
+        ledger = Ledger.load(self.ledger_path)
+        for entry in ledger.entries:
+            self.composed.append(Pem.load(self.dir / entry.adapter_dir), entry.merge_weight)
+        # Steps whose ledger entry was written but whose state was not are redone from the state's view.
+        done = len(self.state.steps) - 1 if self.state.steps else 0
+        while len(ledger.entries) > max(done, 0):
+            ledger.entries.pop()
+            self.composed.pop()
+        return ledger

@@ -1,0 +1,137 @@
+"""The Release stage of a job: forget records → Eq. 1 loop → single-negation baseline → step table, plot, summary."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from typing import Callable
+
+from rr.evaluation.report import plot_steps, write_step_table
+from rr.errors import RRError
+from rr.release.ledger import ComposedModel, Pem
+from rr.release.loop import ReleaseLoop, evaluation_dict
+from rr.release.weights import candidate_grid
+from rr.tasks.base import Example
+
+
+def load_forget_examples(job) -> list[Example]:
+    """The forget PEM imitates the revealed answers to the *plain* contexts (no instruction), so that
+    negating it removes the behaviour the way a user would meet it."""
+    path = job.dir / "reveal" / "forget_set.jsonl"
+    if not path.exists() or not (job.dir / "reveal" / "manifest.json").exists():
+        raise RRError(f"{path}: no finished forget set; run `rr reveal` (or `rr run`) with this config first")
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [Example(r["prompt"], r["response"]) for r in records]
+
+
+def single_negation_baseline(job, loop: ReleaseLoop, target_forget_score: float, progress) -> dict:
+    """One forget PEM (the first, trained on the base model), one weight: the smallest magnitude whose
+    validation forget score reaches the iterative model's. Scored on the test split."""
+    cached = job.read_json("release/baseline.json")
+    if cached is not None:
+        return cached
+    first = loop.state.steps[1]
+    loop.composed.detach()
+    single = ComposedModel(job.model)
+    single.append(Pem.load(loop.dir / "pems" / first.pem), 0.0)
+    magnitudes = sorted(set(candidate_grid(job.config.release.forget_weights, job.config.release.widen_factor)))
+    tried, chosen = [], None
+    for magnitude in magnitudes:
+        single.set_weight(-1, -magnitude)
+        evaluation = job.task.evaluate(job.generator, "validation")
+        tried.append({"weight": -magnitude, "forget_score": evaluation.forget_score,
+                      "utility_score": evaluation.utility_score})
+        progress(f"  baseline −{magnitude:g}: forget {evaluation.forget_score:.3f}, utility {evaluation.utility_score:.3f}")
+        if evaluation.forget_score <= target_forget_score:
+            chosen = -magnitude
+            break
+    reached = chosen is not None
+    if chosen is None:
+        chosen = min(tried, key=lambda t: t["forget_score"])["weight"]
+    single.set_weight(-1, chosen)
+    result = {"pem": first.pem, "merge_weight": chosen, "reached_target": reached,
+              "target_forget_score": target_forget_score, "candidates": tried,
+              "test": evaluation_dict(job.task.evaluate(job.generator, "test"))}
+    single.detach()
+    loop.composed = loop.reattach()
+    job.write_json("release/baseline.json", result)
+    return result
+
+
+def run_release(job, progress: Callable[[str], None] = print) -> dict:
+    """Stage 2. Resumes at the last finished step; returns the summary."""
+    loop = ReleaseLoop(job, load_forget_examples(job), progress)
+    state = loop.run()
+    steps = [asdict(s) for s in state.steps]
+    release_dir = job.dir / "release"
+    write_step_table(steps, release_dir)
+    plot_steps(steps, release_dir / "steps.png", f"{job.config.task.name} unlearning")
+    baseline = None
+    if job.config.release.baseline_single_negation and len(steps) > 1:
+        progress("single-negation baseline: one forget PEM, one weight, same forget score")
+        baseline = single_negation_baseline(job, loop, steps[-1]["validation"]["forget_score"], progress)
+    summary = summarize(steps, baseline, state.stopped_reason)
+    job.write_json("release/summary.json", summary)
+    (release_dir / "summary.md").write_text(summary_markdown(summary, job))
+    return summary
+
+
+def _relative(new: float, old: float) -> float | None:
+    return None if old == 0 else (new - old) / old
+
+
+def summarize(steps: list[dict], baseline: dict | None, stopped_reason: str | None) -> dict:
+    """Base vs final on the test split, and the iterative model vs the single-negation baseline."""
+    base, final = steps[0]["test"], steps[-1]["test"]
+    summary = {
+        "steps": len(steps) - 1,
+        "ledger": [{"step": s["step"], "kind": s["kind"], "merge_weight": s["merge_weight"]} for s in steps[1:]],
+        "stopped_reason": stopped_reason,
+        "base": base, "final": final,
+        "forget_relative_change": _relative(final["forget_score"], base["forget_score"]),
+        "utility_relative_change": _relative(final["utility_score"], base["utility_score"]),
+        "metric_relative_change": {m: _relative(final["metrics"][m], base["metrics"][m])
+                                   for m in base["metrics"] if m in final["metrics"]},
+    }
+    if baseline is not None:
+        summary["baseline"] = baseline
+        summary["iterative_keeps_more_utility"] = final["utility_score"] > baseline["test"]["utility_score"]
+    return summary
+
+
+def summary_markdown(summary: dict, job) -> str:
+    def fmt(evaluation, metric):
+        value = evaluation["metrics"].get(metric)
+        interval = evaluation.get("intervals", {}).get(metric)
+        text = f"{value:.4f}" if value is not None else "–"
+        return text + (f" [{interval[0]:.3f}, {interval[1]:.3f}]" if interval else "")
+
+    metrics = sorted(summary["base"]["metrics"])
+    columns = ["base", "rr (iterative)"] + (["single negation"] if "baseline" in summary else [])
+    lines = [f"# Release summary: {job.config.task.name} ({job.config.model.name_or_path})", "",
+             "Test split; rates with Wilson 95% intervals. Weights were chosen on the validation split.", "",
+             "| metric | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
+    for m in metrics:
+        row = [fmt(summary["base"], m), fmt(summary["final"], m)]
+        if "baseline" in summary:
+            row.append(fmt(summary["baseline"]["test"], m))
+        lines.append(f"| {m} | " + " | ".join(row) + " |")
+    row = [f"{summary['base'][k]:.4f}" for k in ("forget_score",)] + [f"{summary['final']['forget_score']:.4f}"]
+    lines.append("| forget score | " + " | ".join(row + ([f"{summary['baseline']['test']['forget_score']:.4f}"]
+                                                     if "baseline" in summary else [])) + " |")
+    row = [f"{summary['base']['utility_score']:.4f}", f"{summary['final']['utility_score']:.4f}"]
+    lines.append("| utility score | " + " | ".join(row + ([f"{summary['baseline']['test']['utility_score']:.4f}"]
+                                                      if "baseline" in summary else [])) + " |")
+    lines += ["", "Ledger: " + ", ".join(f"{e['merge_weight']:+g}·{e['kind']}" for e in summary["ledger"]), ""]
+    for m, change in summary["metric_relative_change"].items():
+        if change is not None:
+            lines.append(f"- {m}: {change:+.1%} relative to the base model")
+    if "baseline" in summary:
+        b = summary["baseline"]
+        lines.append(f"- single negation: weight {b['merge_weight']:+g} "
+                     f"({'reaches' if b['reached_target'] else 'does NOT reach'} the iterative model's validation "
+                     f"forget score {b['target_forget_score']:.3f}); iterative keeps more utility: "
+                     f"{summary['iterative_keeps_more_utility']}")
+    if summary["stopped_reason"]:
+        lines.append(f"- stopped early: {summary['stopped_reason']}")
+    return "\n".join(lines) + "\n"

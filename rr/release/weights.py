@@ -1,0 +1,166 @@
+"""The rules that pick a forget weight μ or a retain weight λ for one Release step from evaluated candidates.
+
+Orientation (ARCHITECTURE.md): the forget score s is higher when more of the target remains; the utility
+score u is higher when more utility remains. For a perplexity-based utility pass u = 1/PPL, so that a
+perplexity rise is a utility drop and relative drops compare like with like.
+
+Names: μ (forget weight, applied with a negative sign) and λ (retain weight) are `weight`; s is
+`forget_score`; u is `utility_score`; s_ref/u_ref are the scores just before the step; u_base is the
+base model's utility.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Sequence
+
+# Default for choose_retain_weight's forget_bounce: the largest absolute rise of the forget score that a
+# retain step may cause. 0.3 admits every λ step of papers/002 Tables 7–9; the largest there is Table 8
+# step 6 (Person F1 0.0306 → 0.3210, +0.29), which the next μ step then removed again.
+DEFAULT_FORGET_BOUNCE = 0.3
+
+RULE_FORGET_TARGET = "forget_target"      # μ rule 1: s ≤ (1 − forget_fraction)·s_ref
+RULE_RELATIVE_DROP = "relative_drop"      # μ rule 2: relative forget drop > relative utility drop
+RULE_RECOVER_TARGET = "recover_target"    # λ rule: u ≥ recover_fraction·u_base within the bounce
+RULE_BEST_WITHIN_BOUNCE = "best_within_bounce"  # λ fallback: highest u within the bounce, target missed
+RULE_NONE = "none"
+
+
+@dataclass(frozen=True)
+class CandidateResult:
+    """One candidate weight and the validation scores of the model with it applied."""
+
+    weight: float
+    forget_score: float
+    utility_score: float
+
+
+@dataclass
+class WeightChoice:
+    """The outcome of a rule: the chosen weight (None if no candidate qualifies) and why."""
+
+    weight: float | None
+    rule: str
+    passed: bool
+    reason: str
+    evaluated: list[CandidateResult] = field(default_factory=list)
+
+
+def relative_drop(reference: float, score: float) -> float:
+    """(reference − score)/reference; 0 when the reference is 0, where no relative change is defined."""
+    return (reference - score) / reference if reference > 0 else 0.0
+
+
+def _check_scores(candidates: Sequence[CandidateResult], **references: float) -> list[CandidateResult]:
+    for name, value in references.items():
+        if not math.isfinite(value) or value < 0:
+            raise ValueError(f"{name} must be a finite score ≥ 0; got {value}")
+    for candidate in candidates:
+        for name in ("weight", "forget_score", "utility_score"):
+            value = getattr(candidate, name)
+            if not math.isfinite(value):
+                raise ValueError(f"candidate with weight {candidate.weight} has a non-finite {name} ({value}); "
+                                 "re-run its evaluation")
+    # Sorted by magnitude so "smallest weight" and the report read in the same order.
+    return sorted(candidates, key=lambda c: (abs(c.weight), c.weight))
+
+
+def choose_forget_weight(candidates: Sequence[CandidateResult], forget_ref: float, utility_ref: float,
+                         forget_fraction: float = 0.9) -> WeightChoice:
+    """The μ rule: the smallest |μ| with s ≤ (1 − forget_fraction)·s_ref (rule 1); if none, among the
+    candidates whose relative forget drop exceeds their relative utility drop,
+    (s_ref − s)/s_ref > (u_ref − u)/u_ref (rule 2), the one with the lowest s; if none, no weight.
+
+    A reference of 0 counts as no relative change (see relative_drop). Rule 2 is taken literally: a
+    candidate that raises s but raises u relatively more also satisfies it.
+    """
+    if not 0 < forget_fraction <= 1:
+        raise ValueError(f"forget_fraction must be in (0, 1]; got {forget_fraction}")
+    evaluated = _check_scores(candidates, forget_ref=forget_ref, utility_ref=utility_ref)
+    threshold = (1 - forget_fraction) * forget_ref
+
+    meeting_target = [c for c in evaluated if c.forget_score <= threshold]
+    if meeting_target:
+        chosen = meeting_target[0]
+        return WeightChoice(chosen.weight, RULE_FORGET_TARGET, True,
+                            f"forget weight {chosen.weight:g} meets the forget target: forget score "
+                            f"{chosen.forget_score:.4f} ≤ {1 - forget_fraction:g} × {forget_ref:.4f} = {threshold:.4f} "
+                            f"(smallest of {len(meeting_target)} qualifying weights)", evaluated)
+
+    def drops(c: CandidateResult) -> tuple[float, float]:
+        return relative_drop(forget_ref, c.forget_score), relative_drop(utility_ref, c.utility_score)
+
+    meeting_drop = [c for c in evaluated if drops(c)[0] > drops(c)[1]]
+    if meeting_drop:
+        chosen = min(meeting_drop, key=lambda c: (c.forget_score, abs(c.weight)))
+        forget_drop, utility_drop = drops(chosen)
+        return WeightChoice(chosen.weight, RULE_RELATIVE_DROP, True,
+                            f"no weight reaches forget score ≤ {threshold:.4f}; forget weight {chosen.weight:g} has "
+                            f"the lowest forget score ({chosen.forget_score:.4f}) among {len(meeting_drop)} whose "
+                            f"relative forget drop {forget_drop:.4f} exceeds the relative utility drop "
+                            f"{utility_drop:.4f}", evaluated)
+
+    best = min(evaluated, key=lambda c: c.forget_score, default=None)
+    detail = (f"; the lowest forget score was {best.forget_score:.4f} at weight {best.weight:g}" if best
+              else "; no candidate was evaluated")
+    return WeightChoice(None, RULE_NONE, False,
+                        f"no forget weight reaches forget score ≤ {threshold:.4f} or drops the forget score "
+                        f"relatively more than the utility score (reference forget {forget_ref:.4f}, utility "
+                        f"{utility_ref:.4f}){detail}", evaluated)
+
+
+def choose_retain_weight(candidates: Sequence[CandidateResult], forget_ref: float, utility_base: float,
+                         recover_fraction: float = 0.95,
+                         forget_bounce: float = DEFAULT_FORGET_BOUNCE) -> WeightChoice:
+    """The λ rule: the smallest λ with u ≥ recover_fraction·u_base and s ≤ s_ref + forget_bounce; if none,
+    the λ with the highest u among those within the bounce (passed=False: the recover target is
+    missed); if no candidate stays within the bounce, no weight.
+
+    forget_bounce is an absolute rise of the forget score (same units as s) that a retain step may
+    cause; retain PEMs partly restore the target too (papers/002 Table 8 step 6).
+    """
+    if not 0 < recover_fraction <= 1:
+        raise ValueError(f"recover_fraction must be in (0, 1]; got {recover_fraction}")
+    if not math.isfinite(forget_bounce) or forget_bounce < 0:
+        raise ValueError(f"forget_bounce must be a finite absolute score rise ≥ 0; got {forget_bounce}")
+    evaluated = _check_scores(candidates, forget_ref=forget_ref, utility_base=utility_base)
+    target = recover_fraction * utility_base
+    forget_limit = forget_ref + forget_bounce
+
+    within_bounce = [c for c in evaluated if c.forget_score <= forget_limit]
+    recovering = [c for c in within_bounce if c.utility_score >= target]
+    if recovering:
+        chosen = recovering[0]
+        return WeightChoice(chosen.weight, RULE_RECOVER_TARGET, True,
+                            f"retain weight {chosen.weight:g} recovers utility {chosen.utility_score:.4f} ≥ "
+                            f"{recover_fraction:g} × base {utility_base:.4f} = {target:.4f} with forget score "
+                            f"{chosen.forget_score:.4f} ≤ {forget_ref:.4f} + {forget_bounce:g} "
+                            f"(smallest of {len(recovering)} qualifying weights)", evaluated)
+
+    if within_bounce:
+        chosen = max(within_bounce, key=lambda c: (c.utility_score, -abs(c.weight)))
+        return WeightChoice(chosen.weight, RULE_BEST_WITHIN_BOUNCE, False,
+                            f"no retain weight reaches utility ≥ {target:.4f} ({recover_fraction:g} × base "
+                            f"{utility_base:.4f}) within forget score ≤ {forget_limit:.4f}; retain weight "
+                            f"{chosen.weight:g} gives the highest utility within the bounce, "
+                            f"{chosen.utility_score:.4f} (forget score {chosen.forget_score:.4f})", evaluated)
+
+    lowest = min(evaluated, key=lambda c: c.forget_score, default=None)
+    detail = (f"; the lowest forget score was {lowest.forget_score:.4f} at weight {lowest.weight:g}" if lowest
+              else "; no candidate was evaluated")
+    return WeightChoice(None, RULE_NONE, False,
+                        f"every retain weight raises the forget score above {forget_ref:.4f} + "
+                        f"{forget_bounce:g} = {forget_limit:.4f}{detail}", evaluated)
+
+
+def candidate_grid(base: Sequence[float], widen_factor: float) -> list[float]:
+    """The grid widened when nothing passes: base ∪ each weight × widen_factor ∪ each weight ÷ widen_factor,
+    signs kept, duplicates removed, ordered by magnitude (callers skip weights already evaluated)."""
+    if not math.isfinite(widen_factor) or widen_factor <= 1:
+        raise ValueError(f"widen_factor must be a finite number > 1; got {widen_factor}")
+    widened = {float(w) for w in base}
+    widened |= {float(w) * widen_factor for w in base} | {float(w) / widen_factor for w in base}
+    # Rounding keeps 0.3·2/2 and 0.3 from surviving as two near-identical grid points.
+    unique = {round(w, 12) + 0.0 for w in widened}
+    return sorted(unique, key=lambda w: (abs(w), w))

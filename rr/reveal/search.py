@@ -1,0 +1,250 @@
+"""Algorithm 1: NeuralUCB instruction search that grows the self-generated forget set, resumable per round.
+
+For each of m outer loops: warm-start NeuralUCB with the top-k arms so far; for n inner rounds pick a
+batch of arms, answer a sample of the contexts under each arm's instruction, score
+(α/v + (1−α)/τ)^−1 with τ the mean relevance and v the Vendi diversity against D_self-gen; the loop's
+best instruction then answers every reveal context and its answers join D_self-gen.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from rr.generation.base import request_seed
+from rr.reveal.bandit import NeuralUCB
+from rr.reveal.diversity import RunningGram, vendi_score
+from rr.tasks.base import Context, SamplingParams
+
+
+def harmonic_score(relevance: float, diversity: float, diversity_weight: float) -> float:
+    """(α/v + (1−α)/τ)^−1 with α = diversity_weight; 0 when either term is 0."""
+    if relevance <= 0 or diversity <= 0:
+        return 0.0
+    return 1.0 / (diversity_weight / diversity + (1 - diversity_weight) / relevance)
+
+
+def instruction_prompt(instruction: str, context: Context) -> str:
+    """How an instruction and a context make one user turn."""
+    return f"{instruction}\n\n{context.prompt}" if instruction else context.prompt
+
+
+@dataclass
+class ArmEvaluation:
+    arm: int
+    instruction: str
+    relevance: float
+    diversity: float
+    score: float
+    outer_loop: int
+    round: int
+
+
+@dataclass
+class RevealState:
+    """Everything needed to resume: finished rounds, observations and D_self-gen's Gram matrix."""
+
+    outer_loop: int = 0
+    round: int = 0
+    evaluations: list[ArmEvaluation] = field(default_factory=list)
+    best_instructions: list[str] = field(default_factory=list)
+    finished: bool = False
+
+
+class RevealCheckpoint:
+    """The reveal/ folder of a job: state.json, gram.npz, forget_set.jsonl (owner-only)."""
+
+    def __init__(self, directory: Path):
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.directory, 0o700)
+        self.state_path = self.directory / "state.json"
+        self.gram_path = self.directory / "gram.npz"
+        self.records_path = self.directory / "forget_set.jsonl"
+
+    def load(self, dim: int) -> tuple[RevealState, RunningGram, list[dict]]:
+        if not self.state_path.exists():
+            return RevealState(), RunningGram(dim), []
+        raw = json.loads(self.state_path.read_text())
+        state = RevealState(raw["outer_loop"], raw["round"], [ArmEvaluation(**e) for e in raw["evaluations"]],
+                            raw["best_instructions"], raw["finished"])
+        gram = RunningGram.from_state_dict(dict(np.load(self.gram_path))) if self.gram_path.exists() else RunningGram(dim)
+        records = [json.loads(line) for line in self.records_path.read_text().splitlines()] \
+            if self.records_path.exists() else []
+        return state, gram, records
+
+    def save(self, state: RevealState, gram: RunningGram, records: list[dict]) -> None:
+        """Write records and Gram first, state last, each atomically: a kill leaves a consistent pair."""
+        _atomic_write(self.records_path, "".join(json.dumps(r) + "\n" for r in records))
+        tmp = self.gram_path.with_suffix(".tmp.npz")
+        np.savez(tmp, **gram.state_dict())
+        os.replace(tmp, self.gram_path)
+        _atomic_write(self.state_path, json.dumps(asdict(state), indent=1))
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(text)
+    os.replace(tmp, path)
+
+
+class RevealSearch:
+    """Runs Algorithm 1 against a generator, a task's oracle and an embedder."""
+
+    def __init__(self, config, task, arms, generate: Callable, embed: Callable[[Sequence[str]], np.ndarray],
+                 checkpoint: RevealCheckpoint, seed: int, progress: Callable[[str], None] = lambda _: None):
+        self.config = config
+        self.task = task
+        self.arms = arms
+        self.generate = generate
+        self.embed = embed
+        self.checkpoint = checkpoint
+        self.seed = seed
+        self.progress = progress
+        self.contexts = task.contexts("reveal")
+        self.params = SamplingParams(max_new_tokens=config.max_new_tokens, temperature=config.temperature,
+                                     top_p=config.top_p, n=config.samples_per_context)
+
+    # ---- one batch of arms ---------------------------------------------------------------
+    def answer(self, instructions: Sequence[str], contexts: Sequence[Context], tag: str):
+        """Answers of every (instruction, context, sample): one generate call, so replicas can share it."""
+        prompts = [instruction_prompt(ins, c) for ins in instructions for c in contexts]
+        seeds = [request_seed(self.seed, tag, ins, c.id) for ins in instructions for c in contexts]
+        answers = self.generate(prompts, self.params, seeds)
+        per_instruction, k = [], len(contexts)
+        for i in range(len(instructions)):
+            rows = answers[i * k:(i + 1) * k]
+            per_instruction.append([(c, j, text, seeds[i * k + ci]) for ci, (c, texts) in enumerate(zip(contexts, rows))
+                                    for j, text in enumerate(texts)])
+        return per_instruction
+
+    def evaluate_arms(self, arm_indices: Sequence[int], contexts: Sequence[Context], gram: RunningGram,
+                      state: RevealState) -> list[ArmEvaluation]:
+        instructions = [self.arms.instructions[a] for a in arm_indices]
+        answered = self.answer(instructions, contexts, f"round-{state.outer_loop}-{state.round}")
+        evaluations = []
+        for arm, instruction, rows in zip(arm_indices, instructions, answered):
+            responses = [text for _, _, text, _ in rows]
+            relevance = float(np.mean(self.task.relevance([c for c, _, _, _ in rows], responses)))
+            diversity = gram.normalized_diversity_with(self.embed(responses))
+            score = harmonic_score(relevance, diversity, self.config.diversity_weight)
+            evaluations.append(ArmEvaluation(int(arm), instruction, relevance, diversity, score,
+                                             state.outer_loop, state.round))
+        return evaluations
+
+    # ---- Algorithm 1 ---------------------------------------------------------------------
+    def run(self) -> tuple[RevealState, list[dict]]:
+        cfg = self.config
+        dim = self.embed(["dimension probe"]).shape[1]
+        state, gram, records = self.checkpoint.load(dim)
+        while state.outer_loop < cfg.outer_loops:
+            loop = state.outer_loop
+            bandit = self._bandit_for_loop(state)
+            while state.round < cfg.inner_rounds:
+                chosen = self._choose_arms(bandit, state)
+                if not chosen:
+                    self.progress(f"outer {loop + 1}: every distinct instruction already scored; ending the loop early")
+                    break
+                contexts = self._context_sample(loop, state.round)
+                evaluations = self.evaluate_arms(chosen, contexts, gram, state)
+                for e in evaluations:
+                    bandit.observe(e.arm, e.score)
+                state.evaluations += evaluations
+                best = max(evaluations, key=lambda e: e.score)
+                self.progress(f"outer {loop + 1}/{cfg.outer_loops} round {state.round + 1}/{cfg.inner_rounds}: "
+                              f"best score {best.score:.3f} (relevance {best.relevance:.2f}, diversity {best.diversity:.2f})")
+                state.round += 1
+                self.checkpoint.save(state, gram, records)
+            best = max((e for e in state.evaluations if e.outer_loop == loop), key=lambda e: e.score)
+            new_records = self._collect(best, loop)
+            records += new_records
+            gram.add(self.embed([r["response"] for r in new_records]))
+            state.best_instructions.append(best.instruction)
+            state.outer_loop, state.round = loop + 1, 0
+            self.progress(f"outer {loop + 1}: P* = {best.instruction[:80]!r} → {len(new_records)} records")
+            self.checkpoint.save(state, gram, records)
+        state.finished = True
+        self.checkpoint.save(state, gram, records)
+        return state, records
+
+    def _bandit_for_loop(self, state: RevealState) -> NeuralUCB:
+        """A fresh network per outer loop, warm-started with the top-k arms of earlier loops.
+
+        Scores of earlier loops were measured against a smaller D_self-gen; they seed the network's
+        prior, and this loop's own observations (replayed on resume) refine it.
+        """
+        cfg = self.config
+        bandit = NeuralUCB(self.arms.features, hidden=cfg.ucb_hidden, reg_lambda=cfg.ucb_lambda, nu=cfg.ucb_nu,
+                           train_steps=cfg.ucb_train_steps, seed=self.seed + state.outer_loop)
+        earlier = sorted((e for e in state.evaluations if e.outer_loop < state.outer_loop), key=lambda e: -e.score)
+        top = earlier[:cfg.warm_start_top_k]
+        if top:
+            bandit.warm_start([e.arm for e in top], [e.score for e in top])
+        for e in state.evaluations:
+            if e.outer_loop == state.outer_loop:
+                bandit.observe(e.arm, e.score)
+        return bandit
+
+    def _choose_arms(self, bandit: NeuralUCB, state: RevealState) -> list[int]:
+        cfg = self.config
+        scored = {e.instruction for e in state.evaluations if e.outer_loop == state.outer_loop}
+        keys = self.arms.instructions
+        open_arms = [a for a in range(len(keys)) if keys[a] not in scored]
+        if not open_arms:
+            return []
+        this_loop = [e for e in state.evaluations if e.outer_loop == state.outer_loop]
+        if state.outer_loop == 0 and len(this_loop) < cfg.initial_random_arms:
+            rng = random.Random(request_seed(self.seed, "initial", state.outer_loop, state.round))
+            picks, seen = [], set()
+            for a in rng.sample(open_arms, len(open_arms)):
+                if keys[a] not in seen:
+                    picks.append(a)
+                    seen.add(keys[a])
+                if len(picks) == min(cfg.arms_per_round, cfg.initial_random_arms):
+                    break
+            return picks
+        bandit.fit()
+        exclude = {a for a in range(len(keys)) if keys[a] in scored}
+        return bandit.select_batch(cfg.arms_per_round, exclude=exclude, distinct_key=keys)
+
+    def _context_sample(self, loop: int, round_index: int) -> list[Context]:
+        rng = random.Random(request_seed(self.seed, "contexts", loop, round_index))
+        k = min(self.config.context_sample, len(self.contexts))
+        return rng.sample(self.contexts, k)
+
+    def _collect(self, best: ArmEvaluation, loop: int) -> list[dict]:
+        """P* answers every reveal context; each answer becomes a forget record."""
+        rows = self.answer([best.instruction], self.contexts, f"collect-{loop}")[0]
+        relevance = self.task.relevance([c for c, _, _, _ in rows], [t for _, _, t, _ in rows])
+        records = []
+        for (context, sample, text, seed), rel in zip(rows, relevance):
+            if self.config.min_relevance is not None and rel < self.config.min_relevance:
+                continue
+            records.append({"context_id": context.id, "prompt": context.prompt, "instruction": best.instruction,
+                            "response": text, "relevance": float(rel), "outer_loop": loop, "sample": sample,
+                            "seed": seed})
+        return records
+
+
+def forget_set_manifest(records: Sequence[dict], state: RevealState, embeddings: np.ndarray,
+                        min_relevance: float | None) -> dict:
+    """Totals for the forget set: size, mean relevance, Vendi score, instructions found, filtering."""
+    return {
+        "size": len(records),
+        "mean_relevance": float(np.mean([r["relevance"] for r in records])) if records else 0.0,
+        "vendi_score": float(vendi_score(embeddings)) if len(records) else 0.0,
+        "instructions": state.best_instructions,
+        "filtered_by_relevance": min_relevance is not None,
+        "min_relevance": min_relevance,
+        "arms_scored": len(state.evaluations),
+        "records": [{k: r[k] for k in ("context_id", "instruction", "relevance", "outer_loop", "sample", "seed")}
+                    for r in records],
+    }

@@ -1,0 +1,130 @@
+"""The Reveal stage of a job: decode the arm pool, run Algorithm 1, write the forget set, its manifest and report."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from typing import Callable
+
+import numpy as np
+
+from rr.generation.base import request_seed
+from rr.reveal.arms import ArmPool, decode_arm_pool
+from rr.reveal.diversity import vendi_score
+from rr.reveal.search import RevealCheckpoint, RevealSearch, forget_set_manifest, instruction_prompt
+from rr.tasks.base import SamplingParams
+
+
+def load_or_decode_arms(job, progress: Callable[[str], None]) -> ArmPool:
+    """Arms depend only on (model, exemplars, seed, sizes): decode once, cache in the job dir."""
+    path = job.dir / "reveal" / "arms.npz"
+    if path.exists():
+        return ArmPool.from_npz(path)
+    cfg = job.config.reveal
+    path.parent.mkdir(parents=True, exist_ok=True)
+    progress(f"decoding {cfg.n_arms} soft-prompt arms into instructions")
+    if job.config.model.instruction_model:
+        from rr.generation.hf import HFGenerator
+        from rr.models import load_model_and_tokenizer
+
+        model, tokenizer = load_model_and_tokenizer(job.config.model.instruction_model, device=job.device)
+        generator = HFGenerator(model, tokenizer, batch_size=job.config.generation.batch_size)
+    else:
+        model, tokenizer, generator = job.model, job.tokenizer, job.generator
+    pool = decode_arm_pool(model, tokenizer, generator, job.task.exemplars()[:cfg.n_exemplars], cfg.n_arms,
+                           cfg.soft_prompt_dim, cfg.n_prompt_tokens, cfg.max_instruction_tokens, job.config.seed,
+                           batch_size=max(job.config.generation.batch_size, 16),
+                           progress=lambda done, total: progress(f"arms decoded {done}/{total}"))
+    tmp = path.with_name("arms.tmp.npz")
+    pool.to_npz(tmp)
+    tmp.replace(path)
+    progress(f"{len(set(pool.instructions))} distinct instructions among {cfg.n_arms} arms")
+    return pool
+
+
+def forget_set_hash(records) -> str:
+    digest = hashlib.sha256()
+    for r in records:
+        digest.update(json.dumps([r["context_id"], r["instruction"], r["response"]]).encode())
+    return digest.hexdigest()
+
+
+def run_reveal(job, progress: Callable[[str], None] = print) -> dict:
+    """Stage 1. Returns the manifest; resumes from the last finished round when rerun."""
+    manifest = job.read_json("reveal/manifest.json")
+    if manifest is not None:
+        progress(f"reveal already finished: {manifest['size']} forget records (reusing {job.dir / 'reveal'})")
+        return manifest
+    arms = load_or_decode_arms(job, progress)
+    checkpoint = RevealCheckpoint(job.dir / "reveal")
+    search = RevealSearch(job.config.reveal, job.task, arms, job.generator.generate, job.embed, checkpoint,
+                          job.config.seed, progress)
+    state, records = search.run()
+    if not records:
+        raise RuntimeError("reveal produced no forget records: every answer fell below reveal.min_relevance")
+    embeddings = job.embed([r["response"] for r in records])
+    manifest = forget_set_manifest(records, state, embeddings, job.config.reveal.min_relevance)
+    manifest["sha256"] = forget_set_hash(records)
+    manifest["comparison"] = compare_with_baselines(job, search, state, records, embeddings)
+    job.write_json("reveal/manifest.json", manifest)
+    (job.dir / "reveal" / "report.md").write_text(reveal_report(manifest))
+    return manifest
+
+
+def compare_with_baselines(job, search: RevealSearch, state, records, embeddings) -> dict:
+    """The two checks of the reveal report, on the same contexts with the same sample counts.
+
+    1. Relevance of the best instruction's answers vs the base model's plain answers (no instruction).
+    2. Vendi of the forget set (subsampled to n) vs the answers to one fixed instruction (loop 1's P*, n answers).
+    """
+    contexts = search.contexts
+    params = search.params
+    seeds = [request_seed(job.config.seed, "plain", c.id) for c in contexts]
+    plain = job.generator.generate([instruction_prompt("", c) for c in contexts], params, seeds)
+    plain_rows = [(c, t) for c, texts in zip(contexts, plain) for t in texts]
+    plain_relevance = float(np.mean(job.task.relevance([c for c, _ in plain_rows], [t for _, t in plain_rows])))
+    loop_best = {}
+    for e in state.evaluations:
+        loop_best[e.outer_loop] = max(loop_best.get(e.outer_loop, 0.0), e.score)
+    best_loop = max(loop_best, key=loop_best.get)
+    best = [r for r in records if r["outer_loop"] == best_loop]
+    best_relevance = float(np.mean([r["relevance"] for r in best]))
+
+    fixed_index = [i for i, r in enumerate(records) if r["outer_loop"] == 0]
+    n = len(fixed_index)
+    rng = random.Random(job.config.seed)
+    subsample_scores = [vendi_score(embeddings[rng.sample(range(len(records)), n)]) for _ in range(5)]
+    return {
+        "contexts": len(contexts),
+        "samples_per_context": params.n,
+        "best_instruction": best[0]["instruction"] if best else "",
+        "best_instruction_mean_relevance": best_relevance,
+        "plain_answers_mean_relevance": plain_relevance,
+        "relevance_at_least_plain": best_relevance >= plain_relevance,
+        "n_for_vendi": n,
+        "forget_set_vendi_subsampled": float(np.mean(subsample_scores)),
+        "fixed_instruction_vendi": float(vendi_score(embeddings[fixed_index])),
+        "plain_answers_vendi": float(vendi_score(job.embed([t for _, t in plain_rows]))),
+    }
+
+
+def reveal_report(manifest: dict) -> str:
+    c = manifest["comparison"]
+    lines = [
+        "# Reveal report", "",
+        f"- forget records: {manifest['size']} (sha256 {manifest['sha256'][:16]}…), arms scored: {manifest['arms_scored']}",
+        f"- mean relevance: {manifest['mean_relevance']:.3f}; Vendi score: {manifest['vendi_score']:.2f}",
+        f"- filtered by relevance: {manifest['filtered_by_relevance']}", "",
+        "## Instructions found (one per outer loop)", "",
+        *[f"{i + 1}. {text}" for i, text in enumerate(manifest["instructions"])], "",
+        f"## Against baselines ({c['contexts']} reveal contexts × {c['samples_per_context']} samples)", "",
+        "| check | rr | baseline | holds |", "|---|---|---|---|",
+        f"| mean relevance: best instruction vs plain answers | {c['best_instruction_mean_relevance']:.3f} | "
+        f"{c['plain_answers_mean_relevance']:.3f} | {c['relevance_at_least_plain']} |",
+        f"| Vendi at n={c['n_for_vendi']}: forget set (subsampled) vs one fixed instruction | "
+        f"{c['forget_set_vendi_subsampled']:.2f} | {c['fixed_instruction_vendi']:.2f} | "
+        f"{c['forget_set_vendi_subsampled'] > c['fixed_instruction_vendi']} |",
+        f"| Vendi of plain answers (no instruction), for reference | | {c['plain_answers_vendi']:.2f} | |",
+    ]
+    return "\n".join(lines) + "\n"
