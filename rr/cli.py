@@ -99,7 +99,7 @@ def evaluate(config: Optional[Path] = ConfigOption, output: Optional[Path] = Out
     """Score the base model, or base + a ledger, on the config's task."""
     import json
 
-    from rr.release.ledger import ComposedModel, Ledger, Pem
+    from rr.release.ledger import ComposedModel, Ledger
     from rr.release.loop import evaluation_dict
     from rr.tasks.base import SPLITS
 
@@ -111,8 +111,8 @@ def evaluate(config: Optional[Path] = ConfigOption, output: Optional[Path] = Out
             if not ledger.is_file():
                 raise RRError(f"--ledger {ledger}: no such file; pass JOB_DIR/release/ledger.json")
             composed = ComposedModel(job.model)
-            for entry in Ledger.load(ledger).entries:
-                composed.append(Pem.load(ledger.parent / entry.adapter_dir), entry.merge_weight)
+            for weighted in Ledger.load(ledger).resolve(ledger.parent):
+                composed.append(weighted.pem, weighted.merge_weight)
         result = evaluation_dict(job.task.evaluate(job.generator, split))
     except RRError as exc:
         _fail(exc)
@@ -126,7 +126,7 @@ def export(run_dir: Path = typer.Option(..., "--run", help="a job directory with
     """Export the unlearned model as merged weights or as one standard PEFT adapter."""
     from rr.config import load_config
     from rr.job import Job
-    from rr.release.ledger import Ledger, Pem, export_adapter, export_merged
+    from rr.release.ledger import Ledger, export_adapter, export_merged
 
     try:
         if not merged and not adapter:
@@ -135,8 +135,7 @@ def export(run_dir: Path = typer.Option(..., "--run", help="a job directory with
         if not ledger_path.is_file():
             raise RRError(f"--run {run_dir}: no release/ledger.json; run `rr release` first")
         job = Job(load_config(run_dir / "config.yaml", run_dir))
-        ledger = Ledger.load(ledger_path)
-        pems = [(Pem.load(ledger_path.parent / e.adapter_dir), e.merge_weight) for e in ledger.entries]
+        pems = Ledger.load(ledger_path).resolve(ledger_path.parent)
         if adapter:
             export_adapter(pems, adapter, job.config.model.name_or_path)
             console.print(f"adapter → {adapter}")

@@ -67,7 +67,7 @@ class RevealConfig(_Strict):
     diversity_weight: float = Field(0.5, ge=0, le=1, description="α of the harmonic mean")
     warm_start_top_k: int = Field(10, ge=0)
     ucb_hidden: int = Field(100, ge=1)
-    ucb_lambda: float = Field(1.0, gt=0)
+    ucb_lambda: float = Field(0.1, gt=0, description="INSTINCT's default; 1.0 drowns scores in [0, 1]")
     ucb_nu: float = Field(0.1, ge=0)
     ucb_train_steps: int = Field(200, ge=1)
     min_relevance: float | None = Field(None, ge=0, le=1, description="drop forget records below this relevance")
@@ -98,7 +98,8 @@ class ReleaseConfig(_Strict):
     retain_weights: list[float] = Field(default_factory=lambda: [0.3, 0.5, 1.0], min_length=1)
     forget_fraction: float = Field(0.9, gt=0, lt=1)
     recover_fraction: float = Field(0.95, gt=0, le=1)
-    forget_bounce: float = Field(0.05, ge=0, description="allowed absolute rise of the forget score in a λ step")
+    forget_bounce: float = Field(0.3, ge=0, description="allowed absolute rise of the forget score in a λ step; "
+                                 "0.3 admits every retain step of papers/002 Tables 7–9")
     on_no_candidate: Literal["stop", "widen"] = "widen"
     widen_factor: float = Field(2.0, gt=1)
     stop_when_forget_below: float | None = Field(None, ge=0)

@@ -15,7 +15,8 @@ from typing import Callable
 
 from rr.release.ledger import ComposedModel, Ledger, LedgerEntry, Pem
 from rr.release.pem import train_pem
-from rr.release.weights import CandidateResult, WeightChoice, candidate_grid, choose_forget_weight, choose_retain_weight
+from rr.release.weights import (RULE_FORGET_TARGET, RULE_RECOVER_TARGET, CandidateResult, WeightChoice,
+                                candidate_grid, choose_forget_weight, choose_retain_weight)
 from rr.tasks.base import Evaluation, Example
 
 
@@ -86,10 +87,13 @@ class ReleaseLoop:
     def evaluate(self, split: str) -> Evaluation:
         return self.job.task.evaluate(self.job.generator, split)
 
-    def evaluate_candidates(self, signed_weights: list[float], cached: dict) -> list[CandidateResult]:
-        """Runtime scaling of the newest ledger entry; results already computed (a resumed search) are reused."""
+    def evaluate_candidates(self, signed_weights: list[float], cached: dict,
+                            decided: Callable[[list[CandidateResult]], bool] = lambda _: False) -> list[CandidateResult]:
+        """Runtime scaling of the newest ledger entry, smallest magnitude first; results already computed
+        (a resumed search) are reused. Stops once `decided`: the rules prefer the smallest qualifying
+        weight, so larger ones cannot change the choice."""
         results = []
-        for weight in signed_weights:
+        for weight in sorted(signed_weights, key=abs):
             key = repr(weight)
             if key not in cached:
                 self.composed.set_weight(-1, weight)
@@ -100,6 +104,8 @@ class ReleaseLoop:
                 self.state.save(self.state_path)
             forget_score, utility_score = cached[key]
             results.append(CandidateResult(abs(weight), forget_score, utility_score))
+            if decided(results):
+                break
         return results
 
     # ---- the loop ----------------------------------------------------------------------
@@ -139,11 +145,15 @@ class ReleaseLoop:
         magnitudes = self.config.forget_weights if kind == "forget" else self.config.retain_weights
         cached = self.state.pending_candidates.setdefault(str(step), {})
         self.progress(f"step {step} ({kind}): searching {len(magnitudes)} weights on the validation split")
-        choice = self._choose(kind, self.evaluate_candidates([sign * m for m in magnitudes], cached), previous, base)
-        if not choice.passed and self.config.on_no_candidate == "widen":
+        def decided(results: list[CandidateResult]) -> bool:
+            return self._choose(kind, results, previous, base).rule in (RULE_FORGET_TARGET, RULE_RECOVER_TARGET)
+
+        choice = self._choose(kind, self.evaluate_candidates([sign * m for m in magnitudes], cached, decided),
+                              previous, base)
+        if choice.rule not in (RULE_FORGET_TARGET, RULE_RECOVER_TARGET) and self.config.on_no_candidate == "widen":
             wider = [m for m in candidate_grid(magnitudes, self.config.widen_factor) if m not in magnitudes]
-            self.progress(f"step {step}: no candidate met the rule ({choice.reason}); widening to {wider}")
-            results = self.evaluate_candidates([sign * m for m in magnitudes + wider], cached)
+            self.progress(f"step {step}: no candidate met the target ({choice.reason}); widening to {wider}")
+            results = self.evaluate_candidates([sign * m for m in magnitudes + wider], cached, decided)
             choice = self._choose(kind, results, previous, base)
         if choice.weight is None:
             self.composed.pop()
@@ -188,8 +198,8 @@ class ReleaseLoop:
         """A fresh composition of the saved ledger on the job's model (after a baseline or export detached it)."""
         composed = ComposedModel(self.job.model)
         if self.ledger_path.exists():
-            for entry in Ledger.load(self.ledger_path).entries:
-                composed.append(Pem.load(self.dir / entry.adapter_dir), entry.merge_weight)
+            for weighted in Ledger.load(self.ledger_path).resolve(self.dir):
+                composed.append(weighted.pem, weighted.merge_weight)
         return composed
 
     def _restore_ledger(self) -> Ledger:
@@ -197,8 +207,8 @@ class ReleaseLoop:
         if not self.ledger_path.exists():
             return Ledger(base_model=self.job.config.model.name_or_path, entries=[])
         ledger = Ledger.load(self.ledger_path)
-        for entry in ledger.entries:
-            self.composed.append(Pem.load(self.dir / entry.adapter_dir), entry.merge_weight)
+        for weighted in ledger.resolve(self.dir):
+            self.composed.append(weighted.pem, weighted.merge_weight)
         # Steps whose ledger entry was written but whose state was not are redone from the state's view.
         done = len(self.state.steps) - 1 if self.state.steps else 0
         while len(ledger.entries) > max(done, 0):

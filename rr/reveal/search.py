@@ -67,6 +67,17 @@ class RevealCheckpoint:
         self.state_path = self.directory / "state.json"
         self.gram_path = self.directory / "gram.npz"
         self.records_path = self.directory / "forget_set.jsonl"
+        self.bandit_path = self.directory / "bandit.json"
+
+    def load_bandit(self, outer_loop: int) -> dict | None:
+        """The bandit's state (observations and U) if it belongs to this outer loop."""
+        if not self.bandit_path.exists():
+            return None
+        saved = json.loads(self.bandit_path.read_text())
+        if saved["outer_loop"] != outer_loop:
+            return None
+        saved["state"]["design_diagonal"] = np.asarray(saved["state"]["design_diagonal"])
+        return saved["state"]
 
     def load(self, dim: int) -> tuple[RevealState, RunningGram, list[dict]]:
         if not self.state_path.exists():
@@ -79,9 +90,13 @@ class RevealCheckpoint:
             if self.records_path.exists() else []
         return state, gram, records
 
-    def save(self, state: RevealState, gram: RunningGram, records: list[dict]) -> None:
-        """Write records and Gram first, state last, each atomically: a kill leaves a consistent pair."""
+    def save(self, state: RevealState, gram: RunningGram, records: list[dict], bandit: NeuralUCB | None = None) -> None:
+        """Write records, Gram and bandit first, state last, each atomically: a kill leaves a consistent set."""
         _atomic_write(self.records_path, "".join(json.dumps(r) + "\n" for r in records))
+        if bandit is not None:
+            bandit_state = bandit.state_dict()
+            bandit_state["design_diagonal"] = bandit_state["design_diagonal"].tolist()
+            _atomic_write(self.bandit_path, json.dumps({"outer_loop": state.outer_loop, "state": bandit_state}))
         tmp = self.gram_path.with_suffix(".tmp.npz")
         np.savez(tmp, **gram.state_dict())
         os.replace(tmp, self.gram_path)
@@ -162,8 +177,12 @@ class RevealSearch:
                 self.progress(f"outer {loop + 1}/{cfg.outer_loops} round {state.round + 1}/{cfg.inner_rounds}: "
                               f"best score {best.score:.3f} (relevance {best.relevance:.2f}, diversity {best.diversity:.2f})")
                 state.round += 1
-                self.checkpoint.save(state, gram, records)
-            best = max((e for e in state.evaluations if e.outer_loop == loop), key=lambda e: e.score)
+                self.checkpoint.save(state, gram, records, bandit)
+            candidates = [e for e in state.evaluations if e.outer_loop == loop]
+            if not candidates:
+                self.progress(f"outer {loop + 1}: no instruction left that an earlier loop has not used; stopping")
+                break
+            best = max(candidates, key=lambda e: e.score)
             new_records = self._collect(best, loop)
             records += new_records
             gram.add(self.embed([r["response"] for r in new_records]))
@@ -179,23 +198,26 @@ class RevealSearch:
         """A fresh network per outer loop, warm-started with the top-k arms of earlier loops.
 
         Scores of earlier loops were measured against a smaller D_self-gen; they seed the network's
-        prior, and this loop's own observations (replayed on resume) refine it.
+        prior, and this loop's own observations refine it.
         """
         cfg = self.config
         bandit = NeuralUCB(self.arms.features, hidden=cfg.ucb_hidden, reg_lambda=cfg.ucb_lambda, nu=cfg.ucb_nu,
                            train_steps=cfg.ucb_train_steps, seed=self.seed + state.outer_loop)
+        saved = self.checkpoint.load_bandit(state.outer_loop)
+        if saved is not None:  # resume: observations and the exploration matrix U exactly as they were
+            bandit.load_state_dict(saved)
+            return bandit
         earlier = sorted((e for e in state.evaluations if e.outer_loop < state.outer_loop), key=lambda e: -e.score)
         top = earlier[:cfg.warm_start_top_k]
         if top:
             bandit.warm_start([e.arm for e in top], [e.score for e in top])
-        for e in state.evaluations:
-            if e.outer_loop == state.outer_loop:
-                bandit.observe(e.arm, e.score)
         return bandit
 
     def _choose_arms(self, bandit: NeuralUCB, state: RevealState) -> list[int]:
         cfg = self.config
+        # An earlier loop's P* is not a candidate again: its answers are already in D_self-gen.
         scored = {e.instruction for e in state.evaluations if e.outer_loop == state.outer_loop}
+        scored |= set(state.best_instructions)
         keys = self.arms.instructions
         open_arms = [a for a in range(len(keys)) if keys[a] not in scored]
         if not open_arms:

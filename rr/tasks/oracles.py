@@ -1,4 +1,4 @@
-"""Relevance oracles τ: toxicity scorers (HF classifier, Perspective API, a lexicon stand-in) and an NER gazetteer stand-in."""
+"""Relevance oracles τ: toxicity scorers (HF classifier, Perspective API, lexicon stand-in), NER gazetteer stand-in."""
 
 from __future__ import annotations
 
@@ -40,7 +40,9 @@ def label_probability(label_scores: Sequence[Mapping[str, Any]], label: str, mod
 class TextClassifierOracle:
     """A HuggingFace text-classification model (e.g. s-nlp/roberta_toxicity_classifier); returns P(label).
 
-    transformers is imported on first use. `pipeline_factory` (tests) replaces transformers.pipeline.
+    Inputs are truncated to `max_length` tokens (512 suits BERT/RoBERTa classifiers; lower it for a
+    model with fewer positions). transformers is imported on first use; `pipeline_factory` (tests)
+    replaces transformers.pipeline.
     """
 
     def __init__(self, model_id: str, label: str = "toxic", device: str = "cpu", batch_size: int = 32,

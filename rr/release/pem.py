@@ -1,0 +1,273 @@
+"""Train one PEM: a LoRA fine-tuned to imitate (prompt, response) pairs on top of the current composed model.
+
+A forget PEM imitates the self-generated forget data and is applied with a negative weight; a retain PEM is
+trained on retain data and applied with a positive one (ARCHITECTURE.md, "Release"). The loss covers the
+response tokens only. The caller's model is left exactly as it was: PEFT wraps its target Linears for the
+duration of training (any composition hooks on them stay active, so the new PEM learns on top of the
+composed model) and is unloaded afterwards. Plain torch by default; DeepSpeed ZeRO-2/3 on request.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import socket
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from rr.config import LoraTrainingConfig  # the `release.lora` block
+from rr.errors import RRError
+from rr.release.ledger import Pem, atomic_write
+from rr.tasks.base import Example
+
+IGNORE_INDEX = -100  # label value the causal-LM loss skips (prompt and padding tokens)
+ADAPTER_NAME = "default"
+
+
+# ---- data ------------------------------------------------------------------------------------------------
+
+
+def encode_example(tokenizer, example: Example, max_length: int,
+                   chat_template: bool = True) -> tuple[list[int], list[int]]:
+    """(input_ids, labels) with the prompt masked: the prompt is a user turn, the response the assistant's."""
+    if chat_template:
+        if not getattr(tokenizer, "chat_template", None):
+            raise RRError("the tokenizer has no chat template: train with chat_template=False (plain prompt + "
+                          "response), or load the model's instruct tokenizer (model.name_or_path)")
+        user = [{"role": "user", "content": example.prompt}]
+        prompt_text = tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
+        full_text = tokenizer.apply_chat_template(user + [{"role": "assistant", "content": example.response}],
+                                                  tokenize=False)
+        # Templates render the prompt identically in both; if one does not, the response alone is the target.
+        response_text = full_text[len(prompt_text):] if full_text.startswith(prompt_text) else \
+            example.response + (tokenizer.eos_token or "")
+        prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
+    else:
+        response_text = example.response + (tokenizer.eos_token or "")
+        prompt_ids = tokenizer(example.prompt, add_special_tokens=True)["input_ids"]
+    response_ids = tokenizer(response_text, add_special_tokens=False)["input_ids"]
+    input_ids = (prompt_ids + response_ids)[:max_length]
+    labels = ([IGNORE_INDEX] * len(prompt_ids) + response_ids)[:max_length]
+    return input_ids, labels
+
+
+def encode_examples(tokenizer, examples: Sequence[Example], max_length: int,
+                    chat_template: bool = True) -> list[tuple[list[int], list[int]]]:
+    """Encoded examples that keep at least one response token within max_length."""
+    if not examples:
+        raise RRError("a PEM needs at least one training example (the forget set or the task's retain data is empty)")
+    encoded = [encode_example(tokenizer, e, max_length, chat_template) for e in examples]
+    kept = [pair for pair in encoded if any(label != IGNORE_INDEX for label in pair[1])]
+    if not kept:
+        raise RRError(f"every example's prompt fills release.lora.max_length={max_length} tokens, leaving no "
+                      "response token to train on: raise release.lora.max_length")
+    return kept
+
+
+def collate(encoded: Sequence[tuple[list[int], list[int]]], pad_token_id: int,
+            device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    """Right-padded input_ids / attention_mask / labels (padding is masked out of the loss)."""
+    width = max(len(ids) for ids, _ in encoded)
+    input_ids = torch.full((len(encoded), width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(encoded), width), dtype=torch.long)
+    labels = torch.full((len(encoded), width), IGNORE_INDEX, dtype=torch.long)
+    for row, (ids, labs) in enumerate(encoded):
+        input_ids[row, :len(ids)] = torch.tensor(ids)
+        attention_mask[row, :len(ids)] = 1
+        labels[row, :len(labs)] = torch.tensor(labs)
+    return {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device), "labels": labels.to(device)}
+
+
+def _pad_token_id(tokenizer) -> int:
+    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):
+        if candidate is not None:
+            return int(candidate)
+    return 0
+
+
+def response_loss(model: nn.Module, tokenizer, examples: Sequence[Example], max_length: int = 384,
+                  chat_template: bool = True, batch_size: int = 8) -> float:
+    """Mean per-token loss of the responses given their prompts (what train_pem minimizes)."""
+    encoded = encode_examples(tokenizer, examples, max_length, chat_template)
+    device = next(model.parameters()).device
+    total, tokens = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, len(encoded), batch_size):
+            batch = collate(encoded[start:start + batch_size], _pad_token_id(tokenizer), device)
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+            targets = batch["labels"][:, 1:]
+            losses = nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), targets,
+                                                 ignore_index=IGNORE_INDEX, reduction="sum")
+            total += float(losses)
+            tokens += int((targets != IGNORE_INDEX).sum())
+    return total / tokens
+
+
+# ---- training --------------------------------------------------------------------------------------------
+
+
+def train_pem(model: nn.Module, tokenizer, examples: Sequence[Example], config: LoraTrainingConfig, name: str,
+              kind: str, out_dir: Path, seed: int, chat_template: bool = True) -> Pem:
+    """Fine-tune a LoRA on `examples` on top of `model` as it is now (with its composition hooks), save it
+    to `out_dir` as a PEFT adapter and return it. `model` is unchanged afterwards: same modules, hooks,
+    weights, requires_grad flags and train/eval mode.
+    """
+    from peft import LoraConfig, get_peft_model
+
+    if kind not in ("forget", "retain"):
+        raise RRError(f"train_pem: kind {kind!r} must be 'forget' or 'retain'")
+    if config.deepspeed_stage:
+        _import_deepspeed(config.deepspeed_stage)  # fail before any work if it is missing
+    encoded = encode_examples(tokenizer, examples, config.max_length, chat_template)
+    device = next(model.parameters()).device
+    lora_config = LoraConfig(r=config.rank, lora_alpha=config.alpha, lora_dropout=config.dropout,
+                             target_modules=list(config.target_modules), bias="none", task_type="CAUSAL_LM")
+    # ZeRO-3 partitions every parameter of the module it is given: it gets a copy (forward hooks are
+    # shared with the copy, so the composition still applies), and the caller's model is never touched.
+    train_model = copy.deepcopy(model) if config.deepspeed_stage == 3 else model
+    requires_grad = {param: param.requires_grad for param in train_model.parameters()}
+    was_training = model.training
+    rng_devices = [device] if device.type == "cuda" else []
+    peft_model = None
+    try:
+        with torch.random.fork_rng(devices=rng_devices):
+            torch.manual_seed(seed)  # LoRA init and dropout
+            try:
+                peft_model = get_peft_model(train_model, lora_config)
+            except ValueError as error:
+                raise RRError(f"release.lora.target_modules={config.target_modules} do not fit the model "
+                              f"({error}); name Linear layers it has, e.g. q_proj, v_proj") from error
+            epoch_losses = _fit(peft_model, encoded, config, seed, _pad_token_id(tokenizer), device)
+            pem = _extract_pem(peft_model, name, kind, config)
+    finally:
+        if peft_model is not None:
+            peft_model.unload()  # puts the original Linears (and their hooks) back
+            for attribute in ("peft_config", "_hf_peft_config_loaded"):
+                if attribute in train_model.__dict__:
+                    delattr(train_model, attribute)
+        for param, flag in requires_grad.items():
+            param.requires_grad_(flag)
+        model.train(was_training)
+    pem.save(out_dir)
+    log = {"name": name, "kind": kind, "seed": seed, "examples": len(examples), "trained_on": len(encoded),
+           "epoch_losses": epoch_losses, "config": config.model_dump()}
+    atomic_write(Path(out_dir) / "training.json", lambda tmp: Path(tmp).write_text(json.dumps(log, indent=1)))
+    return pem
+
+
+def _fit(peft_model, encoded, config: LoraTrainingConfig, seed: int, pad_token_id: int,
+         device: torch.device) -> list[float]:
+    """The epoch loop; returns the mean training loss of each epoch."""
+    params = [p for p in peft_model.parameters() if p.requires_grad]
+    engine = _deepspeed_engine(peft_model, params, config) if config.deepspeed_stage else None
+    optimizer = None if engine else torch.optim.AdamW(params, lr=config.learning_rate,
+                                                      weight_decay=config.weight_decay)
+    order_generator = torch.Generator().manual_seed(seed)
+    accumulation = config.gradient_accumulation_steps
+    batches_per_epoch = -(-len(encoded) // config.batch_size)
+    total_micro_steps = batches_per_epoch * config.epochs
+    peft_model.train()
+    epoch_losses, micro_step = [], 0
+    try:
+        for _ in range(config.epochs):
+            order = torch.randperm(len(encoded), generator=order_generator).tolist()
+            losses = []
+            for start in range(0, len(order), config.batch_size):
+                batch = collate([encoded[i] for i in order[start:start + config.batch_size]], pad_token_id, device)
+                micro_step += 1
+                # an update every `accumulation` micro-batches, and one for a last partial group
+                boundary = micro_step % accumulation == 0 or micro_step == total_micro_steps
+                if engine is not None:
+                    engine.set_gradient_accumulation_boundary(boundary)
+                    loss = engine(**batch).loss
+                    engine.backward(loss)  # scales by 1/accumulation itself
+                    engine.step()  # steps only at the boundary
+                else:
+                    loss = peft_model(**batch).loss
+                    (loss / accumulation).backward()
+                    if boundary:
+                        optimizer.step()
+                        optimizer.zero_grad(set_to_none=True)
+                losses.append(float(loss.detach()))
+            epoch_losses.append(sum(losses) / len(losses))
+    finally:
+        if engine is not None:
+            engine.destroy()
+    return epoch_losses
+
+
+def _extract_pem(peft_model, name: str, kind: str, config: LoraTrainingConfig) -> Pem:
+    """Copy the trained A/B out of the PEFT wrapper (gathered first under ZeRO-3, where they are partitioned)."""
+    from peft.tuners.lora import LoraLayer
+
+    layers = {module_name: module for module_name, module in peft_model.base_model.model.named_modules()
+              if isinstance(module, LoraLayer) and ADAPTER_NAME in module.lora_A}
+    weights = [w for m in layers.values() for w in (m.lora_A[ADAPTER_NAME].weight, m.lora_B[ADAPTER_NAME].weight)]
+    with _gathered(weights, config.deepspeed_stage):
+        tensors = {module_name: (m.lora_A[ADAPTER_NAME].weight.detach().to("cpu", torch.float32).clone(),
+                                 m.lora_B[ADAPTER_NAME].weight.detach().to("cpu", torch.float32).clone())
+                   for module_name, m in layers.items()}
+    for module_name, (a, b) in tensors.items():
+        if a.numel() == 0 or b.numel() == 0:
+            raise RRError(f"PEM {name}: the trained LoRA of {module_name} is empty (a ZeRO-3 partition was not "
+                          "gathered); report this with release.lora.deepspeed_stage")
+    return Pem(name=name, kind=kind, rank=config.rank, alpha=config.alpha,
+               target_modules=sorted({m.rsplit(".", 1)[-1] for m in tensors}), tensors=tensors)
+
+
+# ---- DeepSpeed (optional) --------------------------------------------------------------------------------
+
+
+def _import_deepspeed(stage: int):
+    try:
+        import deepspeed
+    except ImportError as error:
+        raise RRError(f"release.lora.deepspeed_stage={stage} needs DeepSpeed, which is not installed: "
+                      "pip install 'rr[deepspeed]', or set release.lora.deepspeed_stage: 0") from error
+    return deepspeed
+
+
+def _gathered(params, stage: int):
+    """Under ZeRO-3 a parameter's .data is an empty placeholder outside a gather (what makes PEFT's own
+    save write empty tensors); gather before reading."""
+    if stage == 3:
+        return _import_deepspeed(stage).zero.GatheredParameters(params, modifier_rank=None)
+    return nullcontext()
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _deepspeed_engine(peft_model, params, config: LoraTrainingConfig):
+    """A ZeRO engine over the LoRA parameters. Outside a launcher (one process) it brings up a world of size 1
+    on gloo; under Ray Train or `deepspeed` the process group already exists and is used as it is."""
+    deepspeed = _import_deepspeed(config.deepspeed_stage)
+    if not torch.distributed.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        for variable, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_SIZE", "1")):
+            os.environ.setdefault(variable, value)
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
+    ds_config = {
+        "train_micro_batch_size_per_gpu": config.batch_size,
+        "gradient_accumulation_steps": config.gradient_accumulation_steps,
+        # Persistence 0: every parameter is partitioned, the small LoRA ones included, as on a multi-GPU run,
+        # so one process exercises the same gather-before-extract that the cluster needs.
+        "zero_optimization": {"stage": config.deepspeed_stage, "stage3_param_persistence_threshold": 0},
+        # a client torch AdamW: DeepSpeed would otherwise insist on its compiled CPU Adam on CPU
+        "zero_force_ds_cpu_optimizer": False,
+        "steps_per_print": 2**31 - 1,
+    }
+    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+    engine, _, _, _ = deepspeed.initialize(model=peft_model, model_parameters=params, optimizer=optimizer,
+                                           config=ds_config)
+    return engine

@@ -1,0 +1,72 @@
+"""The job config: every shipped config loads; bad input fails at load naming the field and the fix."""
+
+from pathlib import Path
+
+import pytest
+
+from rr.config import JobConfig, load_config
+from rr.errors import RRError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("name", ["quickstart.yaml", "ci.yaml"])
+def test_shipped_configs_load(name):
+    config = load_config(ROOT / "configs" / name)
+    assert config.task.name == "code"
+    assert config.model.name_or_path == "embedded:smollm2"
+
+
+def test_output_flag_overrides_config(tmp_path):
+    config = load_config(ROOT / "configs" / "ci.yaml", tmp_path / "elsewhere")
+    assert config.output_dir == tmp_path / "elsewhere"
+
+
+def _write(tmp_path, text):
+    path = tmp_path / "job.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_unknown_key_names_its_path(tmp_path):
+    with pytest.raises(RRError) as error:
+        load_config(_write(tmp_path, "reveal:\n  outer_loop: 3\n"))
+    assert "reveal.outer_loop" in str(error.value)
+    assert "unknown key" in str(error.value)
+
+
+def test_wrong_type_names_its_path(tmp_path):
+    with pytest.raises(RRError) as error:
+        load_config(_write(tmp_path, "release:\n  lora:\n    rank: many\n"))
+    assert "release.lora.rank" in str(error.value)
+
+
+def test_out_of_range_and_unknown_task(tmp_path):
+    with pytest.raises(RRError, match="release.forget_fraction"):
+        load_config(_write(tmp_path, "release:\n  forget_fraction: 1.5\n"))
+    with pytest.raises(RRError, match="task"):
+        load_config(_write(tmp_path, "task:\n  name: poetry\n"))
+    with pytest.raises(RRError, match="forget_weights"):
+        load_config(_write(tmp_path, "release:\n  forget_weights: [-1.0]\n"))
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(RRError, match="no such file"):
+        load_config(tmp_path / "absent.yaml")
+    with pytest.raises(RRError, match="not valid YAML"):
+        load_config(_write(tmp_path, "reveal: [unclosed\n"))
+    with pytest.raises(RRError, match="mapping"):
+        load_config(_write(tmp_path, "- a list\n"))
+
+
+def test_task_blocks_are_typed_per_task(tmp_path):
+    config = load_config(_write(tmp_path, "task:\n  name: ner\n"))
+    assert config.task.name == "ner"
+    with pytest.raises(RRError, match="task.ner"):
+        load_config(_write(tmp_path, "task:\n  name: ner\n  n_arithmetic_test: 3\n"))
+
+
+def test_defaults_are_the_embedded_quickstart():
+    config = JobConfig()
+    assert config.compute.executor == "local"
+    assert config.release.forget_fraction == 0.9 and config.release.recover_fraction == 0.95

@@ -1,0 +1,140 @@
+"""The whole job on the real embedded model with configs/ci.yaml, killed twice and resumed (CLI, subprocesses)."""
+
+import json
+import os
+import signal
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CI_CONFIG = ROOT / "configs" / "ci.yaml"
+pytestmark = pytest.mark.slow
+
+
+def rr(*args, **kwargs):
+    return subprocess.run([sys.executable, "-m", "rr.cli", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=1800, **kwargs)
+
+
+def run_until(job_dir: Path, condition, timeout_s: float = 900) -> None:
+    """Start `rr run` and SIGKILL it as soon as `condition(job_dir)` holds (a kill mid-job)."""
+    process = subprocess.Popen([sys.executable, "-m", "rr.cli", "run", "--config", str(CI_CONFIG), "--output",
+                                str(job_dir)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + timeout_s
+    try:
+        while time.time() < deadline:
+            if condition(job_dir):
+                return
+            if process.poll() is not None:
+                raise AssertionError(f"rr run ended before the kill point: {process.stderr.read().decode()[-3000:]}")
+            time.sleep(0.5)
+        raise AssertionError("kill point not reached in time")
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGKILL)
+            process.wait()
+
+
+def _json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def reveal_round_done(job_dir: Path) -> bool:
+    state = _json(job_dir / "reveal" / "state.json")
+    return bool(state) and len(state["evaluations"]) > 0
+
+
+def first_release_step_done(job_dir: Path) -> bool:
+    state = _json(job_dir / "release" / "state.json")
+    return bool(state) and len(state["steps"]) >= 2
+
+
+@pytest.fixture(scope="module")
+def finished_job(tmp_path_factory):
+    job_dir = tmp_path_factory.mktemp("job") / "ci"
+    run_until(job_dir, reveal_round_done)
+    reveal_before = _json(job_dir / "reveal" / "state.json")
+    run_until(job_dir, first_release_step_done)
+    release_before = _json(job_dir / "release" / "state.json")
+    pem_dir = job_dir / "release" / "pems" / release_before["steps"][1]["pem"]
+    pem_mtime = (pem_dir / "adapter_model.safetensors").stat().st_mtime
+    result = rr("run", "--config", str(CI_CONFIG), "--output", str(job_dir))
+    assert result.returncode == 0, result.stderr[-4000:]
+    return {"dir": job_dir, "reveal_before": reveal_before, "release_before": release_before,
+            "pem_mtime": pem_mtime, "pem_dir": pem_dir, "stdout": result.stdout, "stderr": result.stderr}
+
+
+def test_reveal_resumed_and_wrote_forget_set(finished_job):
+    job_dir = finished_job["dir"]
+    state = _json(job_dir / "reveal" / "state.json")
+    before = finished_job["reveal_before"]["evaluations"]
+    assert state["evaluations"][:len(before)] == before, "rounds finished before the kill were recomputed or lost"
+    manifest = _json(job_dir / "reveal" / "manifest.json")
+    assert manifest["size"] == len((job_dir / "reveal" / "forget_set.jsonl").read_text().splitlines()) > 0
+    assert len(manifest["instructions"]) == 2 and all(i.startswith("The instruction was to") for i in manifest["instructions"])
+    assert 0 <= manifest["mean_relevance"] <= 1 and manifest["vendi_score"] >= 1
+    comparison = manifest["comparison"]
+    assert {"best_instruction_mean_relevance", "plain_answers_mean_relevance", "forget_set_vendi_subsampled",
+            "fixed_instruction_vendi"} <= set(comparison)
+    # Forget data is sensitive: owner-only, and never printed in full.
+    assert stat.S_IMODE(os.stat(job_dir).st_mode) == 0o700
+    assert stat.S_IMODE(os.stat(job_dir / "reveal" / "forget_set.jsonl").st_mode) == 0o600
+    some_response = json.loads((job_dir / "reveal" / "forget_set.jsonl").read_text().splitlines()[0])["response"]
+    if len(some_response) > 40:
+        assert some_response not in finished_job["stdout"] + finished_job["stderr"]
+
+
+def test_release_resumed_without_losing_a_step(finished_job):
+    job_dir = finished_job["dir"]
+    state = _json(job_dir / "release" / "state.json")
+    before = finished_job["release_before"]["steps"]
+    assert state["steps"][:len(before)] == before, "a step finished before the kill changed or was lost"
+    assert (finished_job["pem_dir"] / "adapter_model.safetensors").stat().st_mtime == finished_job["pem_mtime"]
+    assert state["finished"]
+    kinds = [s["kind"] for s in state["steps"]]
+    assert kinds[0] == "base" and kinds[1] == "forget"
+    for step in state["steps"][1:]:
+        assert (step["merge_weight"] < 0) == (step["kind"] == "forget")
+    ledger = _json(job_dir / "release" / "ledger.json")
+    assert [e["merge_weight"] for e in ledger["entries"]] == [s["merge_weight"] for s in state["steps"][1:]]
+
+
+def test_reports_written(finished_job):
+    release_dir = finished_job["dir"] / "release"
+    rows = (release_dir / "steps.csv").read_text().splitlines()
+    state = _json(release_dir / "state.json")
+    assert rows[0].startswith("step,weight_applied,forget_score,utility_score")
+    assert len(rows) == 1 + len(state["steps"])
+    assert "pass@1" in rows[0] and "arithmetic_accuracy" in rows[0] and "perplexity" in rows[0]
+    assert (release_dir / "steps.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    summary = _json(release_dir / "summary.json")
+    assert summary["base"]["forget_score"] == state["steps"][0]["test"]["forget_score"]
+    assert "baseline" in summary and "merge_weight" in summary["baseline"]
+    assert "Wilson" in (release_dir / "summary.md").read_text()
+
+
+def test_export_adapter_loads_in_peft(finished_job, tmp_path):
+    result = rr("export", "--run", str(finished_job["dir"]), "--adapter", str(tmp_path / "adapter"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    ledger = _json(finished_job["dir"] / "release" / "ledger.json")
+    assert config["r"] == sum(json.loads((finished_job["dir"] / "release" / e["adapter_dir"] / "adapter_config.json")
+                                         .read_text())["r"] for e in ledger["entries"])
+
+
+def test_bad_config_is_refused_with_the_field(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("reveal:\n  outer_loopz: 2\n")
+    result = rr("run", "--config", str(bad), "--output", str(tmp_path / "job"))
+    assert result.returncode == 2
+    assert "reveal.outer_loopz" in result.stderr
+    result = rr("release", "--config", str(CI_CONFIG), "--output", str(tmp_path / "empty"))
+    assert result.returncode == 2 and "rr reveal" in result.stderr

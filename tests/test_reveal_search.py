@@ -1,0 +1,120 @@
+"""Algorithm 1 with fake generator, oracle and embedder: scoring, forget-set growth and resume after a kill."""
+
+import json
+
+import numpy as np
+import pytest
+
+from rr.config import RevealConfig
+from rr.reveal.arms import ArmPool, extract_instruction, project_to_embeddings
+from rr.reveal.search import RevealCheckpoint, RevealSearch, harmonic_score
+from rr.tasks.base import Context
+
+INSTRUCTIONS = ["The instruction was to write code.", "The instruction was to say hello.",
+                "The instruction was to write a function.", "The instruction was to count.",
+                "The instruction was to write code."]  # arms 0 and 4 decode to the same text
+
+
+class FakeTask:
+    def contexts(self, split):
+        return [Context(f"c{i}", f"problem {i}") for i in range(6)]
+
+    def relevance(self, contexts, responses):
+        return [1.0 if "def" in r else 0.1 for r in responses]
+
+
+def fake_generate(prompts, params, seeds):
+    # Answers depend on the instruction and the context: code for "code"/"function" instructions.
+    out = []
+    for prompt, seed in zip(prompts, seeds):
+        code = "code" in prompt or "function" in prompt
+        out.append([f"def f_{seed % 97}(): pass  # {prompt[-9:]}" if code else f"hello {seed % 13}"] * params.n)
+    return out
+
+
+def fake_embed(texts):
+    rng_rows = []
+    for t in texts:
+        rng = np.random.default_rng(abs(hash(t)) % (2**32))
+        rng_rows.append(rng.standard_normal(16))
+    matrix = np.array(rng_rows, dtype=np.float32)
+    return matrix / np.linalg.norm(matrix, axis=1, keepdims=True)
+
+
+def make_search(tmp_path, calls=None, **overrides):
+    config = RevealConfig(n_arms=5, outer_loops=2, inner_rounds=3, arms_per_round=2, initial_random_arms=2,
+                          context_sample=3, warm_start_top_k=2, ucb_train_steps=10, **overrides)
+    arms = ArmPool(np.zeros((5, 2)), INSTRUCTIONS, np.random.default_rng(0).standard_normal((5, 4)).astype(np.float32))
+
+    def generate(prompts, params, seeds):
+        if calls is not None:
+            calls.append(len(prompts))
+        return fake_generate(prompts, params, seeds)
+
+    return RevealSearch(config, FakeTask(), arms, generate, fake_embed, RevealCheckpoint(tmp_path), seed=0)
+
+
+def test_harmonic_score():
+    assert harmonic_score(1.0, 1.0, 0.5) == pytest.approx(1.0)
+    assert harmonic_score(0.5, 0.5, 0.3) == pytest.approx(0.5)
+    assert harmonic_score(0.0, 0.9, 0.5) == 0.0 and harmonic_score(0.9, 0.0, 0.5) == 0.0
+    # α weights diversity: with α=1 only diversity counts.
+    assert harmonic_score(0.2, 0.8, 1.0) == pytest.approx(0.8)
+    assert harmonic_score(0.2, 0.8, 0.0) == pytest.approx(0.2)
+
+
+def test_extract_instruction_keeps_first_sentence():
+    assert extract_instruction(" write a function. Then more text") == "The instruction was to write a function."
+
+
+def test_projection_matches_embedding_statistics():
+    table = np.random.default_rng(1).normal(0.02, 0.05, size=(500, 32))
+    soft = project_to_embeddings(np.random.default_rng(2).random((64, 10)), 5, table, seed=0)
+    assert soft.shape == (64, 5, 32)
+    assert abs(soft.std() - table.std()) < 0.3 * table.std()
+    assert abs(soft.mean() - table.mean()) < 0.01
+
+
+def test_search_collects_relevant_answers_and_never_rescores_an_instruction(tmp_path):
+    state, records = make_search(tmp_path).run()
+    assert state.finished and len(state.best_instructions) == 2
+    for loop in range(2):
+        scored = [e.instruction for e in state.evaluations if e.outer_loop == loop]
+        assert len(scored) == len(set(scored)), "an instruction text was scored twice in one outer loop"
+    # The best instruction produces code (relevance 1) whenever one of those was found.
+    assert all("code" in i or "function" in i for i in state.best_instructions)
+    assert len(records) == 2 * 6 and all(r["relevance"] == 1.0 for r in records)
+    assert {r["context_id"] for r in records} == {f"c{i}" for i in range(6)}
+    manifest_fields = {"context_id", "instruction", "response", "relevance", "outer_loop", "seed"}
+    assert manifest_fields <= set(records[0])
+
+
+def test_killed_search_resumes_without_recomputing(tmp_path):
+    full_state, full_records = make_search(tmp_path / "full").run()
+
+    class Killed(Exception):
+        pass
+
+    calls = []
+    search = make_search(tmp_path / "killed", calls)
+    original = search.evaluate_arms
+
+    def dying(*args, **kwargs):
+        if len(calls) >= 3:
+            raise Killed()
+        return original(*args, **kwargs)
+
+    search.evaluate_arms = dying
+    with pytest.raises(Killed):
+        search.run()
+    saved = json.loads((tmp_path / "killed" / "state.json").read_text())
+    assert saved["round"] == 3 or saved["outer_loop"] >= 1
+    done_before = len(saved["evaluations"])
+
+    resumed_calls = []
+    state, records = make_search(tmp_path / "killed", resumed_calls).run()
+    assert [e.instruction for e in state.evaluations[:done_before]] == [e["instruction"] for e in saved["evaluations"]]
+    assert [(e.arm, e.score) for e in state.evaluations] == pytest.approx([(e.arm, e.score) for e in full_state.evaluations])
+    assert [r["response"] for r in records] == [r["response"] for r in full_records]
+    assert sum(resumed_calls) < sum(calls) + sum(resumed_calls)  # the resumed run did not start over
+    assert len(resumed_calls) < 2 * 3 + 2  # fewer generate calls than a full run (6 rounds + 2 collections)
