@@ -92,6 +92,28 @@ def _print_release(job) -> None:
     console.print(f"step table {release_dir / 'steps.csv'}, plot {release_dir / 'steps.png'}")
 
 
+@app.command()
+def ablate(config: Optional[Path] = ConfigOption, output: Optional[Path] = OutputOption):
+    """pem-external vs the self-generated forget set at matched forget score (papers/002 Tables 5–6)."""
+    import json
+
+    from rr.release.ablation import run_ablation
+
+    try:
+        job = _job(config, output)
+        result = run_ablation(job, _progress(time.time()))
+    except RRError as exc:
+        _fail(exc)
+    internal, external = result["internal"]["test"], result["external"]["test"]
+    console.print(f"matched validation forget score ≤ {result['target_forget_score']:.3f}")
+    console.print(f"internal (self-generated, weight {result['internal']['merge_weight']:+g}): "
+                  f"forget {internal['forget_score']:.3f}, utility {internal['utility_score']:.3f}")
+    console.print(f"external (weight {result['external']['merge_weight']:+g}, reached target "
+                  f"{result['external']['reached_target']}): forget {external['forget_score']:.3f}, "
+                  f"utility {external['utility_score']:.3f}")
+    print(json.dumps({k: result[k] for k in ("target_forget_score", "internal_keeps_more_utility")}))
+
+
 @app.command("eval")
 def evaluate(config: Optional[Path] = ConfigOption, output: Optional[Path] = OutputOption,
              ledger: Optional[Path] = typer.Option(None, help="a job's release/ledger.json to compose on the base"),

@@ -104,6 +104,8 @@ class ReleaseConfig(_Strict):
     widen_factor: float = Field(2.0, gt=1)
     stop_when_forget_below: float | None = Field(None, ge=0)
     baseline_single_negation: bool = True
+    external_forget_data: Path | None = Field(
+        None, description="JSONL of {prompt, response} for `rr ablate` (pem-external); default: the task's own")
 
     @model_validator(mode="after")
     def _positive_weights(self):

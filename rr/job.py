@@ -36,8 +36,15 @@ class Job:
         path = self.dir / "config.yaml"
         current = dump_config(self.config.model_copy(update={"output_dir": Path(".")}))
         if path.exists() and path.read_text() != current:
-            raise RRError(f"{path}: this job directory holds a different config. Resume with the same config, "
-                          "or pass another --output for a new job")
+            import yaml
+
+            saved, now = yaml.safe_load(path.read_text()) or {}, yaml.safe_load(current)
+            changed = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+            # Release depends on everything; Reveal only on what is not release/tracking/compute/name.
+            stages = "reveal/, release/" if set(changed) - {"release", "tracking", "compute", "name"} else "release/"
+            raise RRError(f"{path}: this job directory was made with a different config (changed: "
+                          f"{', '.join(changed)}). Resume with the same config, pass another --output for a new "
+                          f"job, or delete {stages} and config.yaml in {self.dir} to redo those stages")
         path.write_text(current)
 
     def _seed_everything(self) -> None:

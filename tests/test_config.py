@@ -70,3 +70,14 @@ def test_defaults_are_the_embedded_quickstart():
     config = JobConfig()
     assert config.compute.executor == "local"
     assert config.release.forget_fraction == 0.9 and config.release.recover_fraction == 0.95
+
+
+def test_a_job_directory_refuses_a_different_config(tmp_path):
+    from rr.job import Job
+
+    config = load_config(ROOT / "configs" / "ci.yaml", tmp_path / "job")
+    Job(config)
+    Job(config)  # the same config resumes
+    changed = config.model_copy(update={"seed": 7})
+    with pytest.raises(RRError, match=r"changed: seed.*reveal/, release/"):
+        Job(changed)

@@ -81,11 +81,15 @@ class HFGenerator:
         finished = torch.zeros(batch, dtype=torch.bool, device=self.device)
         tokens: list[list[int]] = [[] for _ in range(batch)]
         stop = torch.tensor(sorted(self.stop_ids), device=self.device)
-        for _ in range(params.max_new_tokens):
+        for step in range(params.max_new_tokens):
             next_tokens = _pick_next(logits, params, generators)
             for i in torch.nonzero(~finished).flatten().tolist():
                 tokens[i].append(int(next_tokens[i]))
             finished |= torch.isin(next_tokens, stop)
+            if params.stop and step % 4 == 3:  # decoding every row each step would cost more than it saves
+                for i in torch.nonzero(~finished).flatten().tolist():
+                    if any(s in self.tokenizer.decode(tokens[i]) for s in params.stop):
+                        finished[i] = True
             if bool(finished.all()):
                 break
             next_tokens = next_tokens.masked_fill(finished, self.tokenizer.pad_token_id)
@@ -96,9 +100,12 @@ class HFGenerator:
             next_position = next_position + 1
         return (tokens, last_hidden) if return_last_hidden else tokens
 
-    def _text(self, token_ids: list[int]) -> str:
+    def _text(self, token_ids: list[int], stop: tuple[str, ...] = ()) -> str:
         ids = [t for t in token_ids if t not in self.stop_ids]
-        return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
+        text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        # Cut right after the first stop string, as vLLM does with include_stop_str_in_output.
+        ends = [text.find(s) + len(s) for s in stop if s in text]
+        return (text[:min(ends)] if ends else text).strip()
 
     def generate(self, prompts: Sequence[str], params: SamplingParams,
                  seeds: Sequence[int] | None = None) -> list[list[str]]:
@@ -121,7 +128,7 @@ class HFGenerator:
             token_lists = self.decode(input_ids, mask, params, [requests[k][3] for k in chunk])
             for k, token_ids in zip(chunk, token_lists):
                 i, j = requests[k][0], requests[k][1]
-                results[i][j] = self._text(token_ids)
+                results[i][j] = self._text(token_ids, params.stop)
         return results
 
     @torch.no_grad()

@@ -69,7 +69,8 @@ class VLLMGenerator:
                 texts.append(self._chat(prompt))
                 per_request.append(VllmSamplingParams(
                     n=1, temperature=params.temperature, top_p=params.top_p, max_tokens=params.max_new_tokens,
-                    seed=request_seed(seeds[i], j) % (2**31)))
+                    seed=request_seed(seeds[i], j) % (2**31), stop=list(params.stop) or None,
+                    include_stop_str_in_output=True))
         outputs = self.llm.generate(texts, per_request, lora_request=self._adapter, use_tqdm=False)
         flat = [o.outputs[0].text.strip() for o in outputs]
         return [flat[i * params.n:(i + 1) * params.n] for i in range(len(prompts))]

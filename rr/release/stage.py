@@ -6,11 +6,12 @@ import json
 from dataclasses import asdict
 from typing import Callable
 
+from rr.evaluation.analysis import pem_similarity
 from rr.evaluation.report import plot_steps, write_step_table
 from rr.errors import RRError
-from rr.release.ledger import ComposedModel, Pem
-from rr.release.loop import ReleaseLoop, evaluation_dict
-from rr.release.weights import candidate_grid
+from rr.release.ablation import matched_negation
+from rr.release.ledger import Pem
+from rr.release.loop import ReleaseLoop
 from rr.tasks.base import Example
 
 
@@ -32,28 +33,13 @@ def single_negation_baseline(job, loop: ReleaseLoop, target_forget_score: float,
         return cached
     first = loop.state.steps[1]
     loop.composed.detach()
-    single = ComposedModel(job.model)
-    single.append(Pem.load(loop.dir / "pems" / first.pem), 0.0)
-    magnitudes = sorted(set(candidate_grid(job.config.release.forget_weights, job.config.release.widen_factor)))
-    tried, chosen = [], None
-    for magnitude in magnitudes:
-        single.set_weight(-1, -magnitude)
-        evaluation = job.task.evaluate(job.generator, "validation")
-        tried.append({"weight": -magnitude, "forget_score": evaluation.forget_score,
-                      "utility_score": evaluation.utility_score})
-        progress(f"  baseline −{magnitude:g}: forget {evaluation.forget_score:.3f}, utility {evaluation.utility_score:.3f}")
-        if evaluation.forget_score <= target_forget_score:
-            chosen = -magnitude
-            break
-    reached = chosen is not None
-    if chosen is None:
-        chosen = min(tried, key=lambda t: t["forget_score"])["weight"]
-    single.set_weight(-1, chosen)
-    result = {"pem": first.pem, "merge_weight": chosen, "reached_target": reached,
-              "target_forget_score": target_forget_score, "candidates": tried,
-              "test": evaluation_dict(job.task.evaluate(job.generator, "test"))}
-    single.detach()
-    loop.composed = loop.reattach()
+    try:
+        # Step 1 scored this very model (base − w·F0) for some weights already: reuse those scores.
+        known = {c["weight"]: (c["forget_score"], c["utility_score"]) for c in first.candidates}
+        result = matched_negation(job, Pem.load(loop.dir / "pems" / first.pem), target_forget_score, progress, known)
+    finally:
+        loop.composed = loop.reattach()
+    result["target_forget_score"] = target_forget_score
     job.write_json("release/baseline.json", result)
     return result
 
@@ -71,9 +57,18 @@ def run_release(job, progress: Callable[[str], None] = print) -> dict:
         progress("single-negation baseline: one forget PEM, one weight, same forget score")
         baseline = single_negation_baseline(job, loop, steps[-1]["validation"]["forget_score"], progress)
     summary = summarize(steps, baseline, state.stopped_reason)
+    summary["subspace_similarity"] = retain_forget_similarity(loop.dir, steps)
     job.write_json("release/summary.json", summary)
     (release_dir / "summary.md").write_text(summary_markdown(summary, job))
     return summary
+
+
+def retain_forget_similarity(release_dir, steps: list[dict], k: int = 8) -> list[dict]:
+    """Table 1: similarity of every retain PEM with every forget PEM of the job (≈0: orthogonal)."""
+    pems = {s["pem"]: Pem.load(release_dir / "pems" / s["pem"]) for s in steps[1:] if s["pem"]}
+    retain = [name for name in pems if name.endswith("retain")]
+    forget = [name for name in pems if name.endswith("forget")]
+    return [pem_similarity(pems[r], pems[f], k) for r in retain for f in forget]
 
 
 def _relative(new: float, old: float) -> float | None:
@@ -132,6 +127,9 @@ def summary_markdown(summary: dict, job) -> str:
                      f"({'reaches' if b['reached_target'] else 'does NOT reach'} the iterative model's validation "
                      f"forget score {b['target_forget_score']:.3f}); iterative keeps more utility: "
                      f"{summary['iterative_keeps_more_utility']}")
+    for sim in summary.get("subspace_similarity", []):
+        lines.append(f"- subspace similarity (top-{sim['k']}) {sim['pem_a']} vs {sim['pem_b']}: "
+                     f"{sim['mean']:.4f} ± {sim['std']:.4f} over {sim['modules']} modules")
     if summary["stopped_reason"]:
         lines.append(f"- stopped early: {summary['stopped_reason']}")
     return "\n".join(lines) + "\n"

@@ -176,11 +176,18 @@ TEMPLATES: tuple[Callable[[random.Random], tuple[str, int, str]], ...] = (
 )
 
 
-def generate_arithmetic_splits(seed: int, n_per_split: int = 250) -> dict[str, list[ArithmeticItem]]:
+# One arithmetic operation each: the level a 135M model answers about half the time.
+ONE_STEP_TEMPLATES = (_add, _subtract, _multiply, _price)
+LEVELS = {"one-step": ONE_STEP_TEMPLATES, "mixed": TEMPLATES}
+
+
+def generate_arithmetic_splits(seed: int, n_per_split: int = 250, level: str = "mixed") -> dict[str, list[ArithmeticItem]]:
     """Three disjoint splits ("train", "validation", "test") of `n_per_split` unique items each.
 
-    Deterministic in `seed`. Templates are used in rotation so every split mixes all of them.
+    Deterministic in `seed`. Templates of the level ("one-step" or "mixed") are used in rotation so
+    every split mixes all of them.
     """
+    templates = LEVELS[level]
     if n_per_split < 1:
         raise ValueError(f"n_per_split must be ≥ 1, got {n_per_split}")
     rng = random.Random(f"rr-arithmetic-{seed}")
@@ -192,7 +199,7 @@ def generate_arithmetic_splits(seed: int, n_per_split: int = 250) -> dict[str, l
         attempts += 1
         if attempts > needed * 50:
             raise ValueError(f"could not draw {needed} distinct arithmetic questions; ask for fewer per split")
-        template = TEMPLATES[len(items) % len(TEMPLATES)]
+        template = templates[len(items) % len(templates)]
         question, answer, steps = template(rng)
         if question in seen:
             continue

@@ -32,6 +32,7 @@ class SamplingParams:
     temperature: float = 0.0  # 0 = greedy
     top_p: float = 1.0
     n: int = 1
+    stop: tuple[str, ...] = ()  # generation ends once the answer contains one of these (kept in the text)
 
 
 @dataclass

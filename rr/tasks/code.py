@@ -38,6 +38,11 @@ GENERAL_TEXT = DATA_DIR / "general_text.txt"
 N_EXEMPLARS = 3
 
 
+# Code answers end at the closing fence of their first code block: an opening fence is followed by a
+# language name, so "\n```\n" matches a close; what a model writes after its code is never run.
+CODE_STOP = ("\n```\n",)
+
+
 class CodeTaskConfig(BaseModel):
     """The `task:` block for the code task. Sizes are per split; the splits never overlap."""
 
@@ -54,6 +59,8 @@ class CodeTaskConfig(BaseModel):
     n_perplexity_paragraphs: int = Field(40, ge=1)
     max_new_tokens: int = Field(256, ge=1, description="generation budget for code answers")
     arithmetic_max_new_tokens: int = Field(128, ge=1)
+    arithmetic_level: Literal["one-step", "mixed"] = Field(
+        "mixed", description="one-step: single add/subtract/multiply problems; mixed: one- and two-step")
     sandbox_timeout_s: float = Field(5.0, gt=0)
     sandbox_memory_mb: int = Field(512, ge=64)
     sandbox_workers: int = Field(2, ge=1, description="sandboxed test runs in parallel")
@@ -275,7 +282,7 @@ class CodeTask:
     def _builtin_arithmetic_splits(self) -> tuple[dict[str, list[ArithmeticItem]], list[ArithmeticItem]]:
         c = self.config
         per_split = max(c.n_retain_examples, c.n_arithmetic_validation, c.n_arithmetic_test, 200)
-        generated = generate_arithmetic_splits(self.seed, per_split)
+        generated = generate_arithmetic_splits(self.seed, per_split, c.arithmetic_level)
         retain = generated["train"][: c.n_retain_examples]
         return {"reveal": retain[: c.n_arithmetic_validation],  # diagnostics only: these are retain data
                 "validation": generated["validation"][: c.n_arithmetic_validation],
@@ -314,6 +321,12 @@ class CodeTask:
         with_solution = [p for p in self._problems["reveal"] if p.reference_solution]
         return [Example(prompt=code_prompt(p), response=f"```python\n{p.reference_solution.strip()}\n```")
                 for p in with_solution[:N_EXEMPLARS]]
+
+    def external_forget_examples(self) -> list[Example]:
+        """Human-written forget data (the reveal problems' reference solutions) for the external-data
+        baseline `pem-external` and the ablation of papers/002 Tables 5–6; Reveal never sees these."""
+        return [Example(prompt=code_prompt(p), response=f"```python\n{p.reference_solution.strip()}\n```")
+                for p in self._problems["reveal"] if p.reference_solution]
 
     def relevance(self, contexts: Sequence[Context], responses: Sequence[str]) -> list[float]:
         if len(contexts) != len(responses):
@@ -362,7 +375,8 @@ class CodeTask:
             return []
         c = self.config
         responses = _first_completions(model.generate([code_prompt(p) for p in problems],
-                                                      SamplingParams(max_new_tokens=c.max_new_tokens)),
+                                                      SamplingParams(max_new_tokens=c.max_new_tokens,
+                                                                     stop=CODE_STOP)),
                                        len(problems))
         return self.run_solutions(problems, [extract_code(r, p.entry_point) for r, p in zip(responses, problems)])
 
