@@ -81,3 +81,10 @@ def test_a_job_directory_refuses_a_different_config(tmp_path):
     changed = config.model_copy(update={"seed": 7})
     with pytest.raises(RRError, match=r"changed: seed.*reveal/, release/"):
         Job(changed)
+
+
+def test_settings_without_machinery_are_refused_not_ignored(tmp_path):
+    with pytest.raises(RRError, match="tracking.enabled"):
+        load_config(_write(tmp_path, "tracking:\n  enabled: true\n"))
+    with pytest.raises(RRError, match="compute.executor"):
+        load_config(_write(tmp_path, "compute:\n  executor: ray\n"))

@@ -1,0 +1,82 @@
+"""Model resolution errors, a local-directory load, and the batched generator on the real embedded model."""
+
+import pytest
+
+from rr.errors import RRError
+from rr.models import resolve_embedder, resolve_model
+
+
+def test_embedded_defaults_resolve_to_their_wheels():
+    source = resolve_model("embedded:smollm2")
+    assert source.gguf_file == "SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert resolve_embedder("embedded:all-minilm-l6-v2").endswith("model")
+    assert resolve_model("meta-llama/Meta-Llama-3-8B-Instruct").path == "meta-llama/Meta-Llama-3-8B-Instruct"
+
+
+def test_bad_model_paths_are_named(tmp_path):
+    with pytest.raises(RRError, match="unknown embedded model"):
+        resolve_model("embedded:gpt5")
+    with pytest.raises(RRError, match="GGUF file .* does not exist"):
+        resolve_model(str(tmp_path / "missing.gguf"))
+    with pytest.raises(RRError, match="directory .* does not exist"):
+        resolve_model(str(tmp_path / "no-such-dir"))
+    (tmp_path / "weights.bin").write_text("x")
+    with pytest.raises(RRError, match="not a .gguf"):
+        resolve_model(str(tmp_path / "weights.bin"))
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    from rr.generation.hf import HFGenerator
+    from rr.models import load_model_and_tokenizer
+
+    model, tokenizer = load_model_and_tokenizer("embedded:smollm2")
+    return model, tokenizer, HFGenerator(model, tokenizer, batch_size=8)
+
+
+def test_local_directory_round_trip(smollm2, tmp_path):
+    import torch
+
+    from rr.models import load_model_and_tokenizer
+
+    model, tokenizer, _ = smollm2
+    model.save_pretrained(tmp_path / "local")
+    tokenizer.save_pretrained(tmp_path / "local")
+    loaded, loaded_tokenizer = load_model_and_tokenizer(str(tmp_path / "local"))
+    ids = tokenizer("def add(a, b):", return_tensors="pt").input_ids
+    with torch.no_grad():
+        assert torch.allclose(model(ids).logits, loaded(ids).logits, atol=1e-5)
+    assert loaded_tokenizer.padding_side == "left" and loaded_tokenizer.pad_token is not None
+
+
+@pytest.mark.slow
+def test_batched_greedy_equals_one_at_a_time_and_seeds_follow_requests(smollm2):
+    from rr.tasks.base import SamplingParams
+
+    _, _, generator = smollm2
+    prompts = ["Write a Python function that adds two numbers.", "What is 7 + 5?", "Name a colour.",
+               "Write a function to reverse a string in Python."]
+    greedy = SamplingParams(max_new_tokens=24)
+    batched = generator.generate(prompts, greedy)
+    alone = [generator.generate([p], greedy)[0] for p in prompts]
+    assert batched == alone
+    sampled = SamplingParams(max_new_tokens=16, temperature=1.0, top_p=0.9, n=2)
+    together = generator.generate(prompts[:2], sampled, seeds=[11, 12])
+    first_alone = generator.generate(prompts[:1], sampled, seeds=[11])
+    assert together[0] == first_alone[0]
+    assert generator.generate(prompts[:1], sampled, seeds=[13])[0] != first_alone[0]
+
+
+@pytest.mark.slow
+def test_stop_strings_end_answers_after_the_stop_text(smollm2):
+    from rr.tasks.base import SamplingParams
+
+    _, _, generator = smollm2
+    prompt = "Write a Python function `square(x)` that returns x squared."
+    full = generator.generate([prompt], SamplingParams(max_new_tokens=96))[0][0]
+    stopped = generator.generate([prompt], SamplingParams(max_new_tokens=96, stop=("\n```\n",)))[0][0]
+    if "\n```\n" in full:
+        assert stopped == full[:full.index("\n```\n") + 4].strip()
+        assert len(stopped) < len(full)
+    else:
+        assert stopped == full
