@@ -87,6 +87,13 @@ def load_model_and_tokenizer(name_or_path: str, gguf_file: str | None = None, dt
     except OSError as exc:
         raise RRError(f"model.name_or_path: could not load {name_or_path!r} ({exc}). "
                       "Check the id or path; for gated models set the token env var named by model.hf_token_env") from exc
+    if source.gguf_file:
+        # transformers de-quantizes GGUF tensors into ordinary `dtype` weights on load but keeps the GGUF
+        # quantizer attached, which makes save_pretrained (and so `rr export --merged`) refuse the model.
+        model.hf_quantizer = None
+        model.is_quantized = False
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

@@ -13,7 +13,6 @@ from rr.generation.base import request_seed
 from rr.reveal.arms import ArmPool, decode_arm_pool
 from rr.reveal.diversity import vendi_score
 from rr.reveal.search import RevealCheckpoint, RevealSearch, forget_set_manifest, instruction_prompt
-from rr.tasks.base import SamplingParams
 
 
 def load_or_decode_arms(job, progress: Callable[[str], None]) -> ArmPool:
@@ -76,7 +75,7 @@ def compare_with_baselines(job, search: RevealSearch, state, records, embeddings
     """The two checks of the reveal report, on the same contexts with the same sample counts.
 
     1. Relevance of the best instruction's answers vs the base model's plain answers (no instruction).
-    2. Vendi of the forget set vs as many sampled answers to one fixed instruction (loop 1's P*), at equal n.
+    2. Vendi of the forget set vs answers to one fixed instruction (loop 1's P*), at equal n per context.
     """
     contexts = search.contexts
     params = search.params
@@ -91,18 +90,24 @@ def compare_with_baselines(job, search: RevealSearch, state, records, embeddings
     best = [r for r in records if r["outer_loop"] == best_loop]
     best_relevance = float(np.mean([r["relevance"] for r in best]))
 
-    # One fixed instruction (loop 1's P*) sampled until it has as many answers as the forget set: does the
-    # search's spread of instructions beat repeated sampling of one instruction at equal n?
-    samples = max(1, round(len(records) / len(contexts)))
-    sampled = SamplingParams(max_new_tokens=params.max_new_tokens, temperature=params.temperature or 0.7,
-                             top_p=params.top_p if params.temperature else 0.95, n=samples)
+    # One fixed instruction (loop 1's P*) answered on the same contexts with the forget set's own sampling
+    # parameters, against the forget set subsampled to the same contexts and counts (per context, the
+    # forget set's answers come from instructions of different outer loops): does the search's spread of
+    # instructions beat one instruction at equal n?
     fixed_seeds = [request_seed(job.config.seed, "fixed", c.id) for c in contexts]
     fixed = job.generator.generate([instruction_prompt(state.best_instructions[0], c) for c in contexts],
-                                   sampled, fixed_seeds)
-    fixed_texts = [t for texts in fixed for t in texts]
-    n = min(len(fixed_texts), len(records))
+                                   params, fixed_seeds)
+    by_context: dict[str, list[int]] = {}
+    for i, r in enumerate(records):
+        by_context.setdefault(r["context_id"], []).append(i)
     rng = random.Random(job.config.seed)
-    subsample = sorted(rng.sample(range(len(records)), n))
+    subsample, fixed_texts = [], []
+    for c, texts in zip(contexts, fixed):
+        mine = by_context.get(c.id, [])
+        k = min(len(mine), len(texts))
+        subsample += rng.sample(mine, k)
+        fixed_texts += texts[:k]
+    n = len(subsample)
     return {
         "contexts": len(contexts),
         "samples_per_context": params.n,
@@ -112,10 +117,9 @@ def compare_with_baselines(job, search: RevealSearch, state, records, embeddings
         "relevance_at_least_plain": best_relevance >= plain_relevance,
         "n_for_vendi": n,
         "fixed_instruction": state.best_instructions[0],
-        "fixed_instruction_samples_per_context": samples,
-        "fixed_instruction_temperature": sampled.temperature,
-        "forget_set_vendi_subsampled": float(vendi_score(embeddings[subsample])),
-        "fixed_instruction_vendi": float(vendi_score(job.embed(fixed_texts[:n]))),
+        "fixed_instruction_temperature": params.temperature,
+        "forget_set_vendi_subsampled": float(vendi_score(embeddings[sorted(subsample)])),
+        "fixed_instruction_vendi": float(vendi_score(job.embed(fixed_texts))),
         "plain_answers_vendi": float(vendi_score(job.embed([t for _, t in plain_rows]))),
     }
 
@@ -134,7 +138,7 @@ def reveal_report(manifest: dict) -> str:
         f"| mean relevance: best instruction vs plain answers | {c['best_instruction_mean_relevance']:.3f} | "
         f"{c['plain_answers_mean_relevance']:.3f} | {c['relevance_at_least_plain']} |",
         f"| Vendi at n={c['n_for_vendi']}: forget set vs one fixed instruction "
-        f"({c['fixed_instruction_samples_per_context']} samples/context, T={c['fixed_instruction_temperature']:g}) | "
+        f"(same contexts, counts and sampling, T={c['fixed_instruction_temperature']:g}) | "
         f"{c['forget_set_vendi_subsampled']:.2f} | {c['fixed_instruction_vendi']:.2f} | "
         f"{c['forget_set_vendi_subsampled'] > c['fixed_instruction_vendi']} |",
         f"| Vendi of plain answers (no instruction), for reference | | {c['plain_answers_vendi']:.2f} | |",
