@@ -1,13 +1,15 @@
-"""The `rr` command: reveal, release, run (both + evaluation), eval and export. Every command takes --config/--output."""
+"""The `rr` command: reveal, release, run (both + evaluation), eval, export; promote and models for the registry."""
 
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from rr.errors import RRError
 
@@ -34,6 +36,20 @@ def _job(config: Optional[Path], output: Optional[Path]):
     return job
 
 
+@contextmanager
+def _tracked(job, start: float):
+    """The job's MLflow run around a command: closed (and its buffered records sent) however the command ends."""
+    # Unwrapped and unstyled: tracking messages carry paths, URIs and commands to copy.
+    job.tracker.say = lambda message: console.print(f"[dim]{time.time() - start:7.1f}s[/dim] {escape(message)}",
+                                                    soft_wrap=True)
+    try:
+        yield job.tracker
+    except BaseException:
+        job.tracker.close(failed=True)
+        raise
+    job.tracker.close()
+
+
 def _fail(exc: Exception) -> None:
     console.print(f"[red]error:[/red] {exc}")
     raise typer.Exit(2)
@@ -44,9 +60,12 @@ def reveal(config: Optional[Path] = ConfigOption, output: Optional[Path] = Outpu
     """Stage 1: search instructions with NeuralUCB and write the self-generated forget set."""
     from rr.reveal.stage import run_reveal
 
+    start = time.time()
     try:
         job = _job(config, output)
-        manifest = run_reveal(job, _progress(time.time()))
+        with _tracked(job, start) as tracker:
+            manifest = run_reveal(job, _progress(start))
+            tracker.reveal_finished(manifest)
     except RRError as exc:
         _fail(exc)
     console.print((job.dir / "reveal" / "report.md").read_text())
@@ -58,9 +77,11 @@ def release(config: Optional[Path] = ConfigOption, output: Optional[Path] = Outp
     """Stage 2: compose forget/retain PEMs with rule-chosen weights (needs a finished reveal)."""
     from rr.release.stage import run_release
 
+    start = time.time()
     try:
         job = _job(config, output)
-        run_release(job, _progress(time.time()))
+        with _tracked(job, start):
+            run_release(job, _progress(start))
     except RRError as exc:
         _fail(exc)
     _print_release(job)
@@ -76,8 +97,9 @@ def run(config: Optional[Path] = ConfigOption, output: Optional[Path] = OutputOp
     try:
         job = _job(config, output)
         progress = _progress(start)
-        run_reveal(job, progress)
-        run_release(job, progress)
+        with _tracked(job, start) as tracker:
+            tracker.reveal_finished(run_reveal(job, progress))
+            run_release(job, progress)
     except RRError as exc:
         _fail(exc)
     console.print((job.dir / "reveal" / "report.md").read_text())
@@ -166,6 +188,75 @@ def export(run_dir: Path = typer.Option(..., "--run", help="a job directory with
             console.print(f"merged model → {merged}")
     except RRError as exc:
         _fail(exc)
+
+
+TrackingUriOption = typer.Option(None, "--tracking-uri", help="the registry (default: the --config job's store, "
+                                  "else MLFLOW_TRACKING_URI)")
+
+
+def _registry(config: Optional[Path], tracking_uri: Optional[str]):
+    """(MLflow client, gates) for promote/models: the URI from the flag, else the config's job store."""
+    import os
+
+    from rr.config import TrackingConfig, load_config
+    from rr.tracking.store import client_for, resolve_tracking_uri
+
+    job_config = load_config(config) if config else None
+    tracking = job_config.tracking if job_config else TrackingConfig()
+    if tracking_uri is None and job_config is not None:
+        tracking_uri, _ = resolve_tracking_uri(tracking.tracking_uri, job_config.output_dir.resolve())
+    tracking_uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if not tracking_uri:
+        raise RRError("which registry? pass --config JOB.yaml (its tracking store), --tracking-uri URI, or set "
+                      "MLFLOW_TRACKING_URI")
+    return client_for(tracking_uri), tracking.gates
+
+
+@app.command()
+def promote(name: str = typer.Argument(..., help="registered model name"),
+            version: str = typer.Argument(..., help="the version to make champion"),
+            config: Optional[Path] = typer.Option(None, "--config", "-c", help="job config whose tracking.gates apply "
+                                                  "(and whose store is the registry); default gates otherwise"),
+            tracking_uri: Optional[str] = TrackingUriOption,
+            force: bool = typer.Option(False, "--force", help="promote even if a gate fails (needs --reason)"),
+            reason: Optional[str] = typer.Option(None, "--reason", help="why the gates are bypassed (recorded)")):
+    """Move the alias `champion` to a version whose recorded test scores pass the promotion gates."""
+    from rr.tracking.registry import CHAMPION, promote as promote_version
+
+    try:
+        client, gates = _registry(config, tracking_uri)
+        lines = promote_version(client, name, version, gates.max_forget_score, gates.min_utility_ratio, force, reason)
+    except RRError as exc:
+        _fail(exc)
+    for line in lines:
+        console.print(f"  {line}")
+    forced = any("FAIL" in line for line in lines)
+    console.print(f"{name} version {version} is now {CHAMPION}" + (f" (FORCED: {reason})" if forced else ""))
+
+
+@app.command()
+def models(name: str = typer.Argument(..., help="registered model name"),
+           config: Optional[Path] = typer.Option(None, "--config", "-c", help="job config whose store is the registry"),
+           tracking_uri: Optional[str] = TrackingUriOption):
+    """List a registered model's versions with their aliases and recorded scores."""
+    from rich.table import Table
+
+    from rr.tracking.registry import list_versions
+
+    try:
+        client, _ = _registry(config, tracking_uri)
+        rows = list_versions(client, name)
+    except RRError as exc:
+        _fail(exc)
+    table = Table(title=f"{name} ({client.tracking_uri})")
+    for column in ("version", "aliases", "forget", "utility", "utility / base", "run"):
+        table.add_column(column)
+    for row in rows:
+        ratio = (f"{float(row['utility_score']) / float(row['base_utility_score']):.3f}"
+                 if row["utility_score"] and row["base_utility_score"] and float(row["base_utility_score"]) else "–")
+        table.add_row(row["version"], ", ".join(row["aliases"]) + (" (forced)" if row["forced"] else ""),
+                      row["forget_score"] or "–", row["utility_score"] or "–", ratio, row["run_id"] or "–")
+    Console().print(table)
 
 
 def main() -> None:  # pragma: no cover - console script entry

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from rr.errors import RRError
 from rr.tasks.code import CodeTaskConfig
@@ -115,14 +116,42 @@ class ReleaseConfig(_Strict):
         return self
 
 
+class PromotionGates(_Strict):
+    """What a registered version must show (test split) before `rr promote` moves the `champion` alias to it."""
+
+    max_forget_score: float | None = Field(0.1, ge=0, description="final forget score at most this; null: no limit")
+    min_utility_ratio: float | None = Field(0.9, ge=0, description="final utility at least this × the base "
+                                            "model's utility; null: no limit")
+
+
 class TrackingConfig(_Strict):
-    """MLflow tracking and registry (sqlite file in the job dir unless a URI is given). Not built yet."""
+    """MLflow tracking and registry: a sqlite file in the job dir unless tracking_uri or MLFLOW_TRACKING_URI says
+    otherwise (e.g. http://mlflow:5000 for a server with a PostgreSQL backend)."""
 
     enabled: bool = False
     tracking_uri: str | None = None
-    experiment: str = "rr"
-    registered_model_name: str | None = None
-    log_forget_data: bool = False
+    experiment: str = Field("rr", min_length=1)
+    registered_model_name: str | None = Field(None, description="default: the job's name")
+    log_forget_data: bool = Field(False, description="upload the forget set itself (sensitive); default: only its "
+                                  "counts, hash and scores")
+    gates: PromotionGates = Field(default_factory=PromotionGates)
+    flush_timeout_s: float = Field(60.0, ge=0, description="how long the end of a job waits for an unreachable "
+                                   "tracking store before leaving its records in the job dir")
+
+    @field_validator("tracking_uri")
+    @classmethod
+    def _uri(cls, uri):
+        if uri is not None and not re.match(r"[a-z][a-z0-9+.-]*:", uri):
+            raise ValueError("not a URI: remove it (a sqlite file in the job dir) or give one such as "
+                             "http://127.0.0.1:5000 or sqlite:////abs/path/mlflow.db")
+        return uri
+
+    @field_validator("registered_model_name")
+    @classmethod
+    def _model_name(cls, name):
+        if name is not None and (not name.strip() or any(c in name for c in "/@:")):
+            raise ValueError("must be non-empty and contain none of / @ : (they have a meaning in models:/NAME@alias)")
+        return name
 
 
 class ComputeConfig(_Strict):
@@ -143,8 +172,6 @@ class JobConfig(_Strict):
     @model_validator(mode="after")
     def _only_what_exists(self):
         # Refuse, rather than silently ignore, settings whose machinery is not in this version yet.
-        if self.tracking.enabled:
-            raise ValueError("tracking.enabled: MLflow tracking is not part of this rr version yet; set it to false")
         if self.compute.executor != "local" or self.compute.generator_replicas != 1:
             raise ValueError("compute.executor: only 'local' with generator_replicas 1 exists in this rr version; "
                              "the Ray executor is not built yet")

@@ -40,6 +40,9 @@ class Job:
 
             saved, now = yaml.safe_load(path.read_text()) or {}, yaml.safe_load(current)
             changed = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+            if changed == ["tracking"]:  # where results are recorded changes no result: resume
+                path.write_text(current)
+                return
             # Release depends on everything; Reveal only on what is not release/tracking/compute/name.
             stages = "reveal/, release/" if set(changed) - {"release", "tracking", "compute", "name"} else "release/"
             raise RRError(f"{path}: this job directory was made with a different config (changed: "
@@ -99,6 +102,13 @@ class Job:
     def embed(self, texts) -> np.ndarray:
         return np.asarray(self.embedder.encode(list(texts), batch_size=64, normalize_embeddings=True,
                                                convert_to_numpy=True, show_progress_bar=False), dtype=np.float32)
+
+    @cached_property
+    def tracker(self):
+        """The job's MLflow recorder (its calls do nothing when tracking.enabled is false)."""
+        from rr.tracking import Recorder
+
+        return Recorder(self)
 
     @cached_property
     def task(self):

@@ -130,6 +130,34 @@ def test_export_adapter_loads_in_peft(finished_job, tmp_path):
                                          .read_text())["r"] for e in ledger["entries"])
 
 
+def test_job_recorded_and_registered_in_mlflow(finished_job):
+    """Three processes (two killed) make one MLflow run in the job dir's sqlite store, and a registered model
+    version that loads and generates."""
+    from mlflow import MlflowClient
+
+    from rr.tracking import load_registered
+
+    job_dir = finished_job["dir"]
+    uri = f"sqlite:///{job_dir / 'mlflow.db'}"
+    assert f"mlflow ui --backend-store-uri {uri}" in finished_job["stderr"]
+    assert all(not p.read_text() for p in (job_dir / "tracking").glob("store-*/outbox.jsonl")), "records left unsent"
+    client = MlflowClient(uri, registry_uri=uri)
+    runs = client.search_runs([client.get_experiment_by_name("rr").experiment_id])
+    top = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert len(top) == 1 and top[0].info.status == "FINISHED", "a resumed job must continue its run"
+    run_id = top[0].info.run_id
+    steps = _json(job_dir / "release" / "state.json")["steps"]
+    curve = sorted((m.step, m.value) for m in client.get_metric_history(run_id, "test/forget_score"))
+    assert curve == [(s["step"], s["test"]["forget_score"]) for s in steps]
+    assert top[0].data.params["reveal.outer_loops"] == "2"
+    assert top[0].data.tags["rr.forget_set_sha256"] == _json(job_dir / "reveal" / "manifest.json")["sha256"]
+    version = client.get_model_version_by_alias("ci-code", "candidate")
+    assert float(version.tags["rr.forget_score"]) == steps[-1]["test"]["forget_score"]
+    model = load_registered("models:/ci-code@candidate", tracking_uri=uri)
+    answer = model.predict(["Write a Python function that reverses a string."], params={"max_new_tokens": 16})
+    assert isinstance(answer[0], str) and answer[0].strip()
+
+
 def test_bad_config_is_refused_with_the_field(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("reveal:\n  outer_loopz: 2\n")

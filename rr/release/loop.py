@@ -71,8 +71,10 @@ def step_plan(iterations: int) -> list[str]:
 class ReleaseLoop:
     """Runs Eq. 1 for one job; `evaluate(split)` scores the model as currently composed."""
 
-    def __init__(self, job, forget_examples: list[Example], progress: Callable[[str], None] = print):
+    def __init__(self, job, forget_examples: list[Example], progress: Callable[[str], None] = print,
+                 on_step: Callable[[StepRecord], None] = lambda record: None):
         self.job = job
+        self.on_step = on_step  # called with each finished step, after its checkpoint (tracking)
         self.config = job.config.release
         self.forget_examples = forget_examples
         self.retain_examples = job.task.retain_examples()
@@ -118,6 +120,7 @@ class ReleaseLoop:
                                                evaluation_dict(self.evaluate("validation")),
                                                evaluation_dict(self.evaluate("test"))))
             self.state.save(self.state_path)
+            self.on_step(self.state.steps[0])
         if self.state.finished:
             return self.state
         plan = step_plan(self.config.iterations)
@@ -173,6 +176,7 @@ class ReleaseLoop:
         self.state.steps.append(record)
         self.state.pending_candidates.pop(str(step), None)
         self.state.save(self.state_path)
+        self.on_step(record)
         self.progress(f"step {step}: applied {merge_weight:+g} ({choice.rule}); test forget "
                       f"{record.test['forget_score']:.3f}, utility {record.test['utility_score']:.3f}")
         return record

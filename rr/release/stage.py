@@ -46,7 +46,7 @@ def single_negation_baseline(job, loop: ReleaseLoop, target_forget_score: float,
 
 def run_release(job, progress: Callable[[str], None] = print) -> dict:
     """Stage 2. Resumes at the last finished step; returns the summary."""
-    loop = ReleaseLoop(job, load_forget_examples(job), progress)
+    loop = ReleaseLoop(job, load_forget_examples(job), progress, on_step=job.tracker.release_step)
     state = loop.run()
     steps = [asdict(s) for s in state.steps]
     release_dir = job.dir / "release"
@@ -60,6 +60,7 @@ def run_release(job, progress: Callable[[str], None] = print) -> dict:
     summary["subspace_similarity"] = retain_forget_similarity(loop.dir, steps)
     job.write_json("release/summary.json", summary)
     (release_dir / "summary.md").write_text(summary_markdown(summary, job))
+    job.tracker.release_finished(summary, steps)
     return summary
 
 

@@ -1,0 +1,121 @@
+"""The model registry: a finished job's version (alias `candidate`), promotion to `champion` by gates, listings."""
+
+from __future__ import annotations
+
+import getpass
+import json
+import time
+from dataclasses import dataclass
+
+from rr.errors import RRError
+
+CANDIDATE, CHAMPION = "candidate", "champion"
+# Tags every rr version carries; the gates read the three scores.
+FORGET_SCORE, UTILITY_SCORE, BASE_UTILITY_SCORE = "rr.forget_score", "rr.utility_score", "rr.base_utility_score"
+
+
+def register_version(client, run_id: str, name: str, model_dir: str, tags: dict) -> str:
+    """Upload the pyfunc model into the run and register it; a run registers at most one version (a resent
+    record finds the version it made before)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.create_registered_model(name, description="Unlearned models made by rr (Reveal and Release)")
+    except MlflowException as error:
+        if error.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+    existing = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+    if existing:
+        version = existing[0].version
+    else:
+        client.log_artifacts(run_id, model_dir, "model")
+        source = f"{client.get_run(run_id).info.artifact_uri.rstrip('/')}/model"
+        version = client.create_model_version(name, source, run_id=run_id, tags={k: str(v) for k, v in tags.items()},
+                                              description=tags.get("rr.summary")).version
+    client.set_registered_model_alias(name, CANDIDATE, version)
+    return str(version)
+
+
+@dataclass
+class GateCheck:
+    passed: bool
+    lines: list[str]  # one per gate, with the numbers
+
+
+def check_gates(tags: dict, max_forget_score: float | None, min_utility_ratio: float | None) -> GateCheck:
+    """Pure: do a version's recorded test-split scores pass the gates?"""
+    def score(tag):
+        if tag not in tags:
+            raise RRError(f"this version has no {tag} tag: it was not registered by rr, so its scores are unknown; "
+                          "promote it with --force --reason if you must")
+        return float(tags[tag])
+
+    lines, passed = [], True
+    if max_forget_score is not None:
+        forget = score(FORGET_SCORE)
+        ok = forget <= max_forget_score
+        passed &= ok
+        lines.append(f"forget score {forget:.4f} {'≤' if ok else '>'} max_forget_score {max_forget_score:g}: "
+                     f"{'pass' if ok else 'FAIL'}")
+    if min_utility_ratio is not None:
+        utility, base = score(UTILITY_SCORE), score(BASE_UTILITY_SCORE)
+        ratio = utility / base if base else float("inf") if utility > 0 else 1.0
+        ok = ratio >= min_utility_ratio
+        passed &= ok
+        lines.append(f"utility {utility:.4f} = {ratio:.3f} × base {base:.4f} {'≥' if ok else '<'} min_utility_ratio "
+                     f"{min_utility_ratio:g}: {'pass' if ok else 'FAIL'}")
+    return GateCheck(passed, lines)
+
+
+def _version(client, name: str, version: str):
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_model_version(name, str(version))
+    except MlflowException as error:
+        raise RRError(f"model {name!r} version {version}: not in the registry at {client.tracking_uri} "
+                      f"({error.message.splitlines()[0]}); list versions with `rr models {name}`") from None
+
+
+def promote(client, name: str, version: str, max_forget_score: float | None, min_utility_ratio: float | None,
+            force: bool = False, reason: str | None = None) -> list[str]:
+    """Move `champion` to the version if its scores pass the gates; refuse with the numbers otherwise.
+    A forced promotion records who (the OS user) and why as tags on the version."""
+    if force and not (reason and reason.strip()):
+        raise RRError("--force needs --reason \"...\": a forced promotion records why it bypassed the gates")
+    model_version = _version(client, name, version)
+    check = check_gates(model_version.tags, max_forget_score, min_utility_ratio)
+    if not check.passed and not force:
+        raise RRError(f"{name} version {version} is refused as {CHAMPION}:\n  " + "\n  ".join(check.lines)
+                      + "\n(fix the model, change tracking.gates, or --force --reason \"...\")")
+    now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    stamp = {"rr.promoted_by": getpass.getuser(), "rr.promoted_at": now, "rr.promotion_gates":
+             json.dumps({"max_forget_score": max_forget_score, "min_utility_ratio": min_utility_ratio})}
+    if not check.passed:
+        stamp.update({"rr.promotion_forced": "true", "rr.promotion_reason": reason.strip(),
+                      "rr.promotion_failed_gates": "; ".join(line for line in check.lines if "FAIL" in line)})
+    for key, value in stamp.items():
+        client.set_model_version_tag(name, str(version), key, value)
+    client.set_registered_model_alias(name, CHAMPION, str(version))
+    return check.lines
+
+
+def list_versions(client, name: str) -> list[dict]:
+    """Every version of a registered model with its aliases and recorded scores, newest first."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        aliases = client.get_registered_model(name).aliases or {}
+    except MlflowException:
+        raise RRError(f"no registered model {name!r} at {client.tracking_uri}; a finished job with tracking.enabled "
+                      "registers one (the name is tracking.registered_model_name, default the job's name)") from None
+    by_version: dict[str, list[str]] = {}
+    for alias, version in aliases.items():
+        by_version.setdefault(str(version), []).append(alias)
+    rows = []
+    for mv in client.search_model_versions(f"name = '{name}'"):
+        rows.append({"version": str(mv.version), "aliases": sorted(by_version.get(str(mv.version), [])),
+                     "forget_score": mv.tags.get(FORGET_SCORE), "utility_score": mv.tags.get(UTILITY_SCORE),
+                     "base_utility_score": mv.tags.get(BASE_UTILITY_SCORE), "run_id": mv.run_id,
+                     "forced": mv.tags.get("rr.promotion_forced") == "true", "created": mv.creation_timestamp})
+    return sorted(rows, key=lambda r: -int(r["version"]))
