@@ -116,6 +116,52 @@ class ReleaseConfig(_Strict):
         return self
 
 
+class FineTuneConfig(_Strict):
+    """The fine-tuning release methods (rr/methods/finetune.py): forget_weight·forget loss + retain_weight·retain
+    loss, trained with a LoRA (merged into the weights at the end) or on the full weights.
+
+    forget_weight is α of papers/004 Eq. 7 (ME+GD); npo_beta is NPO's β. Defaults follow papers/004's
+    TOFU setup (β 0.1, AdamW with weight decay 0.01) with a LoRA-sized learning rate.
+    """
+
+    weights: Literal["lora", "full"] = "lora"
+    epochs: int = Field(2, ge=1, description="passes over the forget set")
+    max_steps: int | None = Field(None, ge=1, description="stop after this many optimizer steps if the epochs "
+                                  "have not ended first")
+    learning_rate: float = Field(1e-4, gt=0)
+    batch_size: int = Field(8, ge=1, description="forget examples per step (and as many retain examples)")
+    max_length: int = Field(384, ge=16)
+    weight_decay: float = Field(0.01, ge=0)
+    forget_weight: float = Field(1.0, gt=0)
+    retain_weight: float = Field(1.0, ge=0)
+    npo_beta: float = Field(0.1, gt=0)
+    me_tokens: Literal["all", "response"] = Field("all", description="tokens ME scores: papers/004 scores the "
+                                                  "prompt too (all)")
+    lora_rank: int = Field(8, ge=1)
+    lora_alpha: float = Field(16.0, gt=0)
+    lora_dropout: float = Field(0.0, ge=0, lt=1)
+    lora_target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"], min_length=1)
+
+
+class CompareConfig(_Strict):
+    """`rr compare`: release methods side by side on one task, with the same data and budget."""
+
+    methods: list[str] = Field(default_factory=lambda: ["ga+gd", "npo+gd", "me+gd"], min_length=1)
+    finetune: FineTuneConfig = Field(default_factory=FineTuneConfig)
+
+    @field_validator("methods")
+    @classmethod
+    def _registered(cls, methods):
+        from rr.methods import METHODS  # the registry; imports no torch
+
+        unknown = [name for name in methods if name not in METHODS]
+        if unknown:
+            raise ValueError(f"unknown release method(s) {', '.join(unknown)}: choose from {', '.join(METHODS)}")
+        if len(set(methods)) != len(methods):
+            raise ValueError("a method is listed twice: list each once")
+        return methods
+
+
 class PromotionGates(_Strict):
     """What a registered version must show (test split) before `rr promote` moves the `champion` alias to it."""
 
@@ -188,6 +234,9 @@ class JobConfig(_Strict):
     release: ReleaseConfig = Field(default_factory=ReleaseConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     compute: ComputeConfig = Field(default_factory=ComputeConfig)
+    # None rather than a default block, so a job directory made before this section existed still resumes.
+    compare: CompareConfig | None = Field(None, description="release methods side by side (rr/methods); "
+                                          "absent: CompareConfig's defaults")
 
 
 def _explain(error: ValidationError, source: str) -> str:
