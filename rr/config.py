@@ -234,7 +234,8 @@ class JobConfig(_Strict):
     release: ReleaseConfig = Field(default_factory=ReleaseConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     compute: ComputeConfig = Field(default_factory=ComputeConfig)
-    # None rather than a default block, so a job directory made before this section existed still resumes.
+    # None rather than a default block, so a job directory made before this section existed still resumes
+    # (dump_config leaves it out).
     compare: CompareConfig | None = Field(None, description="release methods side by side (rr/methods); "
                                           "absent: CompareConfig's defaults")
 
@@ -281,4 +282,6 @@ def load_config(path: str | Path | None, output_dir: str | Path | None = None) -
 
 def dump_config(config: JobConfig) -> str:
     """The config as YAML, every default spelled out (written into the job dir)."""
-    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+    # An absent compare section stays absent, so a job directory's saved config reads the same as before it existed.
+    exclude = {"compare"} if config.compare is None else None
+    return yaml.safe_dump(config.model_dump(mode="json", exclude=exclude), sort_keys=False)

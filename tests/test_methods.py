@@ -9,10 +9,10 @@ from pydantic import ValidationError
 from torch.nn import functional as F
 from test_pem import char_tokenizer, one_thread, tiny_model  # noqa: F401 (one_thread: autouse, one thread per test)
 
-from rr.config import CompareConfig, FineTuneConfig, JobConfig, load_config
+from rr.config import CompareConfig, FineTuneConfig, JobConfig, dump_config, load_config
 from rr.errors import RRError
 from rr.methods import FINETUNE_METHODS, METHODS, get_method
-from rr.methods.finetune import train_unlearning
+from rr.methods.finetune import objective, train_unlearning
 from rr.methods.losses import (ga_loss, kl_to_reference, me_loss, mean_entropy, nll_loss, npo_loss,
                                sequence_log_probs)
 from rr.release.pem import IGNORE_INDEX, collate, encode_examples, response_loss
@@ -234,3 +234,26 @@ def test_bad_inputs_fail_clearly_and_leave_the_model(learned_state):
         train_unlearning(model, tokenizer, FORGET, RETAIN, "ga", finetune(lora_target_modules=["nope_proj"]))
     assert all(torch.equal(t, learned_state[name]) for name, t in model.state_dict().items())
     train_unlearning(model, tokenizer, FORGET, [], "ga", finetune(max_steps=1))  # no retain term: none needed
+
+
+def test_me_scores_the_prompt_too_as_papers_004_does(learned_state):
+    """papers/004 computes ME over x ∘ y (prompt and response); me_tokens: response keeps to the answer."""
+    tokenizer, model = char_tokenizer(), learned_model(learned_state)
+    batch = collate(encode_examples(tokenizer, FORGET, 64), tokenizer.pad_token_id)
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        every_token = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, IGNORE_INDEX)
+        losses = {tokens: objective(get_method("me+gd"), finetune(me_tokens=tokens), model, None, batch,
+                                    batch)["forget"].item() for tokens in ("all", "response")}
+    assert losses["all"] == pytest.approx(me_loss(logits, every_token).item(), rel=1e-5)
+    assert losses["response"] == pytest.approx(me_loss(logits, batch["labels"]).item(), rel=1e-5)
+    assert losses["all"] != pytest.approx(losses["response"], rel=1e-2)
+
+
+def test_jobs_without_a_compare_section_dump_as_before(tmp_path):
+    """A job directory saved before the section existed resumes: its config.yaml is byte-for-byte unchanged."""
+    assert "compare" not in dump_config(JobConfig())
+    config = JobConfig(compare=CompareConfig(methods=["me+gd"]))
+    path = tmp_path / "job.yaml"
+    path.write_text(dump_config(config))
+    assert load_config(path) == config
