@@ -22,7 +22,7 @@ from rr.config import FineTuneConfig  # a `compare.finetune` block
 from rr.errors import RRError
 from rr.methods import Method, get_method
 from rr.methods.losses import ga_loss, kl_to_reference, me_loss, nll_loss, npo_loss, sequence_log_probs
-from rr.release.pem import IGNORE_INDEX, _pad_token_id, collate, encode_examples
+from rr.release.pem import IGNORE_INDEX, _pad_token_id, collate, encode_examples, restore_after_lora
 from rr.tasks.base import Example
 
 Batch = dict[str, torch.Tensor]
@@ -75,15 +75,8 @@ def train_unlearning(model: nn.Module, tokenizer, forget_examples: Sequence[Exam
                                device)
             trained = True
     finally:
-        if peft_model is not None:
-            # merged into the original Linears on success; on a failure the model is left as it was
-            peft_model.merge_and_unload() if trained else peft_model.unload()
-            for attribute in ("peft_config", "_hf_peft_config_loaded"):
-                if attribute in model.__dict__:
-                    delattr(model, attribute)
-        for param, flag in requires_grad.items():
-            param.requires_grad_(flag)
-        model.train(was_training)
+        # merged into the original Linears on success; on a failure the model is left as it was
+        restore_after_lora(model, model, peft_model, requires_grad, was_training, merge=trained)
     return UnlearningResult(method=method, steps=len(step_losses), wall_time_s=time.perf_counter() - started,
                             forget_examples=len(forget), retain_examples=len(retain), step_losses=step_losses)
 

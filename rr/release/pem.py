@@ -145,19 +145,28 @@ def train_pem(model: nn.Module, tokenizer, examples: Sequence[Example], config: 
             epoch_losses = _fit(peft_model, encoded, config, seed, _pad_token_id(tokenizer), device)
             pem = _extract_pem(peft_model, name, kind, config)
     finally:
-        if peft_model is not None:
-            peft_model.unload()  # puts the original Linears (and their hooks) back
-            for attribute in ("peft_config", "_hf_peft_config_loaded"):
-                if attribute in train_model.__dict__:
-                    delattr(train_model, attribute)
-        for param, flag in requires_grad.items():
-            param.requires_grad_(flag)
-        model.train(was_training)
+        # unload puts the original Linears (and their hooks) back
+        restore_after_lora(model, train_model, peft_model, requires_grad, was_training, merge=False)
     pem.save(out_dir)
     log = {"name": name, "kind": kind, "seed": seed, "examples": len(examples), "trained_on": len(encoded),
            "epoch_losses": epoch_losses, "config": config.model_dump()}
     atomic_write(Path(out_dir) / "training.json", lambda tmp: Path(tmp).write_text(json.dumps(log, indent=1)))
     return pem
+
+
+def restore_after_lora(model: nn.Module, wrapped: nn.Module, peft_model, requires_grad: dict, was_training: bool,
+                       merge: bool) -> None:
+    """Put a model back as it was before a LoRA was wrapped around `wrapped` (the model or its inner LM):
+    the LoRA merged into the weights (`merge`) or taken out, PEFT's marks dropped, requires_grad flags and
+    train/eval mode restored."""
+    if peft_model is not None:
+        peft_model.merge_and_unload() if merge else peft_model.unload()
+        for attribute in ("peft_config", "_hf_peft_config_loaded"):
+            if attribute in wrapped.__dict__:
+                delattr(wrapped, attribute)
+    for param, flag in requires_grad.items():
+        param.requires_grad_(flag)
+    model.train(was_training)
 
 
 def _fit(peft_model, encoded, config: LoraTrainingConfig, seed: int, pad_token_id: int,
