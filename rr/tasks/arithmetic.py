@@ -152,7 +152,7 @@ def _weekly(rng: random.Random) -> tuple[str, int, str]:
 
 
 def _change(rng: random.Random) -> tuple[str, int, str]:
-    name, (thing, things) = rng.choice(_NAMES), rng.choice(_THINGS)
+    name, (_, things) = rng.choice(_NAMES), rng.choice(_THINGS)
     price, count = rng.randint(1, 9), rng.randint(2, 6)
     cost = price * count
     paid = rng.choice([n for n in (20, 50, 100) if n > cost])
