@@ -40,11 +40,12 @@ class Job:
 
             saved, now = yaml.safe_load(path.read_text()) or {}, yaml.safe_load(current)
             changed = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
-            if changed == ["tracking"]:  # where results are recorded changes no result: resume
+            if set(changed) <= {"tracking", "compare"}:  # where results go, or which methods `rr compare` runs
+                # next to this job, changes none of its results: resume
                 path.write_text(current)
                 return
             # Release depends on everything; Reveal only on what is not release/tracking/compute/name.
-            stages = "reveal/, release/" if set(changed) - {"release", "tracking", "compute", "name"} else "release/"
+            stages = "reveal/, release/" if set(changed) - {"release", "tracking", "compare", "compute", "name"} else "release/"
             raise RRError(f"{path}: this job directory was made with a different config (changed: "
                           f"{', '.join(changed)}). Resume with the same config, pass another --output for a new "
                           f"job, or delete {stages} and config.yaml in {self.dir} to redo those stages")
