@@ -259,6 +259,11 @@ def models(name: str = typer.Argument(..., help="registered model name"),
     Console().print(table)
 
 
+from rr.deploy.cli import register as _register_deploy  # noqa: E402 - submit, status, logs (rr/deploy)
+
+_register_deploy(app)
+
+
 def main() -> None:  # pragma: no cover - console script entry
     app()
 
