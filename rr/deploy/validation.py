@@ -47,3 +47,38 @@ def crd_errors(obj: dict, crd_dir: str | Path) -> list[str]:
     validator = jsonschema.Draft7Validator(schema)
     return [f"{'.'.join(map(str, error.absolute_path)) or '(root)'}: {error.message}"
             for error in validator.iter_errors(obj)]
+
+
+SECRET_PATTERNS = (
+    r"hf_[A-Za-z0-9]{20,}",                      # a Hugging Face token
+    r"[a-z0-9+.-]+://[^/\s:@]+:[^/\s@]+@",       # credentials inside a URI (postgresql://user:pass@host)
+    r"(?i)password\s*[:=]",
+    r"(?i)aws_secret_access_key\s*[:=]\s*\S",
+    r"AKIA[0-9A-Z]{16}",                         # an AWS access key id
+)
+
+
+def secret_leaks(text: str) -> list[str]:
+    """Secret-looking values in rendered manifests (they must hold Secret references only)."""
+    import re
+
+    return [match.group(0) for pattern in SECRET_PATTERNS for match in re.finditer(pattern, text)]
+
+
+def pod_specs(obj):
+    """Every pod spec inside an object (Deployments, RayJobs, RayClusters), for security checks."""
+    if isinstance(obj, dict):
+        if isinstance(obj.get("containers"), list):
+            yield obj
+        for value in obj.values():
+            yield from pod_specs(value)
+    elif isinstance(obj, list):
+        for item in obj:
+            yield from pod_specs(item)
+
+
+def find_one(objects: list[dict], kind: str, name: str | None = None) -> dict:
+    found = [o for o in objects if o["kind"] == kind and (name is None or o["metadata"]["name"] == name)]
+    if len(found) != 1:
+        raise LookupError(f"expected one {kind} {name or ''}, found {len(found)}")
+    return found[0]
