@@ -1,4 +1,5 @@
-"""The `rr` command: reveal, release, run (both + evaluation), eval, export; promote and models for the registry."""
+"""The `rr` command: reveal, release, run (both + evaluation), compare, ablate, eval, export; promote and models
+for the registry."""
 
 from __future__ import annotations
 
@@ -134,6 +135,23 @@ def ablate(config: Optional[Path] = ConfigOption, output: Optional[Path] = Outpu
                   f"{result['external']['reached_target']}): forget {external['forget_score']:.3f}, "
                   f"utility {external['utility_score']:.3f}")
     print(json.dumps({k: result[k] for k in ("target_forget_score", "internal_keeps_more_utility")}))
+
+
+@app.command()
+def compare(config: Optional[Path] = ConfigOption, output: Optional[Path] = OutputOption):
+    """Release methods side by side (compare.methods) on the same forget set: a table and a trade-off plot."""
+    from rr.compare import run_compare
+
+    start = time.time()
+    try:
+        job = _job(config, output)
+        with _tracked(job, start):
+            run_compare(job, _progress(start))
+    except RRError as exc:
+        _fail(exc)
+    compare_dir = job.dir / "compare"
+    console.print((compare_dir / "table.md").read_text())
+    console.print(f"table {compare_dir / 'table.csv'}, plot {compare_dir / 'tradeoff.png'}; total {time.time() - start:.0f}s")
 
 
 @app.command("eval")

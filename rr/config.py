@@ -146,7 +146,11 @@ class FineTuneConfig(_Strict):
 class CompareConfig(_Strict):
     """`rr compare`: release methods side by side on one task, with the same data and budget."""
 
-    methods: list[str] = Field(default_factory=lambda: ["ga+gd", "npo+gd", "me+gd"], min_length=1)
+    methods: list[str] = Field(default_factory=lambda: ["reveal-release", "pem-negation", "ga+gd", "npo+gd", "me+gd"],
+                               min_length=1, description="names in rr/methods (the registry); run in this order")
+    forget_data: Literal["self-generated", "external"] = Field(
+        "self-generated", description="what every method forgets: the job's revealed forget set, or "
+        "release.external_forget_data (else the task's shipped external set)")
     finetune: FineTuneConfig = Field(default_factory=FineTuneConfig)
 
     @field_validator("methods")
@@ -201,12 +205,69 @@ class TrackingConfig(_Strict):
 
 
 class ComputeConfig(_Strict):
-    """Where the job runs; the algorithm is the same everywhere."""
+    """Where the job runs; the algorithm is the same everywhere (ARCHITECTURE.md invariant 1).
+
+    executor `local` runs everything in this process. executor `ray` runs generation on long-lived
+    generator replicas (Ray actors), the merge weight search as a Ray Tune experiment and PEM training
+    as Ray Train workers (rr/execution/ray.py). Counts between a minimum and a maximum are sized from the
+    work (contexts × samples per replica, forget examples per trainer) and requested from the cluster's
+    autoscaler.
+    """
 
     executor: Literal["local", "ray"] = "local"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: int | None = Field(None, ge=1)
-    generator_replicas: int = Field(1, ge=1)
+    ray_address: str | None = Field(None, description="the cluster to join: 'auto', ray://HOST:10001, or null "
+                                    "(inside `ray job submit`: that cluster; otherwise a local Ray started for the job)")
+    generator_replicas: int = Field(1, ge=1, description="generator replicas (the minimum when "
+                                    "max_generator_replicas is set)")
+    max_generator_replicas: int | None = Field(None, ge=1, description="autoscaling bound; null: exactly "
+                                               "generator_replicas")
+    requests_per_replica: int = Field(64, ge=1, description="generation requests (contexts × samples) one "
+                                      "replica is sized for")
+    replica_num_cpus: float = Field(1.0, gt=0)
+    replica_num_gpus: float = Field(0.0, ge=0, description="GPUs per replica; vLLM replicas need > 0")
+    threads_per_replica: int | None = Field(None, ge=1, description="torch threads in each replica; default "
+                                            "replica_num_cpus")
+    trainer_workers: int = Field(1, ge=1, description="Ray Train workers for a PEM (the minimum when "
+                                 "max_trainer_workers is set)")
+    max_trainer_workers: int | None = Field(None, ge=1)
+    examples_per_trainer: int = Field(256, ge=1, description="training examples one trainer worker is sized for")
+    trainer_num_cpus: float = Field(1.0, gt=0)
+    trainer_use_gpu: bool = False
+    gpu_sharing: Literal["separate", "release_during_training"] = Field(
+        "separate", description="separate: trainers run on their own workers (a GPU worker group apart from the "
+        "replicas'); release_during_training: the replicas are released while a PEM trains and re-created after")
+    parallel_candidates: int | None = Field(None, ge=1, description="Ray Tune trials of the weight search that "
+                                            "run at once; null: every candidate")
+    candidate_num_cpus: float = Field(0.0, ge=0, description="CPUs a weight-search trial reserves; 0: none (a "
+                                      "trial mostly waits on the replicas; it runs the task's scoring, e.g. the sandbox)")
+    max_replica_restarts: int = Field(3, ge=0, description="a dead replica is restarted this often; its "
+                                      "unfinished requests are retried")
+    request_resources: bool = Field(True, description="ask the cluster autoscaler for the sized replicas and "
+                                    "trainers (ray.autoscaler.sdk.request_resources)")
+
+    @model_validator(mode="after")
+    def _bounds(self):
+        for low, high in (("generator_replicas", "max_generator_replicas"), ("trainer_workers", "max_trainer_workers")):
+            if getattr(self, high) is not None and getattr(self, high) < getattr(self, low):
+                raise ValueError(f"{high} ({getattr(self, high)}) is below {low} ({getattr(self, low)}): raise it, "
+                                 f"or remove it for a fixed count")
+        if self.executor == "local":
+            extra = [name for name in ("max_generator_replicas", "max_trainer_workers") if getattr(self, name)]
+            extra += [name for name in ("generator_replicas", "trainer_workers") if getattr(self, name) != 1]
+            if extra:
+                raise ValueError(f"{', '.join(extra)}: replicas and trainer workers need executor: ray (the local "
+                                 "executor runs one model in this process); set executor: ray or remove them")
+        if self.trainer_use_gpu and self.device == "cpu":
+            raise ValueError("trainer_use_gpu: true with device: cpu; set device: auto or cuda, or trainer_use_gpu: false")
+        return self
+
+    def replica_bounds(self) -> tuple[int, int]:
+        return self.generator_replicas, self.max_generator_replicas or self.generator_replicas
+
+    def trainer_bounds(self) -> tuple[int, int]:
+        return self.trainer_workers, self.max_trainer_workers or self.trainer_workers
 
 
 TaskConfig = Annotated[Union[CodeTaskConfig, ToxicityTaskConfig, NerTaskConfig], Field(discriminator="name")]
@@ -217,10 +278,17 @@ class JobConfig(_Strict):
 
     @model_validator(mode="after")
     def _only_what_exists(self):
-        # Refuse, rather than silently ignore, settings whose machinery is not in this version yet.
-        if self.compute.executor != "local" or self.compute.generator_replicas != 1:
-            raise ValueError("compute.executor: only 'local' with generator_replicas 1 exists in this rr version; "
-                             "the Ray executor is not built yet")
+        # Settings that only make sense together: refuse them with the fix rather than fail on the cluster.
+        compute = self.compute
+        if compute.executor == "ray" and self.generation.backend == "vllm" and compute.replica_num_gpus <= 0:
+            raise ValueError("compute.replica_num_gpus: vLLM replicas need a GPU each (e.g. 1); set it, or use "
+                             "generation.backend: hf")
+        if compute.executor == "local" and compute.replica_num_gpus > 0:
+            raise ValueError("compute.replica_num_gpus: only the ray executor places replicas; remove it or set "
+                             "compute.executor: ray")
+        if compute.trainer_bounds()[1] > 1 and self.release.lora.gradient_accumulation_steps != 1:
+            raise ValueError("compute.trainer_workers > 1 splits each batch across workers; set "
+                             "release.lora.gradient_accumulation_steps: 1 (raise release.lora.batch_size instead)")
         return self
 
     name: str = "rr-job"

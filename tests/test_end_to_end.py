@@ -130,6 +130,42 @@ def test_export_adapter_loads_in_peft(finished_job, tmp_path):
                                          .read_text())["r"] for e in ledger["entries"])
 
 
+def test_compare_runs_methods_on_the_same_forget_set(finished_job, tmp_path):
+    """`rr compare` on the finished job: reveal-release is the job's own release (not run again), the others
+    start from the base model; a table row and a plot point per method; a rerun reuses every result."""
+    config = tmp_path / "compare.yaml"
+    config.write_text(CI_CONFIG.read_text() + "\ncompare:\n  methods: [reveal-release, pem-negation, ga+gd, me+gd]\n"
+                      "  finetune: {max_steps: 2, batch_size: 4, max_length: 192}\n")
+    job_dir = finished_job["dir"]
+    result = rr("compare", "--config", str(config), "--output", str(job_dir))
+    assert result.returncode == 0, result.stderr[-4000:]
+    compare_dir = job_dir / "compare"
+    summary = _json(compare_dir / "summary.json")
+    assert summary["methods"] == ["reveal-release", "pem-negation", "ga+gd", "me+gd"]
+    manifest = _json(job_dir / "reveal" / "manifest.json")
+    assert summary["data"]["forget_examples"] == manifest["size"] and summary["data"]["source"] == "self-generated"
+    rows = {r["method"]: r for r in summary["rows"]}
+    release = _json(job_dir / "release" / "summary.json")
+    assert rows["base"]["test"] == release["base"] and rows["reveal-release"]["test"] == release["final"]
+    negation = rows["pem-negation"]["details"]
+    assert negation["merge_weight"] < 0 and abs(negation["merge_weight"]) in [c["weight"] for c in negation["candidates"]]
+    for name in ("ga+gd", "me+gd"):
+        assert rows[name]["details"]["steps"] == 2
+        assert len(_json(compare_dir / name / "losses.json")) == 2
+        assert rows[name]["wall_time_s"] > 0
+    table = (compare_dir / "table.md").read_text()
+    for name in rows:
+        assert f"| {name} |" in table
+    assert "Wilson" in table and "pass@1" in table
+    assert len((compare_dir / "table.csv").read_text().splitlines()) == 1 + len(rows)
+    assert (compare_dir / "tradeoff.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    results = {name: (compare_dir / name / "result.json").stat().st_mtime for name in summary["methods"]}
+    again = rr("compare", "--config", str(config), "--output", str(job_dir))
+    assert again.returncode == 0, again.stderr[-4000:]
+    assert "finished before" in again.stderr
+    assert {name: (compare_dir / name / "result.json").stat().st_mtime for name in results} == results
+
+
 def test_job_recorded_and_registered_in_mlflow(finished_job):
     """Three processes (two killed) make one MLflow run in the job dir's sqlite store, and a registered model
     version that loads and generates."""

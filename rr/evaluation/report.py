@@ -1,4 +1,5 @@
-"""The release report: the per-step table (CSV and Markdown, the form of papers/002 Tables 7–9) and a plot."""
+"""Reports: the release's per-step table and plot (papers/002 Tables 7–9), and `rr compare`'s method table and
+forget-vs-utility trade-off plot (papers/002 Tables 2–4)."""
 
 from __future__ import annotations
 
@@ -63,6 +64,95 @@ def plot_steps(steps: Sequence[dict], path: Path, title: str) -> Path:
         axis.grid(alpha=0.3)
         if axis.lines:
             axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+def _with_interval(evaluation: dict, metric: str) -> str:
+    value = evaluation["metrics"].get(metric)
+    if value is None:
+        return ""
+    interval = evaluation.get("intervals", {}).get(metric)
+    return f"{value:.4f}" + (f" [{interval[0]:.3f}, {interval[1]:.3f}]" if interval else "")
+
+
+def _method_note(row: dict) -> str:
+    details = row.get("details", {})
+    if "ledger" in details:
+        return "ledger " + ", ".join(f"{e['merge_weight']:+g}·{e['kind'][0].upper()}" for e in details["ledger"])
+    if "merge_weight" in details:
+        return f"weight {details['merge_weight']:+g} ({details['rule']})"
+    if "steps" in details:
+        return f"{details['steps']} steps, {details['weights']}, lr {details['learning_rate']:g}"
+    return ""
+
+
+def compare_rows(rows: Sequence[dict]) -> tuple[list[str], list[list]]:
+    """Header and rows: method, s, u, every test metric with its Wilson interval, wall time, what was applied."""
+    metric_names = sorted({m for r in rows for m in r["test"]["metrics"]})
+    header = ["method", "forget_score", "utility_score", *metric_names, "wall_time_s", "applied"]
+    table = []
+    for r in rows:
+        test = r["test"]
+        table.append([r["method"], f"{test['forget_score']:.4f}", f"{test['utility_score']:.4f}",
+                      *[_with_interval(test, m) for m in metric_names],
+                      "" if r["method"] == "base" else f"{r['wall_time_s']:.0f}", _method_note(r)])
+    return header, table
+
+
+def write_compare_table(rows: Sequence[dict], directory: Path, title: str, data: dict) -> tuple[Path, Path]:
+    """compare/table.csv and compare/table.md (the Markdown says what data every method got)."""
+    header, table = compare_rows(rows)
+    directory.mkdir(parents=True, exist_ok=True)
+    csv_path, md_path = directory / "table.csv", directory / "table.md"
+    with csv_path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(header)
+        writer.writerows(table)
+    lines = [f"# Release methods compared: {title}", "",
+             f"Test split; rates with Wilson 95% intervals. Every method got the same {data['source']} forget set "
+             f"({data['forget_examples']} examples, sha256 {data['forget_sha256'][:16]}…) and the same "
+             f"{data['retain_examples']} retain examples; weights and stopping were chosen on the validation split. "
+             "Wall time covers training and weight search, not the final test scoring.", "",
+             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in table]
+    md_path.write_text("\n".join(lines) + "\n")
+    return csv_path, md_path
+
+
+def _score_error(evaluation: dict, score: str) -> tuple[float, float] | None:
+    """The Wilson interval of the rate metric a decision score is (e.g. pass@1 for the code task's forget score)."""
+    for metric, value in evaluation["metrics"].items():
+        if value == evaluation[score] and metric in evaluation.get("intervals", {}):
+            low, high = evaluation["intervals"][metric]
+            return max(value - low, 0.0), max(high - value, 0.0)
+    return None
+
+
+def plot_tradeoff(rows: Sequence[dict], path: Path, title: str) -> Path:
+    """Forget score (lower: more forgotten) against utility (higher: more kept), one labelled point per method,
+    with Wilson 95% error bars where the score is a rate. The best corner is bottom right."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(6.5, 5))
+    for r in rows:
+        test = r["test"]
+        x, y = test["utility_score"], test["forget_score"]
+        x_err, y_err = _score_error(test, "utility_score"), _score_error(test, "forget_score")
+        axis.errorbar([x], [y], xerr=None if x_err is None else [[x_err[0]], [x_err[1]]],
+                      yerr=None if y_err is None else [[y_err[0]], [y_err[1]]], fmt="s" if r["method"] == "base" else "o",
+                      capsize=3, label=r["method"])
+        axis.annotate(r["method"], (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
+    axis.set_xlabel("utility score (test; higher keeps more)")
+    axis.set_ylabel("forget score (test; lower forgets more)")
+    axis.set_title(f"{title}\nforget vs utility", fontsize=10)
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=7, loc="best")
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)

@@ -1,8 +1,16 @@
 """Release methods behind one registry: each name says which module runs it and with which objective.
 
-A method is one file (its family's module), one entry here and one config block. This module imports no
-torch, so the config can check method names without loading a model. Built so far: the fine-tuning
-objectives of rr/methods/finetune.py (GA, NPO and ME forget losses, alone or with a GD or KL retain term).
+A method is one file (its family's module under rr/methods), one entry here and one config block. Every
+family module has `run_method(job, method, out_dir, progress) -> MethodRun`: it unlearns the job's forget
+set (self-generated, or external) from the job's base model, with the task's retain data, and scores the
+result on the test split (rr/compare.py calls it). This module imports no torch, so the config can check
+method names without loading a model.
+
+| method | family module | config block |
+|---|---|---|
+| reveal-release | reveal_release.py (the job's own release stage, Eq. 1) | release |
+| pem-negation | pem_negation.py (one forget PEM, one weight chosen on validation) | release |
+| ga, ga+gd, ga+kl, npo, npo+gd, npo+kl, me+gd | finetune.py | compare.finetune |
 """
 
 from __future__ import annotations
@@ -17,7 +25,7 @@ class Method:
     """One release method: `family` is the module under rr/methods that runs it."""
 
     name: str
-    family: str
+    family: str               # module under rr/methods that runs it
     summary: str
     forget_loss: str | None = None  # fine-tuning family: "ga" | "npo" | "me"
     retain_loss: str | None = None  # fine-tuning family: None | "gd" | "kl"
@@ -49,6 +57,13 @@ def get_method(name: str) -> Method:
         raise RRError(f"unknown release method {name!r}: choose one of {', '.join(METHODS)}") from None
 
 
+register(Method(name="reveal-release", family="reveal_release",
+                summary="Φ0 − μ0·ΔF0 + Σ(λi·ΔRi − μi·ΔFi): forget and retain PEMs composed step by step, each weight "
+                        "chosen on validation by the paper's rules (the job's release stage)"))
+register(Method(name="pem-negation", family="pem_negation",
+                summary="one forget PEM trained on the forget set and negated once, its weight chosen on validation "
+                        "by the μ rule (PEM-external in papers/002)"))
+
 _FORGET = {"ga": "gradient ascent on the forget tokens",
            "npo": "negative preference optimization against the starting model (β = npo_beta)",
            "me": "maximize the entropy of every next-token prediction on the forget data (papers/004)"}
@@ -61,3 +76,23 @@ for _forget, _retain in (("ga", None), ("ga", "gd"), ("ga", "kl"), ("npo", None)
                     forget_loss=_forget, retain_loss=_retain))
 
 FINETUNE_METHODS = tuple(name for name, method in METHODS.items() if method.family == "finetune")
+
+
+@dataclass
+class ReleaseData:
+    """What every method of one comparison consumes: the same forget set and the same retain data."""
+
+    forget: list           # rr.tasks.base.Example
+    retain: list
+    source: str            # "self-generated" (reveal/forget_set.jsonl) or "external"
+
+
+@dataclass
+class MethodRun:
+    """What one method did in `rr compare`: its model's test-split evaluation (an evaluation_dict), how long
+    it took (training and weight search, not the final test scoring) and method-specific details."""
+
+    method: str
+    test: dict
+    wall_time_s: float
+    details: dict

@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 import torch
@@ -20,7 +21,7 @@ from torch import nn
 
 from rr.config import FineTuneConfig  # a `compare.finetune` block
 from rr.errors import RRError
-from rr.methods import Method, get_method
+from rr.methods import Method, MethodRun, ReleaseData, get_method
 from rr.methods.losses import ga_loss, kl_to_reference, me_loss, nll_loss, npo_loss, sequence_log_probs
 from rr.release.pem import IGNORE_INDEX, _pad_token_id, collate, encode_examples, restore_after_lora
 from rr.tasks.base import Example
@@ -169,3 +170,28 @@ def objective(spec: Method, config: FineTuneConfig, policy: nn.Module,
         losses["retain"] = retain_loss
         losses["total"] = losses["total"] + config.retain_weight * retain_loss
     return losses
+
+
+def run_method(job, method: Method, data: ReleaseData, out_dir: Path, progress: Callable[[str], None]) -> MethodRun:
+    """`rr compare`: train a copy of the job's base model with `method` (compare.finetune), score it on the test
+    split and drop it. The per-step losses go to out_dir/losses.json."""
+    import json
+
+    from rr.generation.hf import HFGenerator
+    from rr.release.loop import evaluation_dict
+
+    config = job.config.compare.finetune if job.config.compare is not None else FineTuneConfig()
+    model = copy.deepcopy(job.model)
+    progress(f"{method.name}: fine-tuning ({config.weights}) on {len(data.forget)} {data.source} forget examples"
+             + (f" and {len(data.retain)} retain examples" if method.needs_retain_data else ""))
+    result = train_unlearning(model, job.tokenizer, data.forget, data.retain, method.name, config, job.config.seed)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "losses.json").write_text(json.dumps(result.step_losses))
+    progress(f"{method.name}: {result.steps} steps in {result.wall_time_s:.0f}s; scoring the test split")
+    test = evaluation_dict(job.task.evaluate(HFGenerator(model, job.tokenizer,
+                                                         batch_size=job.config.generation.batch_size), "test"))
+    del model
+    last = result.step_losses[-1] if result.step_losses else {}
+    return MethodRun(method.name, test, result.wall_time_s,
+                     {"steps": result.steps, "weights": config.weights, "learning_rate": config.learning_rate,
+                      "epochs": config.epochs, "final_losses": last})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import asdict
 from typing import Callable
 
@@ -32,22 +33,28 @@ def single_negation_baseline(job, loop: ReleaseLoop, target_forget_score: float,
     if cached is not None:
         return cached
     first = loop.state.steps[1]
+    # matched_negation composes on the job's plain model itself; the executor re-composes when next asked.
     loop.composed.detach()
-    try:
-        # Step 1 scored this very model (base − w·F0) for some weights already: reuse those scores.
-        known = {c["weight"]: (c["forget_score"], c["utility_score"]) for c in first.candidates}
-        result = matched_negation(job, Pem.load(loop.dir / "pems" / first.pem), target_forget_score, progress, known)
-    finally:
-        loop.composed = loop.reattach()
+    # Step 1 scored this very model (base − w·F0) for some weights already: reuse those scores.
+    known = {c["weight"]: (c["forget_score"], c["utility_score"]) for c in first.candidates}
+    result = matched_negation(job, Pem.load(loop.dir / "pems" / first.pem), target_forget_score, progress, known)
     result["target_forget_score"] = target_forget_score
     job.write_json("release/baseline.json", result)
     return result
 
 
 def run_release(job, progress: Callable[[str], None] = print) -> dict:
-    """Stage 2. Resumes at the last finished step; returns the summary."""
+    """Stage 2. Resumes at the last finished step; returns the summary. Leaves job.model as the base model."""
+    started = time.perf_counter()
+    already_finished = (job.dir / "release" / "summary.json").exists()
     loop = ReleaseLoop(job, load_forget_examples(job), progress, on_step=job.tracker.release_step)
-    state = loop.run()
+    try:
+        return _finish_release(job, loop, loop.run(), progress, started, already_finished)
+    finally:
+        loop.composed.detach()  # the ledger is on disk; later work in this process starts from the base
+
+
+def _finish_release(job, loop: ReleaseLoop, state, progress, started: float, already_finished: bool) -> dict:
     steps = [asdict(s) for s in state.steps]
     release_dir = job.dir / "release"
     write_step_table(steps, release_dir)
@@ -58,6 +65,11 @@ def run_release(job, progress: Callable[[str], None] = print) -> dict:
         baseline = single_negation_baseline(job, loop, steps[-1]["validation"]["forget_score"], progress)
     summary = summarize(steps, baseline, state.stopped_reason)
     summary["subspace_similarity"] = retain_forget_similarity(loop.dir, steps)
+    if not already_finished:
+        # Wall time of the release runs that did the work (`rr compare` reports it); a run killed before it
+        # finished is not counted.
+        elapsed = (job.read_json("release/timing.json") or {}).get("wall_time_s", 0.0) + time.perf_counter() - started
+        job.write_json("release/timing.json", {"wall_time_s": elapsed})
     job.write_json("release/summary.json", summary)
     (release_dir / "summary.md").write_text(summary_markdown(summary, job))
     job.tracker.release_finished(summary, steps)

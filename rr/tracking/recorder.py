@@ -196,6 +196,36 @@ class Recorder:
             self.outbox.mark_queued("release")
         self.outbox.flush()
 
+    @_never_fails
+    def compare_finished(self, summary: dict) -> None:
+        """`rr compare`: a nested run per comparison, and in it one run per method with its test scores and
+        wall time; the table and plot as artifacts. A rerun that changed nothing records nothing new."""
+        import hashlib
+        import json
+
+        digest = hashlib.sha256(json.dumps(summary, sort_keys=True, default=str).encode()).hexdigest()[:12]
+        marker = f"compare-{digest}"
+        if not self.outbox.queued(marker):
+            self._job_run()
+            self._start(marker, "compare", parent="job", tags={"rr.forget_set_sha256": summary["data"]["forget_sha256"]})
+            self._log(marker, params={"methods": ",".join(summary["methods"]),
+                                      **{f"data/{k}": v for k, v in summary["data"].items()}})
+            for row in summary["rows"]:
+                key = f"{marker}/{row['method']}"
+                test = row["test"]
+                self._start(key, row["method"], parent=marker)
+                self._log(key, {"test/forget_score": test["forget_score"], "test/utility_score": test["utility_score"],
+                                "wall_time_s": row["wall_time_s"],
+                                **{f"test/{m}": v for m, v in test.get("metrics", {}).items()}},
+                          params={"method": row["method"]})
+                self._end(key)
+            compare_dir = self.job.dir / "compare"
+            for name in ("table.md", "table.csv", "tradeoff.png", "summary.json"):
+                self._artifact(marker, compare_dir / name, "compare")
+            self._end(marker)
+            self.outbox.mark_queued(marker)
+        self.outbox.flush()
+
     def _register(self, summary: dict) -> None:
         from rr.release.ledger import Ledger, export_adapter
         from rr.tracking.pyfunc import save_pyfunc

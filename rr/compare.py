@@ -1,0 +1,94 @@
+"""`rr compare`: release methods side by side on one task, the same forget set, retain data and test split.
+
+Each method (rr/methods) starts from the job's base model and writes compare/<method>/result.json when it
+finishes, so a rerun resumes with the next method. The table and trade-off plot (the form of papers/002
+Tables 2–4) are rebuilt from those results every time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+from dataclasses import asdict
+from typing import Callable
+
+from rr.config import CompareConfig
+from rr.methods import MethodRun, ReleaseData, get_method
+
+
+def base_scores(job, split: str) -> dict:
+    """The base model's scores on `split`: the release stage's step 0 when it ran, else scored once here."""
+    from rr.release.loop import evaluation_dict
+
+    state = job.read_json("release/state.json")
+    if state and state["steps"]:
+        return state["steps"][0][split]
+    cached = job.read_json(f"compare/base_{split}.json")
+    if cached is None:
+        cached = evaluation_dict(job.task.evaluate(job.generator, split))
+        job.write_json(f"compare/base_{split}.json", cached)
+    return cached
+
+
+def comparison_data(job, config: CompareConfig, progress: Callable[[str], None]) -> ReleaseData:
+    """The forget set every method gets (running Reveal first when it is self-generated and missing)."""
+    from rr.release.ablation import external_examples
+    from rr.release.stage import load_forget_examples
+    from rr.reveal.stage import run_reveal
+
+    if config.forget_data == "external":
+        forget = external_examples(job)
+    else:
+        job.tracker.reveal_finished(run_reveal(job, progress))
+        forget = load_forget_examples(job)
+    return ReleaseData(forget=forget, retain=job.task.retain_examples(), source=config.forget_data)
+
+
+def data_fingerprint(data: ReleaseData) -> dict:
+    digest = hashlib.sha256()
+    for example in data.forget:
+        digest.update(json.dumps([example.prompt, example.response]).encode())
+    return {"source": data.source, "forget_examples": len(data.forget), "forget_sha256": digest.hexdigest(),
+            "retain_examples": len(data.retain)}
+
+
+def method_settings(job, config: CompareConfig, family: str) -> dict:
+    """The config block a method's result depends on: a result made with other settings is redone."""
+    block = config.finetune if family == "finetune" else job.config.release
+    return block.model_dump(mode="json")
+
+
+def run_compare(job, progress: Callable[[str], None] = print) -> dict:
+    """Runs (or resumes) every configured method; returns the summary written to compare/summary.json."""
+    from rr.evaluation.report import plot_tradeoff, write_compare_table
+
+    config = job.config.compare or CompareConfig()
+    data = comparison_data(job, config, progress)
+    fingerprint = data_fingerprint(data)
+    rows = [{"method": "base", "test": base_scores(job, "test"), "wall_time_s": 0.0, "details": {}}]
+    for name in config.methods:
+        method = get_method(name)
+        out_dir = job.dir / "compare" / name
+        settings = method_settings(job, config, method.family)
+        done = job.read_json(f"compare/{name}/result.json")
+        if done is None or done.get("data") != fingerprint or done.get("settings") != settings:
+            progress(f"compare: {name} — {method.summary}")
+            module = importlib.import_module(f"rr.methods.{method.family}")
+            run: MethodRun = module.run_method(job, method, data, out_dir, progress)
+            done = {**asdict(run), "data": fingerprint, "settings": settings}
+            job.write_json(f"compare/{name}/result.json", done)
+        else:
+            progress(f"compare: {name} finished before (reusing {out_dir / 'result.json'})")
+        rows.append(done)
+        progress(f"compare: {name}: test forget {done['test']['forget_score']:.3f}, utility "
+                 f"{done['test']['utility_score']:.3f} ({done['wall_time_s']:.0f}s)")
+    compare_dir = job.dir / "compare"
+    title = f"{job.config.task.name}: {job.config.model.name_or_path}"
+    write_compare_table(rows, compare_dir, title, fingerprint)
+    plot_tradeoff(rows, compare_dir / "tradeoff.png", title)
+    summary = {"data": fingerprint, "methods": [r["method"] for r in rows[1:]],
+               "rows": [{k: r[k] for k in ("method", "test", "wall_time_s", "details")} for r in rows]}
+    job.write_json("compare/summary.json", summary)
+    job.tracker.compare_finished(summary)
+    return summary
