@@ -17,6 +17,19 @@ from rr.errors import RRError
 log = logging.getLogger("rr")
 
 
+# compute keys that change numbers, not only placement: the device (dtype kernels), and the trainer count (a
+# PEM's batches are split across trainer workers). Replica counts, resources, the executor and the Ray
+# address do not: requests are seeded per request and batched the same on any replica (ARCHITECTURE.md).
+RESULT_COMPUTE_KEYS = ("device", "trainer_workers", "max_trainer_workers", "examples_per_trainer")
+
+
+def _compute_changes_results(saved: dict, now: dict) -> bool:
+    from rr.config import ComputeConfig
+
+    defaults = ComputeConfig().model_dump(mode="json")  # a key missing from an older saved config had its default
+    return any(saved.get(key, defaults[key]) != now.get(key, defaults[key]) for key in RESULT_COMPUTE_KEYS)
+
+
 class Job:
     """Owns everything a stage needs; stages read and write only under `self.dir`."""
 
@@ -40,6 +53,8 @@ class Job:
 
             saved, now = yaml.safe_load(path.read_text()) or {}, yaml.safe_load(current)
             changed = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+            if "compute" in changed and not _compute_changes_results(saved.get("compute") or {}, now["compute"]):
+                changed.remove("compute")  # where it runs, not what it computes (same seed, same results)
             if set(changed) <= {"tracking", "compare"}:  # where results go, or which methods `rr compare` runs
                 # next to this job, changes none of its results: resume
                 path.write_text(current)
@@ -93,6 +108,18 @@ class Job:
         from rr.generation.hf import HFGenerator
 
         return HFGenerator(self.model, self.tokenizer, batch_size=self.config.generation.batch_size)
+
+    @cached_property
+    def executor(self):
+        """Where generation, candidate scoring and PEM training run (rr/execution): in this process, or on Ray."""
+        from rr.execution import make_executor
+
+        return make_executor(self)
+
+    def close(self) -> None:
+        """Release the executor's workers (Ray actors); the job directory keeps everything."""
+        if "executor" in self.__dict__:
+            self.__dict__.pop("executor").close()
 
     @cached_property
     def embedder(self):

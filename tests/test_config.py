@@ -86,5 +86,22 @@ def test_a_job_directory_refuses_a_different_config(tmp_path):
 
 def test_settings_without_machinery_are_refused_not_ignored(tmp_path):
     assert load_config(_write(tmp_path, "tracking:\n  enabled: true\n")).tracking.enabled  # built: see test_tracking
-    with pytest.raises(RRError, match="compute.executor"):
-        load_config(_write(tmp_path, "compute:\n  executor: ray\n"))
+    assert load_config(_write(tmp_path, "compute:\n  executor: ray\n")).compute.executor == "ray"  # test_ray_*
+    # Replicas without the executor that places them, or bounds the wrong way round, are refused with the fix.
+    with pytest.raises(RRError, match="generator_replicas.*executor: ray"):
+        load_config(_write(tmp_path, "compute:\n  generator_replicas: 2\n"))
+    with pytest.raises(RRError, match="max_generator_replicas .* is below generator_replicas"):
+        load_config(_write(tmp_path, "compute:\n  executor: ray\n  generator_replicas: 3\n  max_generator_replicas: 2\n"))
+    with pytest.raises(RRError, match="replica_num_gpus: vLLM replicas need a GPU"):
+        load_config(_write(tmp_path, "generation:\n  backend: vllm\ncompute:\n  executor: ray\n"))
+
+
+def test_a_placement_change_resumes_but_a_numeric_one_does_not(tmp_path):
+    from rr.job import Job
+
+    config = load_config(ROOT / "configs" / "ci.yaml", tmp_path / "job")
+    Job(config)
+    on_ray = config.compute.model_copy(update={"executor": "ray", "generator_replicas": 2, "replica_num_cpus": 0.5})
+    Job(config.model_copy(update={"compute": on_ray}))  # same seed, same results: resumes
+    with pytest.raises(RRError, match=r"changed: compute.*delete release/"):
+        Job(config.model_copy(update={"compute": on_ray.model_copy(update={"trainer_workers": 2})}))

@@ -2,7 +2,8 @@
 
 Every step trains one PEM on the current composed model, evaluates candidate merge weights on the
 validation split by runtime scaling (no re-merge, no reload), applies the weight the rule picks, scores
-the test split, and checkpoints (adapter, ledger, scores) before the next step starts.
+the test split, and checkpoints (adapter, ledger, scores) before the next step starts. The composition is
+data (`entries`); the job's executor realizes it wherever generation and training run (rr/execution).
 """
 
 from __future__ import annotations
@@ -13,8 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from rr.release.ledger import ComposedModel, Ledger, LedgerEntry, Pem
-from rr.release.pem import train_pem
+from rr.release.ledger import Ledger, LedgerEntry, Pem, WeightedPem
 from rr.release.weights import (RULE_FORGET_TARGET, RULE_RECOVER_TARGET, CandidateResult, WeightChoice,
                                 candidate_grid, choose_forget_weight, choose_retain_weight)
 from rr.tasks.base import Evaluation, Example
@@ -83,37 +83,54 @@ class ReleaseLoop:
         (self.dir / "pems").mkdir(parents=True, exist_ok=True)
         self.state_path = self.dir / "state.json"
         self.ledger_path = self.dir / "ledger.json"
-        self.composed = ComposedModel(job.model)
+        self.entries: list[WeightedPem] = []  # the composition so far: (PEM, signed merge weight) in ledger order
+
+    @property
+    def composed(self):
+        """What realizes `entries` on the job's own model (the executor); `composed.detach()` hands the
+        model back as the base model."""
+        return self.job.executor
 
     # ---- evaluation --------------------------------------------------------------------
     def evaluate(self, split: str) -> Evaluation:
-        return self.job.task.evaluate(self.job.generator, split)
+        return self.job.executor.evaluate(self.job.task, split, self.entries)
 
-    def evaluate_candidates(self, signed_weights: list[float], cached: dict,
+    def evaluate_candidates(self, pem: Pem, signed_weights: list[float], cached: dict,
                             decided: Callable[[list[CandidateResult]], bool] = lambda _: False) -> list[CandidateResult]:
-        """Runtime scaling of the newest ledger entry, smallest magnitude first; results already computed
-        (a resumed search) are reused. Stops once `decided`: the rules prefer the smallest qualifying
-        weight, so larger ones cannot change the choice."""
-        results = []
-        for weight in sorted(signed_weights, key=abs):
-            key = repr(weight)
-            if key not in cached:
-                self.composed.set_weight(-1, weight)
-                evaluation = self.evaluate("validation")
-                cached[key] = [evaluation.forget_score, evaluation.utility_score]
-                self.progress(f"  candidate {weight:+g}: forget {evaluation.forget_score:.3f}, "
-                              f"utility {evaluation.utility_score:.3f}")
-                self.state.save(self.state_path)
-            forget_score, utility_score = cached[key]
-            results.append(CandidateResult(abs(weight), forget_score, utility_score))
-            if decided(results):
-                break
-        return results
+        """Runtime scaling of the new PEM on top of `entries`; results already computed (a resumed search)
+        are reused. The answer is the smallest-magnitude-first prefix that `decided` accepts (or all): the
+        rules prefer the smallest qualifying weight, so larger ones cannot change the choice. The executor
+        may score candidates in parallel; it stops once that prefix is known."""
+        ordered = sorted(signed_weights, key=abs)
+
+        def prefix() -> tuple[list[CandidateResult], bool]:
+            results = []
+            for weight in ordered:
+                if repr(weight) not in cached:
+                    return results, False
+                forget_score, utility_score = cached[repr(weight)]
+                results.append(CandidateResult(abs(weight), forget_score, utility_score))
+                if decided(results):
+                    return results, True
+            return results, True
+
+        def on_result(weight: float, evaluation: Evaluation) -> None:
+            cached[repr(weight)] = [evaluation.forget_score, evaluation.utility_score]
+            self.progress(f"  candidate {weight:+g}: forget {evaluation.forget_score:.3f}, "
+                          f"utility {evaluation.utility_score:.3f}")
+            self.state.save(self.state_path)
+
+        todo = [weight for weight in ordered if repr(weight) not in cached]
+        if todo and not prefix()[1]:
+            self.job.executor.search_weights(self.job.task, "validation", self.entries, pem, todo, on_result,
+                                             lambda: prefix()[1])
+        return prefix()[0]
 
     # ---- the loop ----------------------------------------------------------------------
     def run(self) -> ReleaseState:
         self.state = ReleaseState.load(self.state_path)
         ledger = self._restore_ledger()
+        self.job.executor.prepare("release", len(self.forget_examples))  # sizes trainers (and replicas) for the work
         if not self.state.steps:
             self.progress("release: scoring the base model (validation and test)")
             self.state.steps.append(StepRecord(0, "base", None, 0.0, "base", True, "base model",
@@ -143,7 +160,6 @@ class ReleaseLoop:
         previous = self.state.steps[-1].validation
         base = self.state.steps[0].validation
         pem = self._train_or_load(name, kind)
-        self.composed.append(pem, 0.0)
         sign = -1.0 if kind == "forget" else 1.0
         magnitudes = self.config.forget_weights if kind == "forget" else self.config.retain_weights
         cached = self.state.pending_candidates.setdefault(str(step), {})
@@ -151,21 +167,20 @@ class ReleaseLoop:
         def decided(results: list[CandidateResult]) -> bool:
             return self._choose(kind, results, previous, base).rule in (RULE_FORGET_TARGET, RULE_RECOVER_TARGET)
 
-        choice = self._choose(kind, self.evaluate_candidates([sign * m for m in magnitudes], cached, decided),
+        choice = self._choose(kind, self.evaluate_candidates(pem, [sign * m for m in magnitudes], cached, decided),
                               previous, base)
         if choice.rule not in (RULE_FORGET_TARGET, RULE_RECOVER_TARGET) and self.config.on_no_candidate == "widen":
             wider = [m for m in candidate_grid(magnitudes, self.config.widen_factor) if m not in magnitudes]
             self.progress(f"step {step}: no candidate met the target ({choice.reason}); widening to {wider}")
-            results = self.evaluate_candidates([sign * m for m in magnitudes + wider], cached, decided)
+            results = self.evaluate_candidates(pem, [sign * m for m in magnitudes + wider], cached, decided)
             choice = self._choose(kind, results, previous, base)
         if choice.weight is None:
-            self.composed.pop()
             self.state.stopped_reason = f"step {step} ({kind}): no candidate weight passes: {choice.reason}"
             self.progress(self.state.stopped_reason)
             self.state.save(self.state_path)
             return None
         merge_weight = sign * choice.weight
-        self.composed.set_weight(-1, merge_weight)
+        self.entries.append(WeightedPem(pem, merge_weight))
         ledger.entries.append(LedgerEntry(pem.name, f"pems/{name}", kind, merge_weight, step))
         validation = evaluation_dict(self.evaluate("validation")) if repr(merge_weight) not in cached else {
             "forget_score": cached[repr(merge_weight)][0], "utility_score": cached[repr(merge_weight)][1]}
@@ -195,27 +210,18 @@ class ReleaseLoop:
             return Pem.load(out_dir)
         examples = self.forget_examples if kind == "forget" else self.retain_examples
         self.progress(f"{name}: training a LoRA on {len(examples)} {kind} examples")
-        return train_pem(self.job.model, self.job.tokenizer, examples, self.config.lora, name, kind, out_dir,
-                         seed=self.job.config.seed + len(self.state.steps))
-
-    def reattach(self) -> ComposedModel:
-        """A fresh composition of the saved ledger on the job's model (after a baseline or export detached it)."""
-        composed = ComposedModel(self.job.model)
-        if self.ledger_path.exists():
-            for weighted in Ledger.load(self.ledger_path).resolve(self.dir):
-                composed.append(weighted.pem, weighted.merge_weight)
-        return composed
+        return self.job.executor.train_pem(self.entries, examples, self.config.lora, name, kind, out_dir,
+                                           seed=self.job.config.seed + len(self.state.steps))
 
     def _restore_ledger(self) -> Ledger:
         """Re-attach every finished step's PEM with its weight: the model is as it was before the kill."""
         if not self.ledger_path.exists():
             return Ledger(base_model=self.job.config.model.name_or_path, entries=[])
         ledger = Ledger.load(self.ledger_path)
-        for weighted in ledger.resolve(self.dir):
-            self.composed.append(weighted.pem, weighted.merge_weight)
+        self.entries = list(ledger.resolve(self.dir))
         # Steps whose ledger entry was written but whose state was not are redone from the state's view.
         done = len(self.state.steps) - 1 if self.state.steps else 0
         while len(ledger.entries) > max(done, 0):
             ledger.entries.pop()
-            self.composed.pop()
+            self.entries.pop()
         return ledger

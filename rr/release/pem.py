@@ -121,7 +121,7 @@ def train_pem(model: nn.Module, tokenizer, examples: Sequence[Example], config: 
 
     if kind not in ("forget", "retain"):
         raise RRError(f"train_pem: kind {kind!r} must be 'forget' or 'retain'")
-    if config.deepspeed_stage:
+    if config.deepspeed_stage or _data_parallel()[0] > 1:
         _import_deepspeed(config.deepspeed_stage)  # fail before any work if it is missing
     encoded = encode_examples(tokenizer, examples, config.max_length, chat_template)
     device = next(model.parameters()).device
@@ -171,9 +171,14 @@ def restore_after_lora(model: nn.Module, wrapped: nn.Module, peft_model, require
 
 def _fit(peft_model, encoded, config: LoraTrainingConfig, seed: int, pad_token_id: int,
          device: torch.device) -> list[float]:
-    """The epoch loop; returns the mean training loss of each epoch."""
+    """The epoch loop; returns the mean training loss of each epoch.
+
+    Under several data-parallel workers (Ray Train), every worker walks the same batches and takes its own
+    share of each (rows rank, rank + world, ...); DeepSpeed averages the gradients (ZeRO stage 0 is plain
+    data parallelism), so a batch is still release.lora.batch_size examples."""
+    world, rank = _data_parallel()
     params = [p for p in peft_model.parameters() if p.requires_grad]
-    engine = _deepspeed_engine(peft_model, params, config) if config.deepspeed_stage else None
+    engine = _deepspeed_engine(peft_model, params, config, world) if config.deepspeed_stage or world > 1 else None
     optimizer = None if engine else torch.optim.AdamW(params, lr=config.learning_rate,
                                                       weight_decay=config.weight_decay)
     order_generator = torch.Generator().manual_seed(seed)
@@ -187,13 +192,17 @@ def _fit(peft_model, encoded, config: LoraTrainingConfig, seed: int, pad_token_i
             order = torch.randperm(len(encoded), generator=order_generator).tolist()
             losses = []
             for start in range(0, len(order), config.batch_size):
-                batch = collate([encoded[i] for i in order[start:start + config.batch_size]], pad_token_id, device)
+                rows = order[start:start + config.batch_size]
+                share = rows[rank::world] if world > 1 else rows
+                # a worker left without a row (a last batch smaller than the world) still joins the all-reduce
+                weight = 1.0 if share else 0.0
+                batch = collate([encoded[i] for i in (share or rows[:1])], pad_token_id, device)
                 micro_step += 1
                 # an update every `accumulation` micro-batches, and one for a last partial group
                 boundary = micro_step % accumulation == 0 or micro_step == total_micro_steps
                 if engine is not None:
                     engine.set_gradient_accumulation_boundary(boundary)
-                    loss = engine(**batch).loss
+                    loss = engine(**batch).loss * weight
                     engine.backward(loss)  # scales by 1/accumulation itself
                     engine.step()  # steps only at the boundary
                 else:
@@ -255,7 +264,14 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
-def _deepspeed_engine(peft_model, params, config: LoraTrainingConfig):
+def _data_parallel() -> tuple[int, int]:
+    """(world size, rank) of the process group a launcher (Ray Train, deepspeed) set up; (1, 0) without one."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_world_size(), torch.distributed.get_rank()
+    return 1, 0
+
+
+def _deepspeed_engine(peft_model, params, config: LoraTrainingConfig, world: int = 1):
     """A ZeRO engine over the LoRA parameters. Outside a launcher (one process) it brings up a world of size 1
     on gloo; under Ray Train or `deepspeed` the process group already exists and is used as it is."""
     deepspeed = _import_deepspeed(config.deepspeed_stage)
@@ -267,7 +283,7 @@ def _deepspeed_engine(peft_model, params, config: LoraTrainingConfig):
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
     ds_config = {
-        "train_micro_batch_size_per_gpu": config.batch_size,
+        "train_micro_batch_size_per_gpu": max(1, -(-config.batch_size // world)),
         "gradient_accumulation_steps": config.gradient_accumulation_steps,
         # Persistence 0: every parameter is partitioned, the small LoRA ones included, as on a multi-GPU run,
         # so one process exercises the same gather-before-extract that the cluster needs.

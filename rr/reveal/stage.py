@@ -57,8 +57,10 @@ def run_reveal(job, progress: Callable[[str], None] = print) -> dict:
         return manifest
     arms = load_or_decode_arms(job, progress)
     checkpoint = RevealCheckpoint(job.dir / "reveal")
-    search = RevealSearch(job.config.reveal, job.task, arms, job.generator.generate, job.embed, checkpoint,
-                          job.config.seed, progress)
+    cfg = job.config.reveal
+    # The biggest generate call of the stage: every reveal context × samples under one instruction.
+    job.executor.prepare("reveal", len(job.task.contexts("reveal")) * cfg.samples_per_context)
+    search = RevealSearch(cfg, job.task, arms, job.executor.generate, job.embed, checkpoint, job.config.seed, progress)
     state, records = search.run()
     if not records:
         raise RuntimeError("reveal produced no forget records: every answer fell below reveal.min_relevance")
@@ -80,7 +82,7 @@ def compare_with_baselines(job, search: RevealSearch, state, records, embeddings
     contexts = search.contexts
     params = search.params
     seeds = [request_seed(job.config.seed, "plain", c.id) for c in contexts]
-    plain = job.generator.generate([instruction_prompt("", c) for c in contexts], params, seeds)
+    plain = job.executor.generate([instruction_prompt("", c) for c in contexts], params, seeds)
     plain_rows = [(c, t) for c, texts in zip(contexts, plain) for t in texts]
     plain_relevance = float(np.mean(job.task.relevance([c for c, _ in plain_rows], [t for _, t in plain_rows])))
     loop_best = {}
@@ -95,8 +97,8 @@ def compare_with_baselines(job, search: RevealSearch, state, records, embeddings
     # forget set's answers come from instructions of different outer loops): does the search's spread of
     # instructions beat one instruction at equal n?
     fixed_seeds = [request_seed(job.config.seed, "fixed", c.id) for c in contexts]
-    fixed = job.generator.generate([instruction_prompt(state.best_instructions[0], c) for c in contexts],
-                                   params, fixed_seeds)
+    fixed = job.executor.generate([instruction_prompt(state.best_instructions[0], c) for c in contexts],
+                                  params, fixed_seeds)
     by_context: dict[str, list[int]] = {}
     for i, r in enumerate(records):
         by_context.setdefault(r["context_id"], []).append(i)

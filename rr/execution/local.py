@@ -1,0 +1,93 @@
+"""The in-process executor: one model in this process, compositions applied by forward hooks (ComposedModel)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Sequence
+
+from rr.execution.base import Composition
+from rr.release.ledger import ComposedModel, Pem
+from rr.tasks.base import Evaluation, Example, SamplingParams
+
+
+class LocalExecutor:
+    """Everything runs on `job.model` through `job.generator`, candidates one at a time, smallest first."""
+
+    name = "local"
+
+    def __init__(self, job):
+        self.job = job
+        self._composed: ComposedModel | None = None
+        self._adapters: dict[tuple, Path] = {}
+
+    # ---- the composition on the job's model ---------------------------------------------------------------
+    def _handle(self, composition: Composition):
+        """The job's generator, serving `composition`."""
+        generator = self.job.generator
+        if hasattr(generator, "use_adapter"):  # vLLM: no hooks; the composition is one rank-sum adapter
+            generator.use_adapter(*self._adapter_dir(composition))
+            return generator
+        self._compose(composition)
+        return generator
+
+    def _compose(self, composition: Composition) -> None:
+        wanted = [(weighted.pem, float(weighted.merge_weight)) for weighted in composition]
+        if not wanted:
+            self.detach()
+            return
+        if self._composed is None:
+            self._composed = ComposedModel(self.job.model)
+        have = self._composed.entries
+        if len(have) == len(wanted) and all(h.pem is pem for h, (pem, _) in zip(have, wanted)):
+            for index, (h, (_, weight)) in enumerate(zip(have, wanted)):
+                if h.merge_weight != weight:
+                    self._composed.set_weight(index, weight)  # runtime scaling: no re-merge, no reload
+            return
+        self._composed.detach()
+        for pem, weight in wanted:
+            self._composed.append(pem, weight)
+
+    def _adapter_dir(self, composition: Composition) -> tuple[Path | None, int | None]:
+        from rr.release.ledger import export_adapter
+
+        if not composition:
+            return None, None
+        key = tuple((w.pem.name, float(w.merge_weight)) for w in composition)
+        if key not in self._adapters:
+            out = self.job.dir / "adapters" / f"composition-{len(self._adapters)}"
+            self._adapters[key] = export_adapter(list(composition), out, self.job.config.model.name_or_path)
+        return self._adapters[key], sum(w.pem.rank for w in composition)
+
+    def detach(self) -> None:
+        if self._composed is not None:
+            self._composed.detach()
+
+    # ---- the Executor protocol ---------------------------------------------------------------------------
+    def generate(self, prompts: Sequence[str], params: SamplingParams, seeds: Sequence[int] | None = None,
+                 composition: Composition = ()) -> list[list[str]]:
+        return self._handle(composition).generate(prompts, params, seeds)
+
+    def evaluate(self, task, split: str, composition: Composition = ()) -> Evaluation:
+        return task.evaluate(self._handle(composition), split)
+
+    def search_weights(self, task, split: str, composition: Composition, pem: Pem, signed_weights: Sequence[float],
+                       on_result: Callable[[float, Evaluation], None], decided: Callable[[], bool]) -> None:
+        from rr.release.ledger import WeightedPem
+
+        for weight in sorted(signed_weights, key=abs):
+            if decided():
+                return
+            on_result(weight, self.evaluate(task, split, [*composition, WeightedPem(pem, weight)]))
+
+    def train_pem(self, composition: Composition, examples: Sequence[Example], config, name: str, kind: str,
+                  out_dir: Path, seed: int) -> Pem:
+        from rr.release.pem import train_pem
+
+        self._compose(composition)  # the new PEM learns on top of the composed model
+        return train_pem(self.job.model, self.job.tokenizer, examples, config, name, kind, out_dir, seed=seed)
+
+    def prepare(self, stage: str, work: int) -> None:
+        """Nothing to size: one model, in this process."""
+
+    def close(self) -> None:
+        self.detach()
