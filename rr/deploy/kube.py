@@ -37,8 +37,12 @@ def connect(context: str | None = None):
             namespace_file = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
             namespace = open(namespace_file).read().strip() if os.path.exists(namespace_file) else "default"
             return kubernetes.client.ApiClient(), namespace
-        kubernetes.config.load_kube_config(context=context)
-        _, active = kubernetes.config.list_kube_config_contexts()
+        # Read KUBECONFIG now: the client's own default is fixed when it is first imported.
+        config_file = os.environ.get("KUBECONFIG") or None
+        kubernetes.config.load_kube_config(config_file=config_file, context=context)
+        contexts, active = kubernetes.config.list_kube_config_contexts(config_file=config_file)
+        if context is not None:
+            active = next((c for c in contexts if c.get("name") == context), active)
         namespace = (active or {}).get("context", {}).get("namespace") or "default"
         return kubernetes.client.ApiClient(), namespace
     except (ConfigException, OSError) as exc:
