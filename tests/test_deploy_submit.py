@@ -236,3 +236,14 @@ def test_without_profile_submit_reads_the_installed_one_or_says_to_install(tmp_p
     rayjob = server.objects["/apis/ray.io/v1/namespaces/ml/rayjobs/ci-code"]
     assert rayjob["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"]["volumes"][0] == {
         "name": "jobs", "persistentVolumeClaim": {"claimName": "rr-jobs"}}
+
+
+def test_ray_executor_bounds_become_worker_group_bounds():
+    config = JobConfig(generation={"backend": "vllm"}, compute={
+        "executor": "ray", "device": "cuda", "generator_replicas": 2, "max_generator_replicas": 6,
+        "replica_num_gpus": 1, "trainer_workers": 1, "max_trainer_workers": 3, "trainer_use_gpu": True})
+    rayjob = build_rayjob(config, ClusterProfile(), "ml")
+    groups = {g["groupName"]: g for g in rayjob["spec"]["rayClusterSpec"]["workerGroupSpecs"]}
+    assert (groups["generation"]["minReplicas"], groups["generation"]["maxReplicas"]) == (0, 6)  # scale from zero
+    assert groups["training"]["maxReplicas"] == 3
+    assert "entrypointNumGpus" not in rayjob["spec"]  # the driver stays on the head; replicas and trainers use GPUs

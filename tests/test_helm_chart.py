@@ -192,3 +192,20 @@ def test_helm_secrets_are_references_only(chart_copy):
     head = one(objects, "RayJob")["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
     assert {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf", "key": "token"}}} in head["env"]
     assert not [o for o in objects if o["kind"] == "Secret"]
+
+
+@needs_helm
+def test_helm_rayjob_for_a_ray_executor_config_is_rr_submits(chart_copy, tmp_path):
+    values = tmp_path / "values.yaml"
+    values.write_text(yaml.safe_dump({"job": {"enabled": True, "config": {
+        "name": "Big Job", "output_dir": "runs/big", "generation": {"backend": "vllm"},
+        "compute": {"executor": "ray", "device": "cuda", "generator_replicas": 2, "max_generator_replicas": 6,
+                    "replica_num_gpus": 1, "max_trainer_workers": 3, "trainer_use_gpu": True}}}}))
+    out = subprocess.run(["helm", "template", "rr", str(chart_copy), "-f", str(values)], capture_output=True,
+                         text=True, check=True).stdout
+    objects = [doc for doc in yaml.safe_load_all(out) if doc]
+    profile = parse_profile(one(objects, "ConfigMap", "rr-profile")["data"]["profile.yaml"], "chart")
+    config = JobConfig.model_validate(yaml.safe_load(one(objects, "ConfigMap", "big-job-config")["data"]["config.yaml"]))
+    rendered = one(objects, "RayJob")
+    assert rendered["metadata"]["name"] == "big-job"
+    assert rendered["spec"] == build_rayjob(config, profile, "default")["spec"]

@@ -17,8 +17,8 @@ field by field through MAPPING). Every row of MAPPING is one RayJob field and wh
 | spec.runtimeEnvYAML | profile | `env_vars.MLFLOW_TRACKING_URI` = `mlflow_tracking_uri` (a config's own tracking.tracking_uri wins) |
 | spec.entrypointNumGpus | `compute.executor`, `compute.device` | executor local on a GPU device: the training group's GPUs (the whole job runs in the driver, on a GPU worker); otherwise absent |
 | rayClusterSpec.enableInTreeAutoscaling | fixed | `true`, autoscalerOptions.version `v2` |
-| workerGroupSpecs[generation].maxReplicas | `compute.generator_replicas` | the job's generator replicas (vLLM actors); minReplicas the profile's, at most that |
-| workerGroupSpecs[training].maxReplicas | profile | `training.max_replicas` |
+| workerGroupSpecs[generation].maxReplicas | `compute.max_generator_replicas` | the upper replica bound (else `generator_replicas`): the autoscaler adds GPU workers as the Ray executor sizes replicas to the forget set; minReplicas the profile's, at most that |
+| workerGroupSpecs[training].maxReplicas | `compute.max_trainer_workers`, profile | executor ray: the upper trainer bound (else `trainer_workers`); executor local: `training.max_replicas` |
 | workerGroupSpecs[*] GPUs | `compute.device`, profile | `cpu`: no GPU requested; otherwise the group's `gpus` as nvidia.com/gpu |
 | container env `<model.hf_token_env>` | `model.hf_token_env`, profile | from Secret `hf_token_secret`, key `hf_token_key` (only a reference, never the token) |
 
@@ -67,9 +67,9 @@ MAPPING = (
     Mapped("spec.entrypointNumGpus", "compute.executor, compute.device"),
     Mapped("spec.rayClusterSpec.enableInTreeAutoscaling", "fixed"),
     Mapped("spec.rayClusterSpec.autoscalerOptions.version", "fixed"),
-    Mapped("spec.rayClusterSpec.workerGroupSpecs[generation].maxReplicas", "compute.generator_replicas"),
+    Mapped("spec.rayClusterSpec.workerGroupSpecs[generation].maxReplicas", "compute.max_generator_replicas"),
     Mapped("spec.rayClusterSpec.workerGroupSpecs[generation].minReplicas", "profile.generation.min_replicas"),
-    Mapped("spec.rayClusterSpec.workerGroupSpecs[training].maxReplicas", "profile.training.max_replicas"),
+    Mapped("spec.rayClusterSpec.workerGroupSpecs[training].maxReplicas", "compute.max_trainer_workers"),
     Mapped("spec.rayClusterSpec.workerGroupSpecs[training].minReplicas", "profile.training.min_replicas"),
 )
 
@@ -197,11 +197,17 @@ def ray_cluster_spec(config: JobConfig, profile: ClusterProfile, config_map: str
         "headGroupSpec": {"rayStartParams": {"num-cpus": "0", "num-gpus": "0", "dashboard-host": "0.0.0.0"},
                           "template": _pod(head, profile, profile.head, "ray-head", volumes, head=True)},
         "workerGroupSpecs": [
-            _worker_group("generation", profile.generation, config.compute.generator_replicas, config, profile,
+            _worker_group("generation", profile.generation, config.compute.replica_bounds()[1], config, profile,
                           config_map),
-            _worker_group("training", profile.training, profile.training.max_replicas, config, profile, config_map),
+            _worker_group("training", profile.training, _training_max(config, profile), config, profile, config_map),
         ],
     }
+
+
+def _training_max(config: JobConfig, profile: ClusterProfile) -> int:
+    if config.compute.executor == "ray":
+        return config.compute.trainer_bounds()[1]
+    return profile.training.max_replicas
 
 
 def runtime_env_yaml(profile: ClusterProfile) -> str:
