@@ -55,8 +55,12 @@ def data_fingerprint(data: ReleaseData) -> dict:
 
 def method_settings(job, config: CompareConfig, family: str) -> dict:
     """The config block a method's result depends on: a result made with other settings is redone."""
-    block = config.finetune if family == "finetune" else job.config.release
-    return block.model_dump(mode="json")
+    blocks = {"finetune": config.finetune, "targeted": config.targeted, "icu": config.icu, "rmu": config.rmu}
+    if family == "ext_sub":  # its PEMs are trained as release.lora says; its α grid is its own
+        return {"ext_sub": config.ext_sub.model_dump(mode="json"),
+                "lora": job.config.release.lora.model_dump(mode="json"),
+                "forget_fraction": job.config.release.forget_fraction}
+    return blocks.get(family, job.config.release).model_dump(mode="json")
 
 
 def run_compare(job, progress: Callable[[str], None] = print) -> dict:
@@ -81,8 +85,9 @@ def run_compare(job, progress: Callable[[str], None] = print) -> dict:
         else:
             progress(f"compare: {name} finished before (reusing {out_dir / 'result.json'})")
         rows.append(done)
+        took = "time not recorded" if done["wall_time_s"] is None else f"{done['wall_time_s']:.0f}s"
         progress(f"compare: {name}: test forget {done['test']['forget_score']:.3f}, utility "
-                 f"{done['test']['utility_score']:.3f} ({done['wall_time_s']:.0f}s)")
+                 f"{done['test']['utility_score']:.3f} ({took})")
     compare_dir = job.dir / "compare"
     title = f"{job.config.task.name}: {job.config.model.name_or_path}"
     write_compare_table(rows, compare_dir, title, fingerprint)

@@ -143,6 +143,67 @@ class FineTuneConfig(_Strict):
     lora_target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"], min_length=1)
 
 
+class TargetedConfig(FineTuneConfig):
+    """Targeted unlearning (rr/methods/targeted.py, papers/004): IDK relabels each forget question with a refusal
+    (a shipped template, or one per line of `refusals`); DPO prefers that refusal over the forget answer;
+    AP (answer preservation, Eq. 8) keeps retain answers above refusals. The fine-tuning fields apply as in
+    compare.finetune (npo_beta and me_tokens are unused)."""
+
+    ap_beta: float = Field(0.1, gt=0, description="β of the AP loss")
+    dpo_beta: float = Field(0.1, gt=0, description="β of the DPO loss")
+    refusals: str = Field("shipped", description="'shipped' (rr/tasks/data/refusals.txt) or a text file, one "
+                          "refusal per line")
+
+
+class IcuConfig(FineTuneConfig):
+    """ICU (rr/methods/icu.py, papers/003): GA on forget sequences + learn_weight·NLL on each one's nearest
+    analogous retain example + kl_weight·KL to the starting model there; after each epoch a forget sample whose
+    greedy answer is dissimilar (similarity < similarity_threshold and BLEU < bleu_threshold) leaves training.
+    similarity: the job's sentence embedder's cosine (the declared offline stand-in) or BERTScore F1
+    (needs the bert_score package and its model). The fine-tuning fields apply as in compare.finetune."""
+
+    learn_weight: float = Field(0.5, ge=0, description="α of papers/003 (§5.4: 0.5)")
+    kl_weight: float = Field(1.0, ge=0, description="β of papers/003 (§5.4: 1.0)")
+    similarity: Literal["embedder-cosine", "bertscore"] = "embedder-cosine"
+    similarity_threshold: float = Field(0.3, description="a of papers/003 Eq. 5")
+    bleu_threshold: float = Field(0.01, ge=0, description="b of papers/003 Eq. 5")
+    gate_max_new_tokens: int = Field(64, ge=1, description="length of the greedy answer the gate scores")
+
+
+class RmuConfig(_Strict):
+    """RMU (rr/methods/rmu.py, Li et al. 2024): the output of decoder layer `layer` on forget tokens is pushed
+    toward steering_coefficient·u (u a fixed random unit vector), on retain tokens kept at the frozen model's
+    (retain_weight·MSE); only the MLP down projections of update_layers are trained."""
+
+    layer: int = Field(7, ge=0, description="decoder layer whose output is steered (WMDP's zephyr setting: 7)")
+    update_layers: list[int] | None = Field(None, description="layers whose mlp.down_proj is trained; "
+                                            "default: layer-2 … layer")
+    steering_coefficient: float = Field(300.0, gt=0, description="norm c of the control vector; WMDP scales it "
+                                        "to the model (6.5 zephyr-7b, 300 Mixtral); SmolLM2-135M's layer-7 "
+                                        "outputs have a median norm of ~116")
+    retain_weight: float = Field(100.0, ge=0, description="α of RMU")
+    learning_rate: float = Field(5e-5, gt=0)
+    epochs: int = Field(1, ge=1)
+    max_steps: int | None = Field(None, ge=1)
+    batch_size: int = Field(4, ge=1)
+    max_length: int = Field(384, ge=16)
+
+
+class ExtSubConfig(_Strict):
+    """Ext-Sub (rr/methods/ext_sub.py, papers/000 §2): an expert PEM (retain data) and an anti-expert PEM (forget
+    data), both trained as release.lora says; Φ0 + ΔE − α·(ΔA − proj of ΔA on the shared direction), with α
+    chosen on validation by the μ rule among `weights`."""
+
+    weights: list[float] = Field(default_factory=lambda: [0.5, 1.0, 2.0, 3.0, 4.0], min_length=1)
+
+    @field_validator("weights")
+    @classmethod
+    def _positive(cls, weights):
+        if any(w <= 0 for w in weights):
+            raise ValueError("weights are magnitudes α > 0")
+        return sorted(weights)
+
+
 class CompareConfig(_Strict):
     """`rr compare`: release methods side by side on one task, with the same data and budget."""
 
@@ -152,6 +213,10 @@ class CompareConfig(_Strict):
         "self-generated", description="what every method forgets: the job's revealed forget set, or "
         "release.external_forget_data (else the task's shipped external set)")
     finetune: FineTuneConfig = Field(default_factory=FineTuneConfig)
+    targeted: TargetedConfig = Field(default_factory=TargetedConfig)
+    icu: IcuConfig = Field(default_factory=IcuConfig)
+    rmu: RmuConfig = Field(default_factory=RmuConfig)
+    ext_sub: ExtSubConfig = Field(default_factory=ExtSubConfig)
 
     @field_validator("methods")
     @classmethod

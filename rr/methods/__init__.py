@@ -11,6 +11,10 @@ method names without loading a model.
 | reveal-release | reveal_release.py (the job's own release stage, Eq. 1) | release |
 | pem-negation | pem_negation.py (one forget PEM, one weight chosen on validation) | release |
 | ga, ga+gd, ga+kl, npo, npo+gd, npo+kl, me+gd | finetune.py | compare.finetune |
+| idk+gd, idk+ap, dpo, dpo+gd, dpo+ap | targeted.py (papers/004: refusals as targets; AP keeps retain answers) | compare.targeted |
+| icu | icu.py (papers/003: GA + KNN-analogous learning + KL, per-sample forgetting gates) | compare.icu |
+| rmu | rmu.py (steer one layer's forget activations to a random direction) | compare.rmu |
+| ext-sub | ext_sub.py (expert − α·deficiency of the anti-expert PEM, α on validation) | compare.ext_sub, release.lora |
 """
 
 from __future__ import annotations
@@ -94,5 +98,28 @@ class MethodRun:
 
     method: str
     test: dict
-    wall_time_s: float
+    wall_time_s: float | None   # None: not measured (a release finished before rr recorded timings)
     details: dict
+
+
+# ---- part 2: targeted unlearning (papers/004), ICU (papers/003), RMU, Ext-Sub ------------------------------
+
+_TARGETED_FORGET = {"idk": "answer forget questions with a refusal (IDK fine-tuning)",
+                    "dpo": "DPO preferring a refusal over the forget answer (against the starting model)"}
+_TARGETED_RETAIN = {"gd": "gradient descent on retain data",
+                    "ap": "answer preservation: retain answers kept above refusals (papers/004 Eq. 8)"}
+for _forget, _retain in (("idk", "gd"), ("idk", "ap"), ("dpo", None), ("dpo", "gd"), ("dpo", "ap")):
+    register(Method(name=_forget if _retain is None else f"{_forget}+{_retain}", family="targeted",
+                    summary=_TARGETED_FORGET[_forget] + ("" if _retain is None else ", with " + _TARGETED_RETAIN[_retain]),
+                    forget_loss=_forget, retain_loss=_retain))
+register(Method(name="icu", family="icu",
+                summary="gradient ascent on forget sequences, NLL and KL on each one's nearest retain example, "
+                        "forgotten samples dropped after each epoch (ICU, papers/003)"))
+register(Method(name="rmu", family="rmu",
+                summary="steer one layer's activations on forget data toward a scaled random vector, hold them "
+                        "on retain data (RMU)"))
+register(Method(name="ext-sub", family="ext_sub",
+                summary="expert PEM (retain) minus α × the deficiency part of an anti-expert PEM (forget), α "
+                        "chosen on validation (Ext-Sub)"))
+
+TARGETED_METHODS = tuple(name for name, method in METHODS.items() if method.family == "targeted")
