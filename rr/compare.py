@@ -70,7 +70,7 @@ def run_compare(job, progress: Callable[[str], None] = print) -> dict:
     config = job.config.compare or CompareConfig()
     data = comparison_data(job, config, progress)
     fingerprint = data_fingerprint(data)
-    rows = [{"method": "base", "test": base_scores(job, "test"), "wall_time_s": 0.0, "details": {}}]
+    rows = []
     for name in config.methods:
         method = get_method(name)
         out_dir = job.dir / "compare" / name
@@ -88,6 +88,8 @@ def run_compare(job, progress: Callable[[str], None] = print) -> dict:
         took = "time not recorded" if done["wall_time_s"] is None else f"{done['wall_time_s']:.0f}s"
         progress(f"compare: {name}: test forget {done['test']['forget_score']:.3f}, utility "
                  f"{done['test']['utility_score']:.3f} ({took})")
+    # After the methods: reveal-release's step 0 scored the base model already when it is among them.
+    rows.insert(0, {"method": "base", "test": base_scores(job, "test"), "wall_time_s": None, "details": {}})
     compare_dir = job.dir / "compare"
     title = f"{job.config.task.name}: {job.config.model.name_or_path}"
     write_compare_table(rows, compare_dir, title, fingerprint)

@@ -89,6 +89,12 @@ def _method_note(row: dict) -> str:
     return ""
 
 
+def _wall_time(row: dict) -> str:
+    if row["method"] == "base":
+        return ""
+    return "not recorded" if row["wall_time_s"] is None else f"{row['wall_time_s']:.0f}"
+
+
 def compare_rows(rows: Sequence[dict]) -> tuple[list[str], list[list]]:
     """Header and rows: method, s, u, every test metric with its Wilson interval, wall time, what was applied."""
     metric_names = sorted({m for r in rows for m in r["test"]["metrics"]})
@@ -98,7 +104,7 @@ def compare_rows(rows: Sequence[dict]) -> tuple[list[str], list[list]]:
         test = r["test"]
         table.append([r["method"], f"{test['forget_score']:.4f}", f"{test['utility_score']:.4f}",
                       *[_with_interval(test, m) for m in metric_names],
-                      "" if r["method"] == "base" else f"{r['wall_time_s']:.0f}", _method_note(r)])
+                      _wall_time(r), _method_note(r)])
     return header, table
 
 

@@ -12,7 +12,7 @@ from rr.methods import Method, MethodRun, ReleaseData
 def run_method(job, method: Method, data: ReleaseData, out_dir: Path, progress: Callable[[str], None]) -> MethodRun:
     """The release stage's result is the method's: `rr run` and `rr compare` share release/ (no second run).
 
-    Its wall time is release/timing.json's, the time of the release runs that did the work."""
+    Its wall time is release/timing.json's: the time of the release runs that did the work."""
     from rr.release.stage import run_release
 
     if data.source != "self-generated":
@@ -21,6 +21,7 @@ def run_method(job, method: Method, data: ReleaseData, out_dir: Path, progress: 
                       "or set compare.forget_data: self-generated")
     summary = run_release(job, progress)
     timing = job.read_json("release/timing.json") or {}
-    return MethodRun(method.name, summary["final"], float(timing.get("wall_time_s", float("nan"))),
+    # None: the release finished before rr recorded its timing (older job directories)
+    return MethodRun(method.name, summary["final"], timing.get("wall_time_s"),
                      {"ledger": summary["ledger"], "steps": summary["steps"],
                       "stopped_reason": summary["stopped_reason"], "release_dir": str(job.dir / "release")})

@@ -64,7 +64,9 @@ def _finish_release(job, loop: ReleaseLoop, state, progress, started: float, alr
         progress("single-negation baseline: one forget PEM, one weight, same forget score")
         baseline = single_negation_baseline(job, loop, steps[-1]["validation"]["forget_score"], progress)
     summary = summarize(steps, baseline, state.stopped_reason)
-    summary["subspace_similarity"] = retain_forget_similarity(loop.dir, steps)
+    previous = job.read_json("release/summary.json") if already_finished else None
+    summary["subspace_similarity"] = previous["subspace_similarity"] if previous and "subspace_similarity" in previous \
+        else retain_forget_similarity(loop.dir, steps)  # SVDs: minutes on CPU, computed once
     if not already_finished:
         # Wall time of the release runs that did the work (`rr compare` reports it); a run killed before it
         # finished is not counted.

@@ -215,7 +215,7 @@ class Recorder:
                 test = row["test"]
                 self._start(key, row["method"], parent=marker)
                 self._log(key, {"test/forget_score": test["forget_score"], "test/utility_score": test["utility_score"],
-                                "wall_time_s": row["wall_time_s"],
+                                **({} if row["wall_time_s"] is None else {"wall_time_s": row["wall_time_s"]}),
                                 **{f"test/{m}": v for m, v in test.get("metrics", {}).items()}},
                           params={"method": row["method"]})
                 self._end(key)
