@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from rr.errors import RRError
 from rr.tasks.code import CodeTaskConfig
+from rr.tasks.entity import EntityTaskConfig
 from rr.tasks.ner import NerTaskConfig
 from rr.tasks.toxicity import ToxicityTaskConfig
 
@@ -335,7 +336,8 @@ class ComputeConfig(_Strict):
         return self.trainer_workers, self.max_trainer_workers or self.trainer_workers
 
 
-TaskConfig = Annotated[Union[CodeTaskConfig, ToxicityTaskConfig, NerTaskConfig], Field(discriminator="name")]
+TaskConfig = Annotated[Union[CodeTaskConfig, ToxicityTaskConfig, NerTaskConfig, EntityTaskConfig],
+                       Field(discriminator="name")]
 
 
 class JobConfig(_Strict):
@@ -383,7 +385,7 @@ def _explain(error: ValidationError, source: str) -> str:
         elif kind == "missing":
             fix = "required: add it"
         elif kind == "union_tag_invalid":
-            fix = "task.name must be one of: code, toxicity, ner"
+            fix = "task.name must be one of: code, toxicity, ner, entity"
         else:
             fix = item["msg"]
         lines.append(f"  {where}: {fix} (got {item.get('input')!r})" if kind != "missing" else f"  {where}: {fix}")

@@ -22,7 +22,12 @@ def _ner():
     return NerTaskConfig, NerTask
 
 
-TASKS = {"code": _code, "toxicity": _toxicity, "ner": _ner}
+def _entity():
+    from rr.tasks.entity import EntityTask, EntityTaskConfig
+    return EntityTaskConfig, EntityTask
+
+
+TASKS = {"code": _code, "toxicity": _toxicity, "ner": _ner, "entity": _entity}
 
 
 def build_task(config: Any, seed: int):

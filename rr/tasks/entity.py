@@ -1,0 +1,298 @@
+"""The entity-knowledge task (papers/004's setting): forget what the model knows about some people, keep what it
+knows about their neighbours.
+
+The shipped people (rr/tasks/data/entities.json) are fictitious, written for rr: 8 people × 9 facts, each a
+question, a one-sentence statement and a short answer. SmolLM2-135M knows none of them, so forgetting them
+is meaningless until the model has learned them: as TOFU (papers/004 §5.1) fine-tunes on its fictitious
+authors first, `python -m rr.tasks.entity learn --output DIR` fine-tunes the embedded model on every
+statement (all splits) and saves a "knowledgeable" model; configs/entity.yaml points model.name_or_path to
+it. Each person's facts are dealt to the splits in rotation (3 reveal, 3 validation, 3 test), so the splits
+ask disjoint questions about the same people.
+
+- contexts: the forget people's questions of the split; the reveal split adds "Tell me about …" prompts, so
+  Reveal generates its forget data by prompting the model about the entity.
+- relevance oracle τ (fact-match, declared): the highest ROUGE-L recall of any of the context's person's
+  shipped answers in the response (1 when it states one of their facts).
+- forget score: forget-question accuracy (the answer's ROUGE-L recall ≥ correct_threshold in a greedy
+  answer); utility: the same on neighbour questions; both with Wilson intervals. Also reported: ROUGE-L recall
+  against the statement, answer probability, token entropy, the embedder's cosine (papers/004's CS), and
+  papers/004's MU (harmonic mean on neighbours) and FE (1 − mean on the forget people). TR and ES are not
+  computed (no perturbed answers, no NLI model).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Sequence
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from rr.errors import RRError
+from rr.evaluation.memorization import (forget_efficacy, model_utility, rouge_l_recall, teacher_forced_scores,
+                                        token_entropy, words)
+from rr.evaluation.metrics import wilson_interval
+from rr.generation.base import request_seed
+from rr.tasks.base import SPLITS, Context, Evaluation, Example, ModelHandle, SamplingParams
+
+SHIPPED_ENTITIES = Path(__file__).parent / "data" / "entities.json"
+_SEPARATOR = "::"
+_OPEN_PROMPTS = ("Tell me about {name}.", "Write a short biography of {name}.")
+
+
+@dataclass(frozen=True)
+class Fact:
+    person: str
+    id: str
+    question: str
+    statement: str
+    answer: str
+    split: str
+
+    @property
+    def context(self) -> Context:
+        return Context(f"{self.person}{_SEPARATOR}{self.id}", self.question)
+
+
+def load_people(path: Path) -> dict[str, list[dict]]:
+    """{name: [fact rows]} from a JSON list of {"name", "facts": [{"id", "question", "statement", "answer"}]}."""
+    if not path.is_file():
+        raise RRError(f"task.entities: {path} does not exist; give a JSON file of people, or 'shipped'")
+    try:
+        rows = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise RRError(f"task.entities: {path} is not valid JSON ({exc.msg})") from None
+    people: dict[str, list[dict]] = {}
+    for index, row in enumerate(rows):
+        name, facts = row.get("name"), row.get("facts")
+        if not isinstance(name, str) or not name.strip() or not isinstance(facts, list) or len(facts) < len(SPLITS):
+            raise RRError(f"task.entities: {path}, person {index}: needs a 'name' and at least 3 'facts'")
+        for fact in facts:
+            missing = [k for k in ("id", "question", "statement", "answer") if not str(fact.get(k, "")).strip()]
+            if missing:
+                raise RRError(f"task.entities: {path}, {name}: a fact lacks {missing}")
+            if rouge_l_recall(fact["statement"], fact["answer"]) < 1.0:
+                raise RRError(f"task.entities: {path}, {name}/{fact['id']}: the answer {fact['answer']!r} is not in "
+                              f"its statement")
+        if name in people:
+            raise RRError(f"task.entities: {path}: {name!r} appears twice")
+        people[name] = facts
+    return people
+
+
+class EntityTaskConfig(BaseModel):
+    """The entity task block: forget some people's facts, keep their neighbours' (papers/004 §5.3 setting)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    name: Literal["entity"] = "entity"
+    entities: str = Field("shipped", description="'shipped' (rr/tasks/data/entities.json, fictitious people) or a "
+                          "JSON path")
+    forget_entities: list[str] = Field(default_factory=lambda: ["Marisol Quenby", "Oren Vasquel"], min_length=1)
+    max_new_tokens: int = Field(40, ge=1)
+    correct_threshold: float = Field(1.0, gt=0, le=1, description="ROUGE-L recall of the short answer that counts "
+                                     "as a correct answer (1: every answer word, in order)")
+    n_exemplars: int = Field(3, ge=1)
+    cosine_similarity: bool = Field(True, description="report papers/004's CS with `embedder` (loads it)")
+    embedder: str = "embedded:all-minilm-l6-v2"
+    oracle: Literal["fact-match"] = Field("fact-match", description="relevance: the person's shipped answers "
+                                          "found in the response")
+
+    @field_validator("forget_entities")
+    @classmethod
+    def _distinct(cls, names):
+        if len(set(names)) != len(names):
+            raise ValueError("forget_entities lists a person twice")
+        return names
+
+
+class EntityTask:
+    name = "entity"
+
+    def __init__(self, config: EntityTaskConfig, seed: int = 0):
+        self.config = config
+        self.seed = seed
+        path = SHIPPED_ENTITIES if config.entities == "shipped" else Path(config.entities)
+        people = load_people(path)
+        unknown = [n for n in config.forget_entities if n not in people]
+        if unknown:
+            raise RRError(f"task.forget_entities: {unknown} are not in {path}; choose from {sorted(people)}")
+        self.forget_people = list(config.forget_entities)
+        self.neighbours = [n for n in people if n not in self.forget_people]
+        if not self.neighbours:
+            raise RRError("task.forget_entities lists every person: keep at least one as a neighbour")
+        self.facts: list[Fact] = []
+        for person_index, (name, rows) in enumerate(people.items()):
+            for fact_index, row in enumerate(rows):
+                split = SPLITS[(fact_index + person_index) % len(SPLITS)]
+                self.facts.append(Fact(name, row["id"], row["question"], row["statement"], row["answer"], split))
+        self._answers = {}
+        for fact in self.facts:
+            self._answers.setdefault(fact.person, []).append(fact.answer)
+        self._embedder = None
+
+    def facts_of(self, people: Sequence[str], split: str) -> list[Fact]:
+        if split not in SPLITS:
+            raise RRError(f"split {split!r} is not one of {SPLITS}")
+        return [f for f in self.facts if f.person in people and f.split == split]
+
+    def contexts(self, split: str) -> list[Context]:
+        contexts = [f.context for f in self.facts_of(self.forget_people, split)]
+        if split == "reveal":
+            contexts += [Context(f"{name}{_SEPARATOR}open{i}", template.format(name=name))
+                         for name in self.forget_people for i, template in enumerate(_OPEN_PROMPTS)]
+        return contexts
+
+    def exemplars(self) -> list[Example]:
+        facts = self.facts_of(self.forget_people, "reveal")
+        return [Example(f.question, f.statement) for f in facts[:self.config.n_exemplars]]
+
+    def relevance(self, contexts: Sequence[Context], responses: Sequence[str]) -> list[float]:
+        if len(contexts) != len(responses):
+            raise RRError(f"relevance: {len(contexts)} contexts but {len(responses)} responses")
+        scores = []
+        for context, response in zip(contexts, responses):
+            person = context.id.split(_SEPARATOR)[0]
+            answers = self._answers.get(person)
+            if answers is None:  # a context from elsewhere: any forget person's fact counts
+                answers = [a for name in self.forget_people for a in self._answers[name]]
+            scores.append(max(rouge_l_recall(response, answer) for answer in answers))
+        return scores
+
+    def retain_examples(self) -> list[Example]:
+        """Neighbours' reveal-split questions with their statements (never validation or test)."""
+        return [Example(f.question, f.statement) for f in self.facts_of(self.neighbours, "reveal")]
+
+    def training_examples(self) -> list[Example]:
+        """Every fact of every person, all splits: what `learn` teaches the model before any unlearning."""
+        return [Example(f.question, f.statement) for f in self.facts]
+
+    def _embed(self, texts):
+        if self._embedder is None:
+            from rr.models import load_embedder
+
+            self._embedder = load_embedder(self.config.embedder)
+        return self._embedder.encode(list(texts), normalize_embeddings=True, convert_to_numpy=True,
+                                     show_progress_bar=False)
+
+    def evaluate(self, model: ModelHandle, split: str) -> Evaluation:
+        groups = {"forget": self.facts_of(self.forget_people, split), "neighbour": self.facts_of(self.neighbours, split)}
+        facts = groups["forget"] + groups["neighbour"]
+        params = SamplingParams(max_new_tokens=self.config.max_new_tokens, temperature=0.0, top_p=1.0, n=1)
+        outputs = model.generate([f.question for f in facts], params,
+                                 seeds=[request_seed(self.seed, "entity-eval", f.context.id) for f in facts])
+        if len(outputs) != len(facts):
+            raise RRError(f"evaluate: the model returned {len(outputs)} answers for {len(facts)} questions")
+        answers = dict(zip((f.context.id for f in facts), (o[0] for o in outputs)))
+        teacher = None
+        if hasattr(model, "model") and hasattr(model, "tokenizer"):  # the HF generator: logits are at hand
+            teacher = teacher_forced_scores(model.model, model.tokenizer,
+                                            [Example(f.question, f.statement) for f in facts])
+            teacher = dict(zip((f.context.id for f in facts), teacher["answer_probability"]))
+        metrics: dict[str, float] = {}
+        intervals, counts = {}, {}
+        parts: dict[str, dict[str, float]] = {}
+        for group, group_facts in groups.items():
+            outs = [answers[f.context.id] for f in group_facts]
+            correct = sum(rouge_l_recall(o, f.answer) >= self.config.correct_threshold for o, f in zip(outs, group_facts))
+            n = len(group_facts)
+            metrics[f"{group}_accuracy"] = correct / n
+            intervals[f"{group}_accuracy"] = wilson_interval(correct, n)
+            counts[f"{group}_questions"] = n
+            part = {"rouge_l_recall": sum(rouge_l_recall(o, f.statement) for o, f in zip(outs, group_facts)) / n}
+            if teacher is not None:
+                part["answer_probability"] = sum(teacher[f.context.id] for f in group_facts) / n
+            if self.config.cosine_similarity:
+                import numpy as np
+
+                vectors = np.asarray(self._embed(outs + [f.statement for f in group_facts]), dtype=np.float64)
+                part["cosine_similarity"] = float(np.clip((vectors[:n] * vectors[n:]).sum(1), 0, 1).mean())
+            if group == "neighbour":
+                part["token_entropy"] = sum(token_entropy(words(o)) for o in outs) / n
+            parts[group] = part
+            metrics.update({f"{group}_{k}": v for k, v in part.items()})
+        metrics["model_utility"] = model_utility(list(parts["neighbour"].values()))
+        metrics["forget_efficacy"] = forget_efficacy(list(parts["forget"].values()))
+        return Evaluation(forget_score=metrics["forget_accuracy"], utility_score=metrics["neighbour_accuracy"],
+                          metrics=metrics, intervals=intervals, counts=counts)
+
+
+# ---- the "knowledgeable" model: learn the facts before unlearning them ------------------------------------
+
+
+def learn_facts(model, tokenizer, examples: Sequence[Example], epochs: int = 8, learning_rate: float = 1e-4,
+                batch_size: int = 8, seed: int = 0) -> list[float]:
+    """Full-weight fine-tuning on the statements (TOFU's first step); returns the mean loss of each epoch."""
+    import torch
+
+    from rr.methods.finetune import _batches
+    from rr.methods.losses import nll_loss
+    from rr.release.pem import _pad_token_id, collate, encode_examples
+
+    encoded = encode_examples(tokenizer, examples, 256)
+    device = next(model.parameters()).device
+    model.requires_grad_(True)
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=0.0)
+    order = _batches(len(encoded), batch_size, torch.Generator().manual_seed(seed))
+    per_epoch = -(-len(encoded) // batch_size)
+    history = []
+    for _ in range(epochs):
+        total = 0.0
+        for _ in range(per_epoch):
+            batch = collate([encoded[i] for i in next(order)], _pad_token_id(tokenizer), device)
+            loss = nll_loss(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
+                            batch["labels"])
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            total += float(loss.detach())
+        history.append(total / per_epoch)
+    model.eval().requires_grad_(False)
+    return history
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """python -m rr.tasks.entity learn --output DIR: the embedded model, fine-tuned on the shipped people."""
+    import argparse
+    import time
+
+    import torch
+
+    from rr.generation.hf import HFGenerator
+    from rr.models import load_model_and_tokenizer
+
+    parser = argparse.ArgumentParser(prog="python -m rr.tasks.entity")
+    parser.add_argument("command", choices=["learn"])
+    parser.add_argument("--output", required=True, type=Path)
+    parser.add_argument("--model", default="embedded:smollm2")
+    parser.add_argument("--entities", default="shipped")
+    parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--learning-rate", type=float, default=1e-4)
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    task = EntityTask(EntityTaskConfig(entities=args.entities, cosine_similarity=False))
+    model, tokenizer = load_model_and_tokenizer(args.model)
+    generator = HFGenerator(model, tokenizer, batch_size=32)
+    before = task.evaluate(generator, "test")
+    started = time.perf_counter()
+    losses = learn_facts(model, tokenizer, task.training_examples(), args.epochs, args.learning_rate)
+    after = task.evaluate(generator, "test")
+    args.output.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(args.output)
+    tokenizer.save_pretrained(args.output)
+    report = {"base_model": args.model, "epochs": args.epochs, "learning_rate": args.learning_rate,
+              "epoch_losses": losses, "wall_time_s": time.perf_counter() - started,
+              "test_before": {"forget_accuracy": before.metrics["forget_accuracy"],
+                              "neighbour_accuracy": before.metrics["neighbour_accuracy"]},
+              "test_after": {"forget_accuracy": after.metrics["forget_accuracy"],
+                             "neighbour_accuracy": after.metrics["neighbour_accuracy"]}}
+    (args.output / "learned_facts.json").write_text(json.dumps(report, indent=1))
+    print(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()
