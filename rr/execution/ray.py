@@ -17,6 +17,7 @@ import asyncio
 import logging
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -507,7 +508,7 @@ class RayExecutor:
             tune.with_resources(trainable, resources),
             param_space={"weight": tune.grid_search(ordered)},
             tune_config=tune.TuneConfig(max_concurrent_trials=self.compute.parallel_candidates or len(ordered)),
-            run_config=tune.RunConfig(name=f"{pem.name}-{len(ordered)}", verbose=0,
+            run_config=tune.RunConfig(name=f"{pem.name}-{time.strftime('%Y%m%d-%H%M%S')}", verbose=0,
                                       storage_path=str(self.job.dir / "ray" / "tune"),
                                       stop=_as_tune_stopper(_CandidateStopper(on_result, decided))))
         results = tuner.fit()

@@ -1,0 +1,153 @@
+"""The Ray executor against the in-process one on the real embedded model: same answers from 2 replicas (greedy,
+sampled, composed), a replica killed mid-call loses and duplicates nothing, the weight search runs as Tune
+trials on the shared pool and stops once decided, and a PEM trained on Ray Train equals the in-process one."""
+
+import os
+import signal
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+ray = pytest.importorskip("ray")
+
+from rr.config import JobConfig  # noqa: E402
+from rr.execution.local import LocalExecutor  # noqa: E402
+from rr.release.ledger import Pem, WeightedPem  # noqa: E402
+from rr.tasks.base import Evaluation, Example, SamplingParams  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+PROMPTS = ["Write a Python function that adds two numbers.", "What is 17 + 25?", "Say hello to a friend.",
+           "Reverse a list in Python.", "Name three colours.", "Write a function that checks for a palindrome.",
+           "What is 9 times 7?", "Explain a for loop briefly."]
+
+
+def ci_config(tmp_path, **compute) -> JobConfig:
+    data = yaml.safe_load((ROOT / "configs" / "ci.yaml").read_text())
+    data["output_dir"] = str(tmp_path / "job")
+    data["tracking"] = {"enabled": False}
+    data["generation"] = {"batch_size": 3}  # several batches per call, so both replicas take some
+    data["compute"] = {"threads": 2, **compute}
+    return JobConfig.model_validate(data)
+
+
+@pytest.fixture(scope="module")
+def ray_job(tmp_path_factory):
+    from rr.job import Job
+
+    tmp_path = tmp_path_factory.mktemp("ray")
+    os.environ["RAY_worker_niceness"] = "0"  # Ray nices workers by default; these are the test's compute
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             _temp_dir=tempfile.mkdtemp(prefix="rr-ray-", dir="/tmp"))
+    # The test module's classes (FakeTask) travel to Tune trials by value: workers cannot import tests/.
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    job = Job(ci_config(tmp_path, executor="ray", generator_replicas=2, replica_num_cpus=0.5, threads_per_replica=1,
+                        trainer_num_cpus=1, request_resources=False))
+    try:
+        yield job
+    finally:
+        job.close()
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def local(ray_job):
+    # The in-process executor on the same job: the driver's own model, composed by hooks.
+    torch.set_num_threads(2)
+    executor = LocalExecutor(ray_job)
+    yield executor
+    executor.close()
+
+
+def random_pem(model, name: str, seed: int) -> Pem:
+    generator = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for module_name, module in model.named_modules():
+        if module_name.endswith(("q_proj", "v_proj")):
+            a = torch.randn(4, module.in_features, generator=generator) * 0.05
+            b = torch.randn(module.out_features, 4, generator=generator) * 0.05
+            tensors[module_name] = (a, b)
+    return Pem(name, "forget", 4, 8.0, ["q_proj", "v_proj"], tensors)
+
+
+def test_two_replicas_answer_exactly_as_the_in_process_generator(ray_job, local):
+    greedy = SamplingParams(max_new_tokens=12)
+    sampled = SamplingParams(max_new_tokens=12, temperature=0.9, top_p=0.9, n=2)
+    seeds = list(range(100, 100 + len(PROMPTS)))
+    assert ray_job.executor.generate(PROMPTS, greedy) == local.generate(PROMPTS, greedy)
+    assert ray_job.executor.generate(PROMPTS, sampled, seeds) == local.generate(PROMPTS, sampled, seeds)
+    # A composition reaches the replicas as adapters: the same answers as the hooks on the driver's model.
+    pem = random_pem(ray_job.model, "random-forget", 0)
+    for weight in (-2.0, 1.5):
+        composition = [WeightedPem(pem, weight)]
+        assert ray_job.executor.generate(PROMPTS, greedy, composition=composition) == \
+            local.generate(PROMPTS, greedy, composition=composition)
+    texts = [p * 3 for p in PROMPTS[:3]]
+    composition = [WeightedPem(pem, -2.0)]
+    ray_ppl = ray.get(ray_job.executor.pool.perplexity.remote(texts, ((pem.name, -2.0),)))
+    assert ray_ppl == pytest.approx(local._handle(composition).perplexity(texts), rel=1e-5)
+    stats = ray.get(ray_job.executor.pool.stats.remote())
+    assert stats["replicas"] == 2 and stats["batches"] >= 2 * 3
+
+
+def test_a_killed_replica_is_restarted_and_every_request_answered_once(ray_job, local):
+    params = SamplingParams(max_new_tokens=24, temperature=0.7, n=2)
+    prompts = PROMPTS * 2
+    seeds = list(range(len(prompts)))
+    expected = local.generate(prompts, params, seeds)
+    pool = ray_job.executor._ensure_pool()
+    before = ray.get(pool.info.remote())
+    pending = pool.generate.remote(prompts, params, seeds, ())
+    time.sleep(3)  # the first batches are decoding on both replicas
+    os.kill(before[0]["pid"], signal.SIGKILL)
+    answers = ray.get(pending, timeout=900)
+    assert answers == expected  # every request answered once, none lost, the same text as without the kill
+    after = ray.get(pool.info.remote())
+    assert after[0]["pid"] != before[0]["pid"], "the killed replica was not restarted"
+    assert after[1]["pid"] == before[1]["pid"]
+
+
+class FakeTask:
+    """Scores a composition by how often its greedy answers mention `def` (a cheap stand-in for pass@1)."""
+
+    def evaluate(self, model, split):
+        answers = model.generate(PROMPTS[:3], SamplingParams(max_new_tokens=10))
+        forget = sum("def" in a[0] for a in answers) / 3
+        return Evaluation(forget, 1.0, {"answers": float(len(answers))})
+
+
+def test_weight_search_is_a_tune_experiment_on_the_shared_pool_that_stops_once_decided(ray_job, local):
+    pem = random_pem(ray_job.model, "search-forget", 1)
+    weights = [-0.5, -1.0, -2.0, -4.0, -8.0]
+    seen: dict[float, Evaluation] = {}
+    ray_job.config.compute.parallel_candidates = 2  # two trials at a time: the later ones wait
+    try:
+        ray_job.executor.search_weights(FakeTask(), "validation", [], pem, weights,
+                                        lambda w, e: seen.__setitem__(w, e), lambda: len(seen) >= 2)
+    finally:
+        ray_job.config.compute.parallel_candidates = None
+    assert 2 <= len(seen) < len(weights), "the experiment did not stop once decided"
+    assert set(seen) <= set(weights[:4])
+    for weight, evaluation in seen.items():  # each trial scored its own composition on the replicas
+        assert evaluation.forget_score == FakeTask().evaluate(local._handle([WeightedPem(pem, weight)]), "x").forget_score
+    trials = list((ray_job.dir / "ray" / "tune").glob("search-forget-*/*"))
+    assert trials, "no Tune experiment was written under the job dir"
+
+
+def test_a_pem_trained_on_ray_train_equals_the_in_process_one(ray_job, local, tmp_path):
+    examples = [Example(f"What is {i} + {i}?", f"{i} + {i} = {2 * i}.") for i in range(6)]
+    lora = ray_job.config.release.lora
+    composition = [WeightedPem(random_pem(ray_job.model, "earlier", 2), -1.0)]
+    on_ray = ray_job.executor.train_pem(composition, examples, lora, "step1-forget", "forget", tmp_path / "ray", 5)
+    in_process = local.train_pem(composition, examples, lora, "step1-forget", "forget", tmp_path / "local", 5)
+    assert sorted(on_ray.tensors) == sorted(in_process.tensors)
+    for module, (a, b) in in_process.tensors.items():
+        torch.testing.assert_close(on_ray.tensors[module][0], a, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(on_ray.tensors[module][1], b, rtol=1e-4, atol=1e-6)
+    assert (tmp_path / "ray" / "adapter_model.safetensors").exists()
