@@ -43,6 +43,8 @@ def test_it_is_a_registered_task_with_disjoint_splits_about_the_same_people():
     assert not evaluated & {e.prompt for e in retain}
     assert len(entity.training_examples()) == 8 * 9
     assert all(e.prompt in questions["reveal"] for e in entity.exemplars())
+    external = entity.external_forget_examples()  # TOFU's forget set: the forget people's reveal facts
+    assert len(external) == 6 and all(e.prompt in questions["reveal"] for e in external)
 
 
 def test_the_fact_match_oracle_scores_stated_facts():

@@ -164,6 +164,11 @@ class EntityTask:
         """Neighbours' reveal-split questions with their statements (never validation or test)."""
         return [Example(f.question, f.statement) for f in self.facts_of(self.neighbours, "reveal")]
 
+    def external_forget_examples(self) -> list[Example]:
+        """The forget people's reveal-split facts with their true statements (TOFU's forget set; compare.forget_data:
+        external)."""
+        return [Example(f.question, f.statement) for f in self.facts_of(self.forget_people, "reveal")]
+
     def training_examples(self) -> list[Example]:
         """Every fact of every person, all splits: what `learn` teaches the model before any unlearning."""
         return [Example(f.question, f.statement) for f in self.facts]
