@@ -82,8 +82,9 @@ def two_jobs(ray_head, tmp_path_factory):
     # Arms are decoded on the driver under either executor (the same code): reuse them, not the executor's work.
     (ray_dir / "reveal").mkdir(parents=True)
     shutil.copy(local_dir / "reveal" / "arms.npz", ray_dir / "reveal" / "arms.npz")
+    # threads_per_replica as the in-process run's threads: CPU kernels sum in the same order
     config = write_config(tmp / "ray.yaml", executor="ray", generator_replicas=2, replica_num_cpus=0.5,
-                          threads_per_replica=1, trainer_num_cpus=1)
+                          threads_per_replica=2, trainer_num_cpus=1)
     submission = f"rr-ci-{os.getpid()}"
     submit = subprocess.run(["ray", "job", "submit", "--address", ray_head, "--working-dir", str(ROOT),
                              "--submission-id", submission, "--", "python", "ray_jobs/release.py",
