@@ -26,7 +26,7 @@ def base_scores(job, split: str) -> dict:
         return state["steps"][0][split]
     cached = job.read_json(f"compare/base_{split}.json")
     if cached is None:
-        cached = evaluation_dict(job.task.evaluate(job.generator, split))
+        cached = evaluation_dict(job.executor.evaluate(job.task, split))
         job.write_json(f"compare/base_{split}.json", cached)
     return cached
 
