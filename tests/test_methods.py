@@ -101,7 +101,8 @@ def test_registry_lists_the_fine_tuning_methods_of_issue_7():
 def test_compare_config_is_optional_typed_and_strict(tmp_path):
     assert JobConfig().compare is None  # a job without the section is unchanged
     config = CompareConfig()
-    assert config.methods == ["ga+gd", "npo+gd", "me+gd"] and config.finetune.npo_beta == 0.1
+    assert config.methods == ["reveal-release", "pem-negation", "ga+gd", "npo+gd", "me+gd"]
+    assert config.finetune.npo_beta == 0.1 and config.forget_data == "self-generated"
     with pytest.raises(ValidationError, match="unknown release method"):
         CompareConfig(methods=["ga", "gaa"])
     with pytest.raises(ValidationError, match="listed twice"):
