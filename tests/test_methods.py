@@ -230,6 +230,8 @@ def test_bad_inputs_fail_clearly_and_leave_the_model(learned_state):
     with pytest.raises(RRError, match="needs retain data"):
         train_unlearning(model, tokenizer, FORGET, [], "me+gd", finetune())
     with pytest.raises(RRError, match="unknown release method"):
+        train_unlearning(model, tokenizer, FORGET, RETAIN, "dpoo", finetune())
+    with pytest.raises(RRError, match="run by rr/methods/targeted"):
         train_unlearning(model, tokenizer, FORGET, RETAIN, "dpo", finetune())
     with pytest.raises(RRError, match="lora_target_modules"):
         train_unlearning(model, tokenizer, FORGET, RETAIN, "ga", finetune(lora_target_modules=["nope_proj"]))

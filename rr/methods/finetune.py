@@ -14,7 +14,7 @@ import copy
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
@@ -23,7 +23,8 @@ from rr.config import FineTuneConfig  # a `compare.finetune` block
 from rr.errors import RRError
 from rr.methods import Method, MethodRun, ReleaseData, get_method
 from rr.methods.losses import ga_loss, kl_to_reference, me_loss, nll_loss, npo_loss, sequence_log_probs
-from rr.release.pem import IGNORE_INDEX, _pad_token_id, collate, encode_examples, restore_after_lora
+from rr.methods.session import batches, step_count, training_session
+from rr.release.pem import IGNORE_INDEX, _pad_token_id, collate, encode_examples
 from rr.tasks.base import Example
 
 Batch = dict[str, torch.Tensor]
@@ -57,77 +58,19 @@ def train_unlearning(model: nn.Module, tokenizer, forget_examples: Sequence[Exam
     forget = encode_examples(tokenizer, forget_examples, config.max_length, chat_template)
     retain = encode_examples(tokenizer, retain_examples, config.max_length, chat_template) \
         if spec.needs_retain_data else []
-    device = next(model.parameters()).device
-    requires_grad = {param: param.requires_grad for param in model.parameters()}
-    was_training = model.training
-    peft_model, trained = None, False
-    try:
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            torch.manual_seed(seed)  # LoRA init and dropout
-            if config.weights == "lora":
-                peft_model = _wrap_lora(model, config)
-                policy, reference = peft_model, _adapter_off_reference(peft_model)
-            else:
-                # The full-weight reference is a frozen copy, made only when the objective needs one.
-                frozen = copy.deepcopy(model).eval().requires_grad_(False) if spec.needs_reference else None
-                model.requires_grad_(True)
-                policy, reference = model, (_frozen_reference(frozen) if frozen is not None else None)
-            step_losses = _fit(spec, config, policy, reference, forget, retain, seed, _pad_token_id(tokenizer),
-                               device)
-            trained = True
-    finally:
-        # merged into the original Linears on success; on a failure the model is left as it was
-        restore_after_lora(model, model, peft_model, requires_grad, was_training, merge=trained)
+    with training_session(model, config, seed, spec.needs_reference) as (policy, reference, optimizer):
+        step_losses = _fit(spec, config, policy, reference, optimizer, forget, retain, seed,
+                           _pad_token_id(tokenizer), next(model.parameters()).device)
     return UnlearningResult(method=method, steps=len(step_losses), wall_time_s=time.perf_counter() - started,
                             forget_examples=len(forget), retain_examples=len(retain), step_losses=step_losses)
 
 
-def _wrap_lora(model: nn.Module, config: FineTuneConfig):
-    from peft import LoraConfig, get_peft_model
-
-    lora_config = LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-                             target_modules=list(config.lora_target_modules), bias="none", task_type="CAUSAL_LM")
-    try:
-        return get_peft_model(model, lora_config)
-    except ValueError as error:
-        raise RRError(f"compare.finetune.lora_target_modules={config.lora_target_modules} do not fit the model "
-                      f"({error}); name Linear layers it has, e.g. q_proj, v_proj") from error
-
-
-def _adapter_off_reference(peft_model) -> Callable[[Batch], torch.Tensor]:
-    """The starting model is the LoRA model with its adapter switched off: no copy needed."""
-    def logits(batch: Batch) -> torch.Tensor:
-        with torch.no_grad(), peft_model.disable_adapter():
-            return peft_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    return logits
-
-
-def _frozen_reference(frozen: nn.Module) -> Callable[[Batch], torch.Tensor]:
-    def logits(batch: Batch) -> torch.Tensor:
-        with torch.no_grad():
-            return frozen(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    return logits
-
-
-def _batches(n: int, size: int, generator: torch.Generator) -> Iterator[list[int]]:
-    """Index batches over endless shuffled passes; each pass yields ceil(n / size) batches."""
-    while True:
-        order = torch.randperm(n, generator=generator).tolist()
-        for start in range(0, n, size):
-            yield order[start:start + size]
-
-
-def _fit(spec: Method, config: FineTuneConfig, policy: nn.Module, reference, forget, retain, seed: int,
-         pad_token_id: int, device: torch.device) -> list[dict[str, float]]:
-    params = [p for p in policy.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
-    steps = -(-len(forget) // config.batch_size) * config.epochs
-    if config.max_steps is not None:
-        steps = min(steps, config.max_steps)
-    forget_order = _batches(len(forget), config.batch_size, torch.Generator().manual_seed(seed))
-    retain_order = _batches(len(retain), config.batch_size, torch.Generator().manual_seed(seed + 1)) \
+def _fit(spec: Method, config: FineTuneConfig, policy: nn.Module, reference, optimizer: torch.optim.Optimizer,
+         forget, retain, seed: int, pad_token_id: int, device: torch.device) -> list[dict[str, float]]:
+    steps = step_count(len(forget), config)
+    forget_order = batches(len(forget), config.batch_size, torch.Generator().manual_seed(seed))
+    retain_order = batches(len(retain), config.batch_size, torch.Generator().manual_seed(seed + 1)) \
         if retain else None
-    policy.train()
     step_losses = []
     for _ in range(steps):
         forget_batch = collate([forget[i] for i in next(forget_order)], pad_token_id, device)

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from rr.config import RmuConfig
 from rr.errors import RRError
 from rr.methods import Method, MethodRun, ReleaseData
-from rr.methods.finetune import _batches
+from rr.methods.session import batches
 from rr.release.pem import _pad_token_id, collate, encode_examples
 from rr.tasks.base import Example
 
@@ -114,8 +114,8 @@ def train_rmu(model: nn.Module, tokenizer, forget_examples: Sequence[Example], r
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=0.0)
     steps = -(-len(forget) // config.batch_size) * config.epochs
     steps = steps if config.max_steps is None else min(steps, config.max_steps)
-    forget_order = _batches(len(forget), config.batch_size, torch.Generator().manual_seed(seed))
-    retain_order = _batches(len(retain), config.batch_size, torch.Generator().manual_seed(seed + 1))
+    forget_order = batches(len(forget), config.batch_size, torch.Generator().manual_seed(seed))
+    retain_order = batches(len(retain), config.batch_size, torch.Generator().manual_seed(seed + 1))
     step_losses = []
     try:
         model.train()

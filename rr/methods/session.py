@@ -2,8 +2,7 @@
 wrapped in a LoRA (or trained in full), the caller runs its own steps, and on exit the model is the trained
 one (LoRA merged) with its flags and mode restored; on an error it is left as it was.
 
-It is finetune.train_unlearning's setup and teardown without its loop, so each method's file reads as its
-objective and its loop.
+finetune.train_unlearning uses it too, so each method's file reads as its objective and its loop.
 """
 
 from __future__ import annotations
@@ -16,10 +15,11 @@ import torch
 from torch import nn
 
 from rr.config import FineTuneConfig
-from rr.methods.finetune import _adapter_off_reference, _frozen_reference, _wrap_lora
+from rr.errors import RRError
 from rr.release.pem import restore_after_lora
 
-Reference = Callable[[dict], torch.Tensor]
+Batch = dict[str, torch.Tensor]
+Reference = Callable[[Batch], torch.Tensor]
 
 
 @contextmanager
@@ -53,3 +53,38 @@ def step_count(examples: int, config: FineTuneConfig) -> int:
     """config.epochs passes of config.batch_size, capped by config.max_steps."""
     steps = -(-examples // config.batch_size) * config.epochs
     return steps if config.max_steps is None else min(steps, config.max_steps)
+
+
+def _wrap_lora(model: nn.Module, config: FineTuneConfig):
+    from peft import LoraConfig, get_peft_model
+
+    lora_config = LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                             target_modules=list(config.lora_target_modules), bias="none", task_type="CAUSAL_LM")
+    try:
+        return get_peft_model(model, lora_config)
+    except ValueError as error:
+        raise RRError(f"compare.finetune.lora_target_modules={config.lora_target_modules} do not fit the model "
+                      f"({error}); name Linear layers it has, e.g. q_proj, v_proj") from error
+
+
+def _adapter_off_reference(peft_model) -> Callable[[Batch], torch.Tensor]:
+    """The starting model is the LoRA model with its adapter switched off: no copy needed."""
+    def logits(batch: Batch) -> torch.Tensor:
+        with torch.no_grad(), peft_model.disable_adapter():
+            return peft_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    return logits
+
+
+def _frozen_reference(frozen: nn.Module) -> Callable[[Batch], torch.Tensor]:
+    def logits(batch: Batch) -> torch.Tensor:
+        with torch.no_grad():
+            return frozen(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    return logits
+
+
+def batches(n: int, size: int, generator: torch.Generator) -> Iterator[list[int]]:
+    """Index batches over endless shuffled passes; each pass yields ceil(n / size) batches."""
+    while True:
+        order = torch.randperm(n, generator=generator).tolist()
+        for start in range(0, n, size):
+            yield order[start:start + size]

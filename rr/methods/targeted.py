@@ -26,7 +26,7 @@ from torch.nn import functional as F
 from rr.config import TargetedConfig
 from rr.errors import RRError
 from rr.methods import Method, MethodRun, ReleaseData, get_method
-from rr.methods.finetune import _batches
+from rr.methods.session import batches
 from rr.methods.losses import nll_loss, sequence_log_probs
 from rr.release.pem import _pad_token_id, collate, encode_example
 from rr.tasks.base import Example
@@ -128,18 +128,18 @@ def train_targeted(model, tokenizer, forget_examples: Sequence[Example], retain_
     step_losses = []
     with training_session(model, config, seed, needs_reference=spec.forget_loss == "dpo") as (policy, reference,
                                                                                                 optimizer):
-        forget_order = _batches(len(forget), config.batch_size, torch.Generator().manual_seed(seed))
-        retain_order = _batches(len(retain), config.batch_size, torch.Generator().manual_seed(seed + 1)) \
+        forget_order = batches(len(forget), config.batch_size, torch.Generator().manual_seed(seed))
+        retain_order = batches(len(retain), config.batch_size, torch.Generator().manual_seed(seed + 1)) \
             if retain else None
         for _ in range(step_count(len(forget), config)):
             rows = [forget[i] for i in next(forget_order)]
-            batches = [collate([r[0] for r in rows], pad, device), collate([r[1] for r in rows], pad, device)]
+            step_batches = [collate([r[0] for r in rows], pad, device), collate([r[1] for r in rows], pad, device)]
             if retain_order is not None:
                 rows = [retain[i] for i in next(retain_order)]
-                batches += [collate([r[0] for r in rows], pad, device), collate([r[1] for r in rows], pad, device)]
+                step_batches += [collate([r[0] for r in rows], pad, device), collate([r[1] for r in rows], pad, device)]
             else:
-                batches += [None, None]
-            losses = targeted_objective(spec, config, policy, reference, *batches)
+                step_batches += [None, None]
+            losses = targeted_objective(spec, config, policy, reference, *step_batches)
             losses["total"].backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)

@@ -231,7 +231,7 @@ def learn_facts(model, tokenizer, examples: Sequence[Example], epochs: int = 8, 
     """Full-weight fine-tuning on the statements (TOFU's first step); returns the mean loss of each epoch."""
     import torch
 
-    from rr.methods.finetune import _batches
+    from rr.methods.session import batches
     from rr.methods.losses import nll_loss
     from rr.release.pem import _pad_token_id, collate, encode_examples
 
@@ -240,7 +240,7 @@ def learn_facts(model, tokenizer, examples: Sequence[Example], epochs: int = 8, 
     model.requires_grad_(True)
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=0.0)
-    order = _batches(len(encoded), batch_size, torch.Generator().manual_seed(seed))
+    order = batches(len(encoded), batch_size, torch.Generator().manual_seed(seed))
     per_epoch = -(-len(encoded) // batch_size)
     history = []
     for _ in range(epochs):
