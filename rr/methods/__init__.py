@@ -1,7 +1,7 @@
 """Release methods behind one registry: each name says which module runs it and with which objective.
 
 A method is one file (its family's module under rr/methods), one entry here and one config block. Every
-family module has `run_method(job, method, out_dir, progress) -> MethodRun`: it unlearns the job's forget
+family module has `run_method(job, method, data, out_dir, progress) -> MethodRun`: it unlearns the job's forget
 set (self-generated, or external) from the job's base model, with the task's retain data, and scores the
 result on the test split (rr/compare.py calls it). This module imports no torch, so the config can check
 method names without loading a model.
