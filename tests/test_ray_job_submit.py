@@ -4,6 +4,7 @@ replicas, SUCCEEDED, its outputs checked, and the same forget set and chosen wei
 
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -39,12 +40,21 @@ def write_config(path: Path, **compute) -> Path:
     return path
 
 
+TOKEN = secrets.token_hex(16)
+
+
+def auth_env() -> dict:
+    return dict(os.environ, RAY_worker_niceness="0", RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=TOKEN)
+
+
 @pytest.fixture(scope="module")
 def ray_head():
     """`ray start --head --block` on loopback; SIGTERM to it stops exactly this head's processes."""
     port, dashboard = free_port(), free_port()
     temp_dir = tempfile.mkdtemp(prefix="rr-ray-", dir="/tmp")
-    env = dict(os.environ, RAY_worker_niceness="0")
+    # Ray ≥ 2.59 turns token authentication on for local clusters: give this head its own token, and every
+    # client below (the probe, `ray job submit`, `ray job status`) the same one.
+    env = auth_env()
     head = subprocess.Popen(["ray", "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(port),
                              "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard), "--num-cpus", "2",
                              "--temp-dir", temp_dir, "--disable-usage-stats"],
@@ -53,7 +63,8 @@ def ray_head():
     deadline = time.time() + 180
     while True:
         try:
-            urllib.request.urlopen(f"{address}/api/version", timeout=5)
+            urllib.request.urlopen(urllib.request.Request(f"{address}/api/version",
+                                                          headers={"Authorization": f"Bearer {TOKEN}"}), timeout=5)
             break
         except OSError:
             if head.poll() is not None or time.time() > deadline:
@@ -89,9 +100,9 @@ def two_jobs(ray_head, tmp_path_factory):
     submit = subprocess.run(["ray", "job", "submit", "--address", ray_head, "--working-dir", str(ROOT),
                              "--submission-id", submission, "--", "python", "ray_jobs/release.py",
                              "--config", str(config), "--output", str(ray_dir)],
-                            cwd=ROOT, capture_output=True, text=True, timeout=2400)
+                            cwd=ROOT, capture_output=True, text=True, timeout=2400, env=auth_env())
     status = subprocess.run(["ray", "job", "status", "--address", ray_head, submission],
-                            capture_output=True, text=True, timeout=120)
+                            capture_output=True, text=True, timeout=120, env=auth_env())
     return {"local": local_dir, "ray": ray_dir, "submit": submit, "status": status}
 
 
