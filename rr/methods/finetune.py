@@ -10,7 +10,6 @@ and the response as the only target.
 
 from __future__ import annotations
 
-import copy
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +22,7 @@ from rr.config import FineTuneConfig  # a `compare.finetune` block
 from rr.errors import RRError
 from rr.methods import Method, MethodRun, ReleaseData, get_method
 from rr.methods.losses import ga_loss, kl_to_reference, me_loss, nll_loss, npo_loss, sequence_log_probs
-from rr.methods.session import batches, step_count, training_session
+from rr.methods.session import batches, step_count, training_session, unlearn_a_copy
 from rr.release.pem import IGNORE_INDEX, _pad_token_id, collate, encode_examples
 from rr.tasks.base import Example
 
@@ -116,25 +115,12 @@ def objective(spec: Method, config: FineTuneConfig, policy: nn.Module,
 
 
 def run_method(job, method: Method, data: ReleaseData, out_dir: Path, progress: Callable[[str], None]) -> MethodRun:
-    """`rr compare`: train a copy of the job's base model with `method` (compare.finetune), score it on the test
-    split and drop it. The per-step losses go to out_dir/losses.json."""
-    import json
-
-    from rr.generation.hf import HFGenerator
-    from rr.release.loop import evaluation_dict
-
+    """`rr compare`: a copy of the job's base model unlearned with `method` (compare.finetune), scored on test."""
     config = job.config.compare.finetune if job.config.compare is not None else FineTuneConfig()
-    model = copy.deepcopy(job.model)
     progress(f"{method.name}: fine-tuning ({config.weights}) on {len(data.forget)} {data.source} forget examples"
              + (f" and {len(data.retain)} retain examples" if method.needs_retain_data else ""))
-    result = train_unlearning(model, job.tokenizer, data.forget, data.retain, method.name, config, job.config.seed)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "losses.json").write_text(json.dumps(result.step_losses))
-    progress(f"{method.name}: {result.steps} steps in {result.wall_time_s:.0f}s; scoring the test split")
-    test = evaluation_dict(job.task.evaluate(HFGenerator(model, job.tokenizer,
-                                                         batch_size=job.config.generation.batch_size), "test"))
-    del model
-    last = result.step_losses[-1] if result.step_losses else {}
-    return MethodRun(method.name, test, result.wall_time_s,
-                     {"steps": result.steps, "weights": config.weights, "learning_rate": config.learning_rate,
-                      "epochs": config.epochs, "final_losses": last})
+    test, wall_time, step_losses = unlearn_a_copy(job, method.name, out_dir, progress, lambda model: train_unlearning(
+        model, job.tokenizer, data.forget, data.retain, method.name, config, job.config.seed).step_losses)
+    return MethodRun(method.name, test, wall_time,
+                     {"steps": len(step_losses), "weights": config.weights, "learning_rate": config.learning_rate,
+                      "epochs": config.epochs, "final_losses": step_losses[-1] if step_losses else {}})

@@ -14,9 +14,7 @@ is the declared stand-in (compare.icu.similarity: bertscore uses BERTScore F1 wh
 
 from __future__ import annotations
 
-import copy
 import json
-import time
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -138,23 +136,21 @@ def icu_objective(config: IcuConfig, policy, reference, forget_batch, learn_batc
 
 def run_method(job, method: Method, data: ReleaseData, out_dir: Path, progress: Callable[[str], None]) -> MethodRun:
     from rr.config import CompareConfig
-    from rr.generation.hf import HFGenerator
-    from rr.release.loop import evaluation_dict
+    from rr.methods.session import unlearn_a_copy
 
     config = (job.config.compare or CompareConfig()).icu
-    model = copy.deepcopy(job.model)
     progress(f"icu: {config.weights} fine-tuning on {len(data.forget)} {data.source} forget examples, each paired "
              f"with its nearest of {len(data.retain)} retain examples")
-    started = time.perf_counter()
-    result = train_icu(model, job.tokenizer, data.forget, data.retain, config, job.embed, job.config.seed, progress)
-    wall_time = time.perf_counter() - started
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "losses.json").write_text(json.dumps(result["step_losses"]))
-    (out_dir / "gates.json").write_text(json.dumps(result["gates"], indent=1))
-    progress(f"icu: {len(result['step_losses'])} steps in {wall_time:.0f}s; scoring the test split")
-    test = evaluation_dict(job.task.evaluate(HFGenerator(model, job.tokenizer,
-                                                         batch_size=job.config.generation.batch_size), "test"))
-    del model
+    result = {}
+
+    def train(model):
+        result.update(train_icu(model, job.tokenizer, data.forget, data.retain, config, job.embed, job.config.seed,
+                                progress))
+        (out_dir / "gates.json").parent.mkdir(parents=True, exist_ok=True)
+        (out_dir / "gates.json").write_text(json.dumps(result["gates"], indent=1))
+        return result["step_losses"]
+
+    test, wall_time, step_losses = unlearn_a_copy(job, method.name, out_dir, progress, train)
     return MethodRun(method.name, test, wall_time,
                      {"steps": len(result["step_losses"]), "weights": config.weights, "similarity": config.similarity,
                       "gates": result["gates"], "remaining_forget_samples": result["remaining"],

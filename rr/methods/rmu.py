@@ -11,9 +11,6 @@ retain activations are computed once before training, so no second model is held
 
 from __future__ import annotations
 
-import copy
-import json
-import time
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -142,22 +139,13 @@ def train_rmu(model: nn.Module, tokenizer, forget_examples: Sequence[Example], r
 
 def run_method(job, method: Method, data: ReleaseData, out_dir: Path, progress: Callable[[str], None]) -> MethodRun:
     from rr.config import CompareConfig
-    from rr.generation.hf import HFGenerator
-    from rr.release.loop import evaluation_dict
+    from rr.methods.session import unlearn_a_copy
 
     config = (job.config.compare or CompareConfig()).rmu
-    model = copy.deepcopy(job.model)
     progress(f"rmu: steering layer {config.layer} on {len(data.forget)} {data.source} forget examples, holding it "
              f"on {len(data.retain)} retain examples")
-    started = time.perf_counter()
-    step_losses = train_rmu(model, job.tokenizer, data.forget, data.retain, config, job.config.seed)
-    wall_time = time.perf_counter() - started
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "losses.json").write_text(json.dumps(step_losses))
-    progress(f"rmu: {len(step_losses)} steps in {wall_time:.0f}s; scoring the test split")
-    test = evaluation_dict(job.task.evaluate(HFGenerator(model, job.tokenizer,
-                                                         batch_size=job.config.generation.batch_size), "test"))
-    del model
+    test, wall_time, step_losses = unlearn_a_copy(job, method.name, out_dir, progress, lambda model: train_rmu(
+        model, job.tokenizer, data.forget, data.retain, config, job.config.seed))
     return MethodRun(method.name, test, wall_time,
                      {"steps": len(step_losses), "layer": config.layer,
                       "steering_coefficient": config.steering_coefficient,

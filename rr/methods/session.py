@@ -88,3 +88,27 @@ def batches(n: int, size: int, generator: torch.Generator) -> Iterator[list[int]
         order = torch.randperm(n, generator=generator).tolist()
         for start in range(0, n, size):
             yield order[start:start + size]
+
+
+def unlearn_a_copy(job, name: str, out_dir, progress: Callable[[str], None],
+                   train: Callable[[nn.Module], list[dict]]) -> tuple[dict, float, list[dict]]:
+    """`rr compare`'s frame for the methods that train weights: `train(copy of the job's base model)` unlearns the
+    copy in place and returns its per-step losses (written to out_dir/losses.json); the copy is then scored on the
+    test split and dropped. Returns (test evaluation_dict, training wall time, step losses)."""
+    import json
+    import time
+
+    from rr.generation.hf import HFGenerator
+    from rr.release.loop import evaluation_dict
+
+    model = copy.deepcopy(job.model)
+    started = time.perf_counter()
+    step_losses = train(model)
+    wall_time = time.perf_counter() - started
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "losses.json").write_text(json.dumps(step_losses))
+    progress(f"{name}: {len(step_losses)} steps in {wall_time:.0f}s; scoring the test split")
+    test = evaluation_dict(job.task.evaluate(HFGenerator(model, job.tokenizer,
+                                                         batch_size=job.config.generation.batch_size), "test"))
+    del model
+    return test, wall_time, step_losses

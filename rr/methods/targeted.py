@@ -12,10 +12,7 @@ The step minimizes forget_weight·forget + retain_weight·retain (compare.target
 
 from __future__ import annotations
 
-import copy
-import json
 import random
-import time
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -150,22 +147,13 @@ def train_targeted(model, tokenizer, forget_examples: Sequence[Example], retain_
 def run_method(job, method: Method, data: ReleaseData, out_dir: Path, progress: Callable[[str], None]) -> MethodRun:
     """`rr compare`: a copy of the base model unlearned with `method` (compare.targeted), scored on test."""
     from rr.config import CompareConfig
-    from rr.generation.hf import HFGenerator
-    from rr.release.loop import evaluation_dict
+    from rr.methods.session import unlearn_a_copy
 
     config = (job.config.compare or CompareConfig()).targeted
-    model = copy.deepcopy(job.model)
     progress(f"{method.name}: {config.weights} fine-tuning on {len(data.forget)} {data.source} forget examples"
              + (f" and {len(data.retain)} retain examples" if method.retain_loss else ""))
-    started = time.perf_counter()
-    step_losses = train_targeted(model, job.tokenizer, data.forget, data.retain, method.name, config, job.config.seed)
-    wall_time = time.perf_counter() - started
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "losses.json").write_text(json.dumps(step_losses))
-    progress(f"{method.name}: {len(step_losses)} steps in {wall_time:.0f}s; scoring the test split")
-    test = evaluation_dict(job.task.evaluate(HFGenerator(model, job.tokenizer,
-                                                         batch_size=job.config.generation.batch_size), "test"))
-    del model
+    test, wall_time, step_losses = unlearn_a_copy(job, method.name, out_dir, progress, lambda model: train_targeted(
+        model, job.tokenizer, data.forget, data.retain, method.name, config, job.config.seed))
     return MethodRun(method.name, test, wall_time,
                      {"steps": len(step_losses), "weights": config.weights, "learning_rate": config.learning_rate,
                       "final_losses": step_losses[-1] if step_losses else {}})

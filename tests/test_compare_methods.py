@@ -1,0 +1,54 @@
+"""`rr compare`'s frame for weight-training methods, on a tiny model: each method unlearns a copy of the job's
+model (never the model itself), its losses are written, and the trained copy is what gets scored."""
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from test_methods import FORGET, RETAIN, learned_model, learned_state  # noqa: F401 (fixture)
+from test_methods_part2 import _char_embed
+from test_pem import char_tokenizer, one_thread  # noqa: F401 (one_thread: autouse)
+
+from rr.config import CompareConfig, FineTuneConfig, IcuConfig, RmuConfig, TargetedConfig
+from rr.methods import ReleaseData, get_method
+from rr.release.pem import response_loss
+from rr.tasks.base import Evaluation
+
+
+class ForgetLossTask:
+    """Scores the generator's model by its loss on the forget answers (higher loss: more forgotten)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.scored = tokenizer, []
+
+    def evaluate(self, generator, split):
+        loss = response_loss(generator.model, self.tokenizer, FORGET, max_length=64)
+        self.scored.append((split, generator.model))
+        return Evaluation(forget_score=float(np.exp(-loss)), utility_score=1.0, metrics={"forget_loss": loss})
+
+
+@pytest.mark.parametrize("name", ["ga+gd", "idk+ap", "icu", "rmu"])
+def test_each_method_trains_and_scores_a_copy(name, learned_state, tmp_path: Path):
+    tokenizer, model = char_tokenizer(), learned_model(learned_state)
+    budget = {"learning_rate": 1e-2, "batch_size": 4, "epochs": 3, "max_length": 64}  # 3 steps of 4 examples
+    compare = CompareConfig(finetune=FineTuneConfig(**budget), targeted=TargetedConfig(**budget),
+                            icu=IcuConfig(**budget, similarity_threshold=-1.0),
+                            rmu=RmuConfig(layer=1, update_layers=[0, 1], steering_coefficient=10.0, retain_weight=1.0,
+                                          learning_rate=1e-2, batch_size=4, epochs=3, max_length=64))
+    task = ForgetLossTask(tokenizer)
+    job = SimpleNamespace(model=model, tokenizer=tokenizer, task=task, embed=_char_embed,
+                          config=SimpleNamespace(compare=compare, seed=0, generation=SimpleNamespace(batch_size=4)))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    base_loss = response_loss(model, tokenizer, FORGET, max_length=64)
+    method = get_method(name)
+    module = __import__(f"rr.methods.{method.family}", fromlist=["run_method"])
+    run = module.run_method(job, method, ReleaseData(list(FORGET), list(RETAIN), "self-generated"), tmp_path,
+                            lambda message: None)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items()), "the job's own model changed"
+    assert [split for split, _ in task.scored] == ["test"] and task.scored[0][1] is not model
+    assert run.method == name and run.details["steps"] == 3 and run.wall_time_s > 0
+    assert len(json.loads((tmp_path / "losses.json").read_text())) == 3
+    assert run.test["metrics"]["forget_loss"] != pytest.approx(base_loss, rel=1e-4), "the scored copy was not trained"
