@@ -21,7 +21,7 @@ def rr(*args, **kwargs):
                           timeout=1800, **kwargs)
 
 
-def run_until(job_dir: Path, condition, timeout_s: float = 900) -> None:
+def run_until(job_dir: Path, condition, timeout_s: float = 2400) -> None:
     """Start `rr run` and SIGKILL it as soon as `condition(job_dir)` holds (a kill mid-job)."""
     process = subprocess.Popen([sys.executable, "-m", "rr.cli", "run", "--config", str(CI_CONFIG), "--output",
                                 str(job_dir)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
