@@ -73,11 +73,17 @@ _FORGET = {"ga": "gradient ascent on the forget tokens",
            "me": "maximize the entropy of every next-token prediction on the forget data (papers/004)"}
 _RETAIN = {"gd": "gradient descent on retain data", "kl": "KL to the starting model on retain data"}
 
-for _forget, _retain in (("ga", None), ("ga", "gd"), ("ga", "kl"), ("npo", None), ("npo", "gd"), ("npo", "kl"),
-                         ("me", "gd")):
-    register(Method(name=_forget if _retain is None else f"{_forget}+{_retain}", family="finetune",
-                    summary=_FORGET[_forget] + ("" if _retain is None else ", with " + _RETAIN[_retain]),
-                    forget_loss=_forget, retain_loss=_retain))
+def _register_combinations(family: str, forget: dict[str, str], retain: dict[str, str],
+                           pairs: tuple[tuple[str, str | None], ...]) -> None:
+    """One method per (forget loss, retain loss or None), named "forget" or "forget+retain"."""
+    for forget_loss, retain_loss in pairs:
+        register(Method(name=forget_loss if retain_loss is None else f"{forget_loss}+{retain_loss}", family=family,
+                        summary=forget[forget_loss] + ("" if retain_loss is None else ", with " + retain[retain_loss]),
+                        forget_loss=forget_loss, retain_loss=retain_loss))
+
+
+_register_combinations("finetune", _FORGET, _RETAIN, (("ga", None), ("ga", "gd"), ("ga", "kl"), ("npo", None),
+                                                      ("npo", "gd"), ("npo", "kl"), ("me", "gd")))
 
 FINETUNE_METHODS = tuple(name for name, method in METHODS.items() if method.family == "finetune")
 
@@ -108,10 +114,8 @@ _TARGETED_FORGET = {"idk": "answer forget questions with a refusal (IDK fine-tun
                     "dpo": "DPO preferring a refusal over the forget answer (against the starting model)"}
 _TARGETED_RETAIN = {"gd": "gradient descent on retain data",
                     "ap": "answer preservation: retain answers kept above refusals (papers/004 Eq. 8)"}
-for _forget, _retain in (("idk", "gd"), ("idk", "ap"), ("dpo", None), ("dpo", "gd"), ("dpo", "ap")):
-    register(Method(name=_forget if _retain is None else f"{_forget}+{_retain}", family="targeted",
-                    summary=_TARGETED_FORGET[_forget] + ("" if _retain is None else ", with " + _TARGETED_RETAIN[_retain]),
-                    forget_loss=_forget, retain_loss=_retain))
+_register_combinations("targeted", _TARGETED_FORGET, _TARGETED_RETAIN,
+                       (("idk", "gd"), ("idk", "ap"), ("dpo", None), ("dpo", "gd"), ("dpo", "ap")))
 register(Method(name="icu", family="icu",
                 summary="gradient ascent on forget sequences, NLL and KL on each one's nearest retain example, "
                         "forgotten samples dropped after each epoch (ICU, papers/003)"))
