@@ -113,7 +113,8 @@ def _json(path: Path):
 def test_submitted_release_job_succeeds_and_writes_its_outputs(two_jobs):
     submit, status = two_jobs["submit"], two_jobs["status"]
     assert submit.returncode == 0, (submit.stdout + submit.stderr)[-4000:]
-    assert "SUCCEEDED" in status.stdout, status.stdout + status.stderr
+    # Ray 2.60's CLI prints "Job '<id>' succeeded" (older ones printed the SUCCEEDED state name)
+    assert "succeeded" in status.stdout.lower(), status.stdout + status.stderr
     job_dir = two_jobs["ray"]
     assert _json(job_dir / "reveal" / "manifest.json")["size"] > 0
     state = _json(job_dir / "release" / "state.json")
