@@ -20,6 +20,12 @@ ROWS = [
      "details": {"merge_weight": -2.0, "rule": "forget_target"}},
     {"method": "ga+gd", "test": _evaluation(4, 20, 30.1), "wall_time_s": 95.0,
      "details": {"steps": 30, "weights": "lora", "learning_rate": 1e-4}},
+    {"method": "icu", "test": _evaluation(9, 30, 18.6), "wall_time_s": 626.0,
+     "details": {"steps": 30, "weights": "lora", "similarity": "embedder-cosine", "remaining_forget_samples": 120}},
+    {"method": "rmu", "test": _evaluation(8, 27, 18.9), "wall_time_s": 25.0,
+     "details": {"steps": 30, "layer": 7, "steering_coefficient": 300.0}},
+    {"method": "ext-sub", "test": _evaluation(6, 30, 19.5), "wall_time_s": 410.0,
+     "details": {"alpha": 2.0, "rule": "relative_drop"}},
 ]
 DATA = {"source": "self-generated", "forget_examples": 120, "forget_sha256": "ab" * 32, "retain_examples": 64}
 
@@ -37,6 +43,10 @@ def test_rows_carry_scores_intervals_wall_time_and_what_was_applied():
     assert by_method["pem-negation"]["applied"] == "weight -2 (forget_target)"
     assert by_method["ga+gd"]["applied"] == "30 steps, lora, lr 0.0001"
     assert by_method["ga+gd"]["perplexity"] == "30.1000"
+    # every family says what it applied from the details it records (ICU has no lr there, RMU no LoRA)
+    assert by_method["icu"]["applied"] == "30 steps, lora, forget samples left 120"
+    assert by_method["rmu"]["applied"] == "30 steps, layer 7, c 300"
+    assert by_method["ext-sub"]["applied"] == "α 2 (relative_drop)"
 
 
 def test_table_files_and_plot(tmp_path):
