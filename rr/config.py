@@ -56,6 +56,7 @@ class RevealConfig(_Strict):
     soft_prompt_dim: int = Field(10, ge=1)
     n_prompt_tokens: int = Field(5, ge=1)
     n_exemplars: int = Field(3, ge=1)
+    exemplar_views: int = Field(1, ge=1, description="orders/subsets of the exemplars shown to groups of arms")
     max_instruction_tokens: int = Field(48, ge=4)
     outer_loops: int = Field(3, ge=1, description="m in Algorithm 1")
     inner_rounds: int = Field(8, ge=1, description="n in Algorithm 1")

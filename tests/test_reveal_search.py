@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from rr.config import RevealConfig
-from rr.reveal.arms import ArmPool, extract_instruction, project_to_embeddings
+from rr.reveal.arms import ArmPool, exemplar_views, extract_instruction, project_to_embeddings
 from rr.reveal.search import RevealCheckpoint, RevealSearch, harmonic_score
 from rr.tasks.base import Context
 
@@ -65,6 +65,17 @@ def test_harmonic_score():
 
 def test_extract_instruction_keeps_first_sentence():
     assert extract_instruction(" write a function. Then more text") == "The instruction was to write a function."
+
+
+def test_exemplar_views_are_distinct_orders_and_subsets_starting_with_all():
+    views = exemplar_views(3, 12, seed=0)
+    assert views[0] == (0, 1, 2)
+    assert len(views) == len(set(views)) == 12  # 3 pairs × 2 orders + 6 orders of all three
+    assert all(len(v) >= 2 and len(set(v)) == len(v) and set(v) <= {0, 1, 2} for v in views)
+    assert exemplar_views(3, 50, seed=0) == exemplar_views(3, 50, seed=0)
+    assert len(exemplar_views(3, 50, seed=0)) == 12  # no more exist
+    assert exemplar_views(1, 4, seed=0) == [(0,)]
+    assert exemplar_views(3, 1, seed=5) == [(0, 1, 2)]
 
 
 def test_projection_matches_embedding_statistics():

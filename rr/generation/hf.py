@@ -74,7 +74,8 @@ class HFGenerator:
             generators = [torch.Generator(device=self.device).manual_seed(int(s)) for s in seeds]
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         out = self.model(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                         position_ids=position_ids, use_cache=True, output_hidden_states=return_last_hidden)
+                         position_ids=position_ids, use_cache=True, output_hidden_states=return_last_hidden,
+                         logits_to_keep=1)  # only the last position's logits are needed
         last_hidden = out.hidden_states[-1][:, -1, :].float().cpu() if return_last_hidden else None
         past, logits = out.past_key_values, out.logits[:, -1, :]
         next_position = position_ids[:, -1:] + 1

@@ -73,36 +73,66 @@ def extract_instruction(decoded: str) -> str:
     return f"{INDUCTION_PREFIX} {sentence.strip()}".strip()
 
 
+def exemplar_views(n_exemplars: int, n_views: int, seed: int) -> list[tuple[int, ...]]:
+    """Which exemplars, in which order, each group of arms is shown to the instruction model.
+
+    View 0 is every exemplar in the task's order. Further views are other orders and subsets of at least
+    two (resampled demonstrations, as in APE): a small instruction model tends to paraphrase one exemplar
+    whatever the soft prompt, so with one view most arms decode to the same text (SmolLM2-135M: 5
+    distinct instructions among 64 arms). Fewer views than asked when the exemplars do not allow more.
+    """
+    import random
+
+    rng = random.Random(seed)
+    everything = tuple(range(n_exemplars))
+    views = [everything]
+    smallest = min(2, n_exemplars)
+    for _ in range(100 * n_views):
+        if len(views) >= n_views:
+            break
+        view = tuple(rng.sample(everything, rng.randint(smallest, n_exemplars)))
+        if view not in views:
+            views.append(view)
+    return views
+
+
 def decode_arm_pool(model, tokenizer, generator, exemplars: Sequence[Example], n_arms: int, soft_prompt_dim: int,
                     n_prompt_tokens: int, max_instruction_tokens: int, seed: int, batch_size: int = 32,
-                    progress=None) -> ArmPool:
-    """Decode every arm's instruction greedily and record its feature (the prompt's last hidden state)."""
+                    n_views: int = 1, progress=None) -> ArmPool:
+    """Decode every arm's instruction greedily and record its feature (the prompt's last hidden state).
+
+    Arm a is shown exemplar view a mod (number of views), after its soft prompt."""
     import torch
 
     embedding_layer = model.get_input_embeddings()
     table = embedding_layer.weight.detach().float().cpu().numpy()
     points = sobol_points(n_arms, soft_prompt_dim, seed)
     soft = project_to_embeddings(points, n_prompt_tokens, table, seed)
-
-    chat = tokenizer.apply_chat_template([{"role": "user", "content": induction_text(exemplars)}],
-                                         tokenize=False, add_generation_prompt=True) if tokenizer.chat_template \
-        else induction_text(exemplars) + "\n"
-    suffix_ids = tokenizer(chat + INDUCTION_PREFIX, add_special_tokens=False, return_tensors="pt").input_ids
+    views = exemplar_views(len(exemplars), n_views, seed)
     device = next(model.parameters()).device
-    with torch.no_grad():
-        suffix = embedding_layer(suffix_ids.to(device))  # (1, L, hidden)
     params = SamplingParams(max_new_tokens=max_instruction_tokens, temperature=0.0)
-    instructions: list[str] = []
-    features: list[np.ndarray] = []
-    for start in range(0, n_arms, batch_size):
-        chunk = torch.from_numpy(soft[start:start + batch_size]).to(device=device, dtype=suffix.dtype)
-        embeds = torch.cat([chunk, suffix.expand(chunk.shape[0], -1, -1)], dim=1)
-        mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=device)
-        tokens, last_hidden = generator.decode(None, mask, params, inputs_embeds=embeds, return_last_hidden=True)
-        instructions += [extract_instruction(generator._text(t)) for t in tokens]
-        features.append(last_hidden.numpy())
-        if progress:
-            progress(min(start + batch_size, n_arms), n_arms)
-    stacked = np.concatenate(features)
+    instructions: list[str] = [""] * n_arms
+    features: list[np.ndarray | None] = [None] * n_arms
+    done = 0
+    for v, view in enumerate(views):
+        text = induction_text([exemplars[i] for i in view])
+        chat = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                             add_generation_prompt=True) if tokenizer.chat_template else text + "\n"
+        suffix_ids = tokenizer(chat + INDUCTION_PREFIX, add_special_tokens=False, return_tensors="pt").input_ids
+        with torch.no_grad():
+            suffix = embedding_layer(suffix_ids.to(device))  # (1, L, hidden)
+        arms = list(range(v, n_arms, len(views)))
+        for start in range(0, len(arms), batch_size):
+            chunk_arms = arms[start:start + batch_size]
+            chunk = torch.from_numpy(soft[chunk_arms]).to(device=device, dtype=suffix.dtype)
+            embeds = torch.cat([chunk, suffix.expand(chunk.shape[0], -1, -1)], dim=1)
+            mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=device)
+            tokens, last_hidden = generator.decode(None, mask, params, inputs_embeds=embeds, return_last_hidden=True)
+            for arm, t, h in zip(chunk_arms, tokens, last_hidden.numpy()):
+                instructions[arm], features[arm] = extract_instruction(generator._text(t)), h
+            done += len(chunk_arms)
+            if progress:
+                progress(done, n_arms)
+    stacked = np.stack(features)
     stacked = (stacked - stacked.mean(axis=0)) / (stacked.std(axis=0) + 1e-6)
     return ArmPool(points, instructions, stacked.astype(np.float32))

@@ -33,7 +33,7 @@ def load_or_decode_arms(job, progress: Callable[[str], None]) -> ArmPool:
         model, tokenizer, generator = job.model, job.tokenizer, job.generator
     pool = decode_arm_pool(model, tokenizer, generator, job.task.exemplars()[:cfg.n_exemplars], cfg.n_arms,
                            cfg.soft_prompt_dim, cfg.n_prompt_tokens, cfg.max_instruction_tokens, job.config.seed,
-                           batch_size=max(job.config.generation.batch_size, 16),
+                           batch_size=max(job.config.generation.batch_size, 16), n_views=cfg.exemplar_views,
                            progress=lambda done, total: progress(f"arms decoded {done}/{total}"))
     tmp = path.with_name("arms.tmp.npz")
     pool.to_npz(tmp)
