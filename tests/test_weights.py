@@ -4,6 +4,7 @@ from statistics import mean
 
 import pytest
 
+from rr.release.loop import nothing_left_to_forget
 from rr.release.weights import (
     RULE_BEST_WITHIN_BOUNCE, RULE_FORGET_TARGET, RULE_NONE, RULE_RECOVER_TARGET, RULE_RELATIVE_DROP,
     CandidateResult, candidate_grid, choose_forget_weight, choose_retain_weight, relative_drop,
@@ -167,3 +168,16 @@ def test_a_bounce_below_the_papers_largest_rejects_table_8_step_6():
     choice = choose_retain_weight([CandidateResult(1.0, person, kept)], forget_ref=steps[5][1],
                                   utility_base=steps[0][2], forget_bounce=0.25)
     assert (choice.weight, choice.rule) == (None, RULE_NONE)
+
+
+# --- when the loop stops --------------------------------------------------------------------------------
+
+def test_a_later_forget_step_with_nothing_left_to_forget_does_not_run():
+    # The quickstart of 2026-11-25: after +1·R the validation pass@1 was 0, rule 1 then "passed" at −0.5
+    # and that step cut test arithmetic from 0.292 to 0.108 while forgetting nothing more.
+    reason = nothing_left_to_forget(3, "forget", forget_before=0.0, stop_below=None)
+    assert reason and "already 0.000" in reason and "step 3" in reason
+    assert nothing_left_to_forget(3, "forget", forget_before=0.05, stop_below=None) is None
+    assert nothing_left_to_forget(3, "forget", forget_before=0.04, stop_below=0.05) is not None
+    assert nothing_left_to_forget(2, "retain", forget_before=0.0, stop_below=None) is None
+    assert nothing_left_to_forget(1, "forget", forget_before=0.0, stop_below=None) is None  # the base is the reference

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import Sequence
 
 import torch
@@ -23,6 +24,13 @@ def _stop_token_ids(tokenizer, model) -> set[int]:
         if isinstance(token_id, int) and token_id != tokenizer.unk_token_id and token_id >= 0:
             ids.add(token_id)
     return ids
+
+
+def _cache_keyword(model) -> str:
+    """The forward argument that takes the KV cache: `cache` from transformers 5.24 (where
+    `past_key_values` is deprecated, to be removed in 5.40), `past_key_values` before."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(type(base).forward).parameters else "past_key_values"
 
 
 def _pick_next(logits: torch.Tensor, params: SamplingParams, generators: list[torch.Generator] | None) -> torch.Tensor:
@@ -51,6 +59,7 @@ class HFGenerator:
         self.max_prompt_tokens = max_prompt_tokens
         self.device = next(model.parameters()).device
         self.stop_ids = _stop_token_ids(tokenizer, model)
+        self.cache_keyword = _cache_keyword(model)
 
     # ---- prompts -------------------------------------------------------------------------
     def chat_text(self, prompt: str) -> str:
@@ -96,7 +105,7 @@ class HFGenerator:
             next_tokens = next_tokens.masked_fill(finished, self.tokenizer.pad_token_id)
             attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
             out = self.model(input_ids=next_tokens[:, None], attention_mask=attention_mask,
-                             position_ids=next_position, past_key_values=past, use_cache=True)
+                             position_ids=next_position, use_cache=True, **{self.cache_keyword: past})
             past, logits = out.past_key_values, out.logits[:, -1, :]
             next_position = next_position + 1
         return (tokens, last_hidden) if return_last_hidden else tokens

@@ -68,6 +68,18 @@ def step_plan(iterations: int) -> list[str]:
     return ["forget"] + ["retain", "forget"] * iterations
 
 
+def nothing_left_to_forget(step: int, kind: str, forget_before: float, stop_below: float | None) -> str | None:
+    """Why a later forget step should not run, or None. With the validation forget score already at the
+    stop target (0 when none is set), rule 1 (s ≤ 0.1·s_ref) holds for every weight, so the step would
+    apply its smallest weight and could only cost utility. Step 1 always runs: the base model is the
+    reference the whole loop is measured against."""
+    floor = 0.0 if stop_below is None else stop_below
+    if kind != "forget" or step == 1 or forget_before > floor:
+        return None
+    return (f"step {step} (forget) not run: the validation forget score is already {forget_before:.3f} "
+            f"(≤ {floor:g}), so there is nothing left to forget and any weight would only cost utility")
+
+
 class ReleaseLoop:
     """Runs Eq. 1 for one job; `evaluate(split)` scores the model as currently composed."""
 
@@ -144,6 +156,12 @@ class ReleaseLoop:
         for step, kind in enumerate(plan, start=1):
             if step < len(self.state.steps):
                 continue  # finished before a restart
+            skip = nothing_left_to_forget(step, kind, self.state.steps[-1].validation["forget_score"],
+                                          self.config.stop_when_forget_below)
+            if skip:
+                self.state.stopped_reason = skip
+                self.progress(skip)
+                break
             record = self._run_step(step, kind, ledger)
             if record is None:
                 break
