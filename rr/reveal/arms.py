@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import re
 from dataclasses import dataclass
 from typing import Sequence
@@ -81,8 +82,6 @@ def exemplar_views(n_exemplars: int, n_views: int, seed: int) -> list[tuple[int,
     whatever the soft prompt, so with one view most arms decode to the same text (SmolLM2-135M: 5
     distinct instructions among 64 arms). Fewer views than asked when the exemplars do not allow more.
     """
-    import random
-
     rng = random.Random(seed)
     everything = tuple(range(n_exemplars))
     views = [everything]
