@@ -10,6 +10,7 @@ from functools import cached_property
 from pathlib import Path
 
 import numpy as np
+import yaml
 
 from rr.config import JobConfig, dump_config
 from rr.errors import RRError
@@ -28,6 +29,17 @@ def _compute_changes_results(saved: dict, now: dict) -> bool:
 
     defaults = ComputeConfig().model_dump(mode="json")  # a key missing from an older saved config had its default
     return any(saved.get(key, defaults[key]) != now.get(key, defaults[key]) for key in RESULT_COMPUTE_KEYS)
+
+
+def _with_current_defaults(saved: dict) -> dict:
+    """A saved job config as this version of rr writes it: keys added since it was saved take their
+    defaults, which keep the old behaviour, so upgrading rr does not refuse an unfinished job."""
+    from pydantic import ValidationError
+
+    try:
+        return yaml.safe_load(dump_config(JobConfig.model_validate(saved)))
+    except (ValidationError, RRError, ValueError):  # keys this version no longer has: compare as saved
+        return saved
 
 
 class Job:
@@ -49,9 +61,7 @@ class Job:
         path = self.dir / "config.yaml"
         current = dump_config(self.config.model_copy(update={"output_dir": Path(".")}))
         if path.exists() and path.read_text() != current:
-            import yaml
-
-            saved, now = yaml.safe_load(path.read_text()) or {}, yaml.safe_load(current)
+            saved, now = _with_current_defaults(yaml.safe_load(path.read_text()) or {}), yaml.safe_load(current)
             changed = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
             if "compute" in changed and not _compute_changes_results(saved.get("compute") or {}, now["compute"]):
                 changed.remove("compute")  # where it runs, not what it computes (same seed, same results)

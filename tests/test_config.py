@@ -84,6 +84,24 @@ def test_a_job_directory_refuses_a_different_config(tmp_path):
         Job(changed)
 
 
+def test_a_job_saved_before_a_key_existed_resumes_with_its_default(tmp_path):
+    import yaml
+
+    from rr.job import Job
+
+    config = load_config(ROOT / "configs" / "ci.yaml", tmp_path / "job")
+    Job(config)
+    saved_path = tmp_path / "job" / "config.yaml"
+    older = yaml.safe_load(saved_path.read_text())
+    del older["reveal"]["exemplar_views"]  # as rr wrote it before reveal.exemplar_views existed
+    saved_path.write_text(yaml.safe_dump(older, sort_keys=False))
+    with pytest.raises(RRError, match=r"changed: reveal"):  # ci.yaml asks for 2 views: a real change
+        Job(config)
+    default_views = config.model_copy(update={"reveal": config.reveal.model_copy(update={"exemplar_views": 1})})
+    Job(default_views)  # the missing key had its default: resumes
+    assert yaml.safe_load(saved_path.read_text())["reveal"]["exemplar_views"] == 1
+
+
 def test_settings_without_machinery_are_refused_not_ignored(tmp_path):
     assert load_config(_write(tmp_path, "tracking:\n  enabled: true\n")).tracking.enabled  # built: see test_tracking
     assert load_config(_write(tmp_path, "compute:\n  executor: ray\n")).compute.executor == "ray"  # test_ray_*
