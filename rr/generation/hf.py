@@ -33,6 +33,11 @@ def _cache_keyword(model) -> str:
     return "cache" if "cache" in inspect.signature(type(base).forward).parameters else "past_key_values"
 
 
+def _cache_of(out):
+    """The KV cache a forward returned, under the name this transformers version gives it."""
+    return out["cache"] if "cache" in out else out.past_key_values
+
+
 def _pick_next(logits: torch.Tensor, params: SamplingParams, generators: list[torch.Generator] | None) -> torch.Tensor:
     if params.temperature == 0 or generators is None:
         return logits.argmax(dim=-1)
@@ -86,7 +91,7 @@ class HFGenerator:
                          position_ids=position_ids, use_cache=True, output_hidden_states=return_last_hidden,
                          logits_to_keep=1)  # only the last position's logits are needed
         last_hidden = out.hidden_states[-1][:, -1, :].float().cpu() if return_last_hidden else None
-        past, logits = out.past_key_values, out.logits[:, -1, :]
+        past, logits = _cache_of(out), out.logits[:, -1, :]
         next_position = position_ids[:, -1:] + 1
         finished = torch.zeros(batch, dtype=torch.bool, device=self.device)
         tokens: list[list[int]] = [[] for _ in range(batch)]
@@ -106,7 +111,7 @@ class HFGenerator:
             attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
             out = self.model(input_ids=next_tokens[:, None], attention_mask=attention_mask,
                              position_ids=next_position, use_cache=True, **{self.cache_keyword: past})
-            past, logits = out.past_key_values, out.logits[:, -1, :]
+            past, logits = _cache_of(out), out.logits[:, -1, :]
             next_position = next_position + 1
         return (tokens, last_hidden) if return_last_hidden else tokens
 
