@@ -106,6 +106,9 @@ class ReleaseConfig(_Strict):
     on_no_candidate: Literal["stop", "widen"] = "widen"
     widen_factor: float = Field(2.0, gt=1)
     stop_when_forget_below: float | None = Field(None, ge=0)
+    general_retain_prompts: int = Field(
+        0, ge=0, description="shipped everyday prompts whose base-model answers join the task's retain data, "
+        "so retain PEMs also restore general text (perplexity); 0: the task's retain data only, as in the paper")
     baseline_single_negation: bool = True
     external_forget_data: Path | None = Field(
         None, description="JSONL of {prompt, response} for `rr ablate` (pem-external); default: the task's own")

@@ -67,6 +67,28 @@ def test_batched_greedy_equals_one_at_a_time_and_seeds_follow_requests(smollm2):
     assert generator.generate(prompts[:1], sampled, seeds=[13])[0] != first_alone[0]
 
 
+def test_finished_requests_leave_the_batch_without_changing_any_answer(smollm2, monkeypatch):
+    import rr.generation.hf as hf
+    from rr.tasks.base import SamplingParams
+
+    _, _, generator = smollm2
+    compactions = []
+    real_select = hf._select_rows
+    monkeypatch.setattr(hf, "_select_rows", lambda cache, keep: compactions.append(len(keep)) or real_select(cache, keep))
+    # Short answers end long before the others: the batch drops them and goes on with the rest.
+    prompts = ["Reply with the single word: yes.", "Write a Python function that sorts a list of numbers.",
+               "Say hi.", "Explain in detail how a bicycle works.", "Reply with the number 4 only."]
+    greedy = SamplingParams(max_new_tokens=48)
+    batched = generator.generate(prompts, greedy)
+    assert compactions, "no request finished early enough for the batch to shrink; pick shorter answers"
+    assert all(kept < len(prompts) for kept in compactions)
+    compactions.clear()
+    assert batched == [generator.generate([p], greedy)[0] for p in prompts]
+    sampled = SamplingParams(max_new_tokens=48, temperature=1.0, top_p=0.9)
+    together = generator.generate(prompts, sampled, seeds=[1, 2, 3, 4, 5])
+    assert [generator.generate([p], sampled, seeds=[s])[0] for p, s in zip(prompts, [1, 2, 3, 4, 5])] == together
+
+
 @pytest.mark.slow
 def test_stop_strings_end_answers_after_the_stop_text(smollm2):
     from rr.tasks.base import SamplingParams

@@ -16,6 +16,8 @@ INSTRUCTIONS = ["The instruction was to write code.", "The instruction was to sa
 
 
 class FakeTask:
+    answer_stop: tuple[str, ...] = ()
+
     def contexts(self, split):
         return [Context(f"c{i}", f"problem {i}") for i in range(6)]
 

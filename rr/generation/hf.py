@@ -38,6 +38,21 @@ def _cache_of(out):
     return out["cache"] if "cache" in out else out.past_key_values
 
 
+def _worth_compacting(finished: torch.Tensor) -> bool:
+    """Drop finished rows once they are a quarter of the batch: a smaller batch makes every later step
+    cheaper, and the cache copy a compaction costs is paid at most a few times per batch."""
+    done = int(finished.sum())
+    return done > 0 and 4 * done >= finished.numel()
+
+
+def _select_rows(cache, keep: torch.Tensor) -> bool:
+    """Keep only rows `keep` of a KV cache, in place; False where the cache type cannot (it then stays)."""
+    if not hasattr(cache, "batch_select_indices"):
+        return False
+    cache.batch_select_indices(keep)
+    return True
+
+
 def _pick_next(logits: torch.Tensor, params: SamplingParams, generators: list[torch.Generator] | None) -> torch.Tensor:
     if params.temperature == 0 or generators is None:
         return logits.argmax(dim=-1)
@@ -93,20 +108,28 @@ class HFGenerator:
         last_hidden = out.hidden_states[-1][:, -1, :].float().cpu() if return_last_hidden else None
         past, logits = _cache_of(out), out.logits[:, -1, :]
         next_position = position_ids[:, -1:] + 1
+        # The batch shrinks as requests finish: `rows` maps each live row to its request.
+        rows = list(range(batch))
         finished = torch.zeros(batch, dtype=torch.bool, device=self.device)
         tokens: list[list[int]] = [[] for _ in range(batch)]
         stop = torch.tensor(sorted(self.stop_ids), device=self.device)
         for step in range(params.max_new_tokens):
             next_tokens = _pick_next(logits, params, generators)
             for i in torch.nonzero(~finished).flatten().tolist():
-                tokens[i].append(int(next_tokens[i]))
+                tokens[rows[i]].append(int(next_tokens[i]))
             finished |= torch.isin(next_tokens, stop)
             if params.stop and step % 4 == 3:  # decoding every row each step would cost more than it saves
                 for i in torch.nonzero(~finished).flatten().tolist():
-                    if any(s in self.tokenizer.decode(tokens[i]) for s in params.stop):
+                    if any(s in self.tokenizer.decode(tokens[rows[i]]) for s in params.stop):
                         finished[i] = True
             if bool(finished.all()):
                 break
+            if _worth_compacting(finished) and _select_rows(past, keep := torch.nonzero(~finished).flatten()):
+                # Finished rows leave the batch: each later step computes only the live ones.
+                rows = [rows[i] for i in keep.tolist()]
+                attention_mask, next_position = attention_mask[keep], next_position[keep]
+                next_tokens, finished = next_tokens[keep], finished[keep]
+                generators = [generators[i] for i in keep.tolist()] if generators is not None else None
             next_tokens = next_tokens.masked_fill(finished, self.tokenizer.pad_token_id)
             attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
             out = self.model(input_ids=next_tokens[:, None], attention_mask=attention_mask,

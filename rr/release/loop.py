@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from rr.release.general_retain import general_retain_examples
 from rr.release.ledger import Ledger, LedgerEntry, Pem, WeightedPem
 from rr.release.weights import (RULE_FORGET_TARGET, RULE_RECOVER_TARGET, CandidateResult, WeightChoice,
                                 candidate_grid, choose_forget_weight, choose_retain_weight)
@@ -226,7 +227,11 @@ class ReleaseLoop:
         if (out_dir / "adapter_model.safetensors").exists():
             self.progress(f"{name}: reusing the trained adapter in {out_dir}")
             return Pem.load(out_dir)
-        examples = self.forget_examples if kind == "forget" else self.retain_examples
+        if kind == "forget":
+            examples = self.forget_examples
+        else:
+            examples = self.retain_examples + general_retain_examples(self.job, self.config.general_retain_prompts,
+                                                                      self.progress)
         self.progress(f"{name}: training a LoRA on {len(examples)} {kind} examples")
         return self.job.executor.train_pem(self.entries, examples, self.config.lora, name, kind, out_dir,
                                            seed=self.job.config.seed + len(self.state.steps))

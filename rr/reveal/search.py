@@ -126,7 +126,7 @@ class RevealSearch:
         self.progress = progress
         self.contexts = task.contexts("reveal")
         self.params = SamplingParams(max_new_tokens=config.max_new_tokens, temperature=config.temperature,
-                                     top_p=config.top_p, n=config.samples_per_context)
+                                     top_p=config.top_p, n=config.samples_per_context, stop=task.answer_stop)
 
     # ---- one batch of arms ---------------------------------------------------------------
     def answer(self, instructions: Sequence[str], contexts: Sequence[Context], tag: str):

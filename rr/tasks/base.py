@@ -65,6 +65,9 @@ class Task(Protocol):
     """An unlearning target. One file per task under rr/tasks, registered in rr/tasks/registry.py."""
 
     name: str
+    # Where an answer to a context ends (kept in the text), e.g. a code block's closing fence: Reveal's
+    # answers stop there, so the forget set holds the target behaviour and not what follows it.
+    answer_stop: tuple[str, ...]
 
     def contexts(self, split: str) -> list[Context]:
         """Generation contexts of a split ("reveal", "validation" or "test"); the splits are disjoint."""

@@ -223,6 +223,7 @@ class CodeTask:
     """Forget coding (pass@1 in the sandbox), keep arithmetic (accuracy) and prose (perplexity)."""
 
     name = "code"
+    answer_stop = CODE_STOP
 
     def __init__(self, config: CodeTaskConfig | None = None, seed: int = 0):
         self.config = config or CodeTaskConfig()
@@ -376,7 +377,7 @@ class CodeTask:
         c = self.config
         responses = _first_completions(model.generate([code_prompt(p) for p in problems],
                                                       SamplingParams(max_new_tokens=c.max_new_tokens,
-                                                                     stop=CODE_STOP)),
+                                                                     stop=self.answer_stop)),
                                        len(problems))
         return self.run_solutions(problems, [extract_code(r, p.entry_point) for r, p in zip(responses, problems)])
 

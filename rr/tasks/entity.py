@@ -109,6 +109,7 @@ class EntityTaskConfig(BaseModel):
 
 class EntityTask:
     name = "entity"
+    answer_stop: tuple[str, ...] = ()
 
     def __init__(self, config: EntityTaskConfig, seed: int = 0):
         self.config = config

@@ -177,6 +177,7 @@ class NerTask:
     """NER unlearning: contexts ask for the forget type; relevance τ = share of listed entities of that type."""
 
     name = "ner"
+    answer_stop: tuple[str, ...] = ()
 
     def __init__(self, config: NerTaskConfig, seed: int = 0):
         self.config = config

@@ -252,6 +252,7 @@ class ToxicityTask:
     """Toxicity unlearning: contexts are prefixes, relevance τ is the oracle's toxicity of a response."""
 
     name = "toxicity"
+    answer_stop: tuple[str, ...] = ()
 
     def __init__(self, config: ToxicityTaskConfig, seed: int = 0, oracle=None):
         self.config = config
