@@ -105,7 +105,10 @@ class ReleaseConfig(_Strict):
                                  "0.3 admits every retain step of papers/002 Tables 7–9")
     on_no_candidate: Literal["stop", "widen"] = "widen"
     widen_factor: float = Field(2.0, gt=1)
-    stop_when_forget_below: float | None = Field(None, ge=0)
+    stop_when_forget_below: float | None = Field(
+        None, ge=0, description="stop once a step leaves the validation forget score at most this and the utility "
+        "at least recover_fraction × base; unset: run every iteration (a forget step with nothing left to "
+        "forget is still skipped)")
     general_retain_prompts: int = Field(
         0, ge=0, description="shipped everyday prompts whose base-model answers join the task's retain data, "
         "so retain PEMs also restore general text (perplexity); 0: the task's retain data only, as in the paper")

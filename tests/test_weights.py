@@ -4,7 +4,7 @@ from statistics import mean
 
 import pytest
 
-from rr.release.loop import nothing_left_to_forget
+from rr.release.loop import nothing_left_to_forget, targets_met
 from rr.release.weights import (
     RULE_BEST_WITHIN_BOUNCE, RULE_FORGET_TARGET, RULE_NONE, RULE_RECOVER_TARGET, RULE_RELATIVE_DROP,
     CandidateResult, candidate_grid, choose_forget_weight, choose_retain_weight, relative_drop,
@@ -181,3 +181,14 @@ def test_a_later_forget_step_with_nothing_left_to_forget_does_not_run():
     assert nothing_left_to_forget(3, "forget", forget_before=0.04, stop_below=0.05) is not None
     assert nothing_left_to_forget(2, "retain", forget_before=0.0, stop_below=None) is None
     assert nothing_left_to_forget(1, "forget", forget_before=0.0, stop_below=None) is None  # the base is the reference
+
+
+def test_the_loop_stops_once_forget_and_utility_targets_both_hold():
+    base = {"forget_score": 0.25, "utility_score": 0.35}
+    # After −μ0·F0: forgotten, but utility 0.125 < 0.95 × 0.35: the retain step must still run.
+    assert targets_met({"forget_score": 0.0, "utility_score": 0.125}, base, 0.05, 0.95) is None
+    # After +λ1·R1: one validation problem still passes (0.05 ≤ 0.05) and utility is back: stop.
+    reason = targets_met({"forget_score": 0.05, "utility_score": 0.375}, base, 0.05, 0.95)
+    assert reason and "0.050 ≤ 0.05" in reason and "0.375 ≥ 0.95 × base 0.350" in reason
+    assert targets_met({"forget_score": 0.10, "utility_score": 0.375}, base, 0.05, 0.95) is None
+    assert targets_met({"forget_score": 0.0, "utility_score": 0.375}, base, None, 0.95) is None  # no target set

@@ -71,12 +71,13 @@ class HFGenerator:
     """Generates for chat prompts with whatever adapters/hooks are attached to `model`."""
 
     def __init__(self, model, tokenizer, batch_size: int = 16, system_prompt: str | None = None,
-                 max_prompt_tokens: int = 1024):
+                 max_prompt_tokens: int = 1024, shrink_finished: bool = True):
         self.model = model
         self.tokenizer = tokenizer
         self.batch_size = batch_size
         self.system_prompt = system_prompt
         self.max_prompt_tokens = max_prompt_tokens
+        self.shrink_finished = shrink_finished  # False only to measure what shrinking saves (bench/)
         self.device = next(model.parameters()).device
         self.stop_ids = _stop_token_ids(tokenizer, model)
         self.cache_keyword = _cache_keyword(model)
@@ -124,7 +125,8 @@ class HFGenerator:
                         finished[i] = True
             if bool(finished.all()):
                 break
-            if _worth_compacting(finished) and _select_rows(past, keep := torch.nonzero(~finished).flatten()):
+            keep = torch.nonzero(~finished).flatten()
+            if self.shrink_finished and _worth_compacting(finished) and _select_rows(past, keep):
                 # Finished rows leave the batch: each later step computes only the live ones.
                 rows = [rows[i] for i in keep.tolist()]
                 attention_mask, next_position = attention_mask[keep], next_position[keep]

@@ -36,17 +36,22 @@ def external_examples(job) -> list[Example]:
 
 
 def matched_negation(job, pem: Pem, target_forget_score: float, progress: Callable[[str], None],
-                     known: dict[float, tuple[float, float]] | None = None) -> dict:
+                     known: dict[float, tuple[float, float]] | None = None,
+                     known_test: dict[float, dict] | None = None) -> dict:
     """Smallest weight magnitude (grid widened once) whose validation forget score reaches the target.
 
     `known` maps magnitudes already scored for this PEM on the base model (validation forget and
-    utility scores) so they are not evaluated again."""
+    utility scores) so they are not evaluated again; `known_test` likewise maps magnitudes to test-split
+    evaluations already made (Release step 1 scored base − μ0·F0 on the test split)."""
     known = dict(known or {})
     composed = ComposedModel(job.model)
     composed.append(pem, 0.0)
     tried, chosen = [], None
     try:
-        for magnitude in sorted(set(candidate_grid(job.config.release.forget_weights, job.config.release.widen_factor))):
+        # The release's own grid first, smallest first; the widened grid only if none of it reaches the target.
+        grid = sorted(set(job.config.release.forget_weights))
+        wider = [m for m in candidate_grid(grid, job.config.release.widen_factor) if m not in grid]
+        for magnitude in grid + wider:
             if magnitude not in known:
                 composed.set_weight(-1, -magnitude)
                 evaluation = job.task.evaluate(job.generator, "validation")
@@ -61,8 +66,11 @@ def matched_negation(job, pem: Pem, target_forget_score: float, progress: Callab
         reached = chosen is not None
         if chosen is None:
             chosen = min(tried, key=lambda t: t["forget_score"])["weight"]
-        composed.set_weight(-1, chosen)
-        test = evaluation_dict(job.task.evaluate(job.generator, "test"))
+        if known_test and abs(chosen) in known_test:
+            test = known_test[abs(chosen)]
+        else:
+            composed.set_weight(-1, chosen)
+            test = evaluation_dict(job.task.evaluate(job.generator, "test"))
     finally:
         composed.detach()
     return {"pem": pem.name, "merge_weight": chosen, "reached_target": reached, "candidates": tried, "test": test}

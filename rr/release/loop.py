@@ -81,6 +81,23 @@ def nothing_left_to_forget(step: int, kind: str, forget_before: float, stop_belo
             f"(≤ {floor:g}), so there is nothing left to forget and any weight would only cost utility")
 
 
+def targets_met(validation: dict, base_validation: dict, stop_below: float | None,
+                recover_fraction: float) -> str | None:
+    """Why the loop may stop after a step, or None: the validation forget score is at most the stop target
+    (release.stop_when_forget_below; never when unset) and the utility is at least recover_fraction × the
+    base model's. A forget step that reaches the forget target but has cost utility is followed by its
+    retain step; a retain step that recovers utility while the forget score stays at the target ends the
+    loop before another forget step can cost more."""
+    if stop_below is None:
+        return None
+    forget, utility = validation["forget_score"], validation["utility_score"]
+    utility_target = recover_fraction * base_validation["utility_score"]
+    if forget > stop_below or utility < utility_target:
+        return None
+    return (f"targets met on the validation split: forget score {forget:.3f} ≤ {stop_below:g} and utility "
+            f"{utility:.3f} ≥ {recover_fraction:g} × base {base_validation['utility_score']:.3f}")
+
+
 class ReleaseLoop:
     """Runs Eq. 1 for one job; `evaluate(split)` scores the model as currently composed."""
 
@@ -166,9 +183,11 @@ class ReleaseLoop:
             record = self._run_step(step, kind, ledger)
             if record is None:
                 break
-            target = self.config.stop_when_forget_below
-            if target is not None and kind == "forget" and record.validation["forget_score"] <= target:
-                self.state.stopped_reason = f"forget score {record.validation['forget_score']:.3f} ≤ target {target}"
+            met = targets_met(record.validation, self.state.steps[0].validation,
+                              self.config.stop_when_forget_below, self.config.recover_fraction)
+            if met and step < len(plan):
+                self.state.stopped_reason = met
+                self.progress(met)
                 break
         self.state.finished = True
         self.state.save(self.state_path)

@@ -37,7 +37,9 @@ def single_negation_baseline(job, loop: ReleaseLoop, target_forget_score: float,
     loop.composed.detach()
     # Step 1 scored this very model (base − w·F0) for some weights already: reuse those scores.
     known = {c["weight"]: (c["forget_score"], c["utility_score"]) for c in first.candidates}
-    result = matched_negation(job, Pem.load(loop.dir / "pems" / first.pem), target_forget_score, progress, known)
+    # Step 1's own weight is this very model too, already scored on the test split.
+    result = matched_negation(job, Pem.load(loop.dir / "pems" / first.pem), target_forget_score, progress, known,
+                              {abs(first.merge_weight): first.test})
     result["target_forget_score"] = target_forget_score
     job.write_json("release/baseline.json", result)
     return result

@@ -12,6 +12,7 @@ import numpy as np
 from rr.tasks.base import Example, SamplingParams
 
 INDUCTION_PREFIX = "The instruction was to"
+SENTENCE_ENDS = tuple(mark + space for mark in ".!?" for space in " \n")  # where extract_instruction cuts
 _INDUCTION_REQUEST = ("I gave a friend an instruction and some inputs. The friend read the instruction and "
                       "wrote an output for every one of the inputs. Here are the input-output pairs:\n\n")
 
@@ -109,29 +110,35 @@ def decode_arm_pool(model, tokenizer, generator, exemplars: Sequence[Example], n
     soft = project_to_embeddings(points, n_prompt_tokens, table, seed)
     views = exemplar_views(len(exemplars), n_views, seed)
     device = next(model.parameters()).device
-    params = SamplingParams(max_new_tokens=max_instruction_tokens, temperature=0.0)
-    instructions: list[str] = [""] * n_arms
-    features: list[np.ndarray | None] = [None] * n_arms
-    done = 0
-    for v, view in enumerate(views):
+    # Only the first sentence is kept (extract_instruction), so decoding ends at a sentence end.
+    params = SamplingParams(max_new_tokens=max_instruction_tokens, temperature=0.0, stop=SENTENCE_ENDS)
+    suffixes = []
+    for view in views:
         text = induction_text([exemplars[i] for i in view])
         chat = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
                                              add_generation_prompt=True) if tokenizer.chat_template else text + "\n"
         suffix_ids = tokenizer(chat + INDUCTION_PREFIX, add_special_tokens=False, return_tensors="pt").input_ids
         with torch.no_grad():
-            suffix = embedding_layer(suffix_ids.to(device))  # (1, L, hidden)
-        arms = list(range(v, n_arms, len(views)))
-        for start in range(0, len(arms), batch_size):
-            chunk_arms = arms[start:start + batch_size]
-            chunk = torch.from_numpy(soft[chunk_arms]).to(device=device, dtype=suffix.dtype)
-            embeds = torch.cat([chunk, suffix.expand(chunk.shape[0], -1, -1)], dim=1)
-            mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=device)
-            tokens, last_hidden = generator.decode(None, mask, params, inputs_embeds=embeds, return_last_hidden=True)
-            for arm, t, h in zip(chunk_arms, tokens, last_hidden.numpy()):
-                instructions[arm], features[arm] = extract_instruction(generator._text(t)), h
-            done += len(chunk_arms)
-            if progress:
-                progress(done, n_arms)
+            suffixes.append(embedding_layer(suffix_ids.to(device))[0])  # (L, hidden)
+    instructions: list[str] = [""] * n_arms
+    features: list[np.ndarray | None] = [None] * n_arms
+    # Arms of every view share batches, longest prompt first and left-padded, as the generator batches text.
+    order = sorted(range(n_arms), key=lambda a: -suffixes[a % len(views)].shape[0])
+    for start in range(0, n_arms, batch_size):
+        chunk_arms = order[start:start + batch_size]
+        rows = [torch.cat([torch.from_numpy(soft[a]).to(device=device, dtype=suffixes[0].dtype),
+                           suffixes[a % len(views)]]) for a in chunk_arms]
+        width = max(row.shape[0] for row in rows)
+        embeds = torch.zeros((len(rows), width, rows[0].shape[1]), dtype=rows[0].dtype, device=device)
+        mask = torch.zeros((len(rows), width), dtype=torch.long, device=device)
+        for i, row in enumerate(rows):
+            embeds[i, width - row.shape[0]:] = row
+            mask[i, width - row.shape[0]:] = 1
+        tokens, last_hidden = generator.decode(None, mask, params, inputs_embeds=embeds, return_last_hidden=True)
+        for arm, t, h in zip(chunk_arms, tokens, last_hidden.numpy()):
+            instructions[arm], features[arm] = extract_instruction(generator._text(t)), h
+        if progress:
+            progress(min(start + batch_size, n_arms), n_arms)
     stacked = np.stack(features)
     stacked = (stacked - stacked.mean(axis=0)) / (stacked.std(axis=0) + 1e-6)
     return ArmPool(points, instructions, stacked.astype(np.float32))

@@ -96,9 +96,11 @@ def compare_with_baselines(job, search: RevealSearch, state, records, embeddings
     # parameters, against the forget set subsampled to the same contexts and counts (per context, the
     # forget set's answers come from instructions of different outer loops): does the search's spread of
     # instructions beat one instruction at equal n?
-    fixed_seeds = [request_seed(job.config.seed, "fixed", c.id) for c in contexts]
-    fixed = job.executor.generate([instruction_prompt(state.best_instructions[0], c) for c in contexts],
-                                  params, fixed_seeds)
+    fixed = _loop_one_answers(records, contexts, params)
+    if fixed is None:
+        fixed_seeds = [request_seed(job.config.seed, "fixed", c.id) for c in contexts]
+        fixed = job.executor.generate([instruction_prompt(state.best_instructions[0], c) for c in contexts],
+                                      params, fixed_seeds)
     by_context: dict[str, list[int]] = {}
     for i, r in enumerate(records):
         by_context.setdefault(r["context_id"], []).append(i)
@@ -124,6 +126,18 @@ def compare_with_baselines(job, search: RevealSearch, state, records, embeddings
         "fixed_instruction_vendi": float(vendi_score(job.embed(fixed_texts))),
         "plain_answers_vendi": float(vendi_score(job.embed([t for _, t in plain_rows]))),
     }
+
+
+def _loop_one_answers(records: list[dict], contexts, params) -> list[list[str]] | None:
+    """Greedy answers do not depend on the seed, so loop 1's P* already answered every context exactly as
+    the fixed-instruction baseline would: its records are reused. None when sampling, or when a context
+    has no loop-1 record (reveal.min_relevance dropped it); the baseline is then generated."""
+    if params.temperature > 0:
+        return None
+    first = {r["context_id"]: r["response"] for r in records if r["outer_loop"] == 0}
+    if any(c.id not in first for c in contexts):
+        return None
+    return [[first[c.id]] * params.n for c in contexts]
 
 
 def reveal_report(manifest: dict) -> str:

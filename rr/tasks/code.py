@@ -35,7 +35,6 @@ from rr.tasks.sandbox import SandboxResult, run_many
 DATA_DIR = Path(__file__).parent / "data"
 BUILTIN_PROBLEMS = DATA_DIR / "code_problems.json"
 GENERAL_TEXT = DATA_DIR / "general_text.txt"
-N_EXEMPLARS = 3
 
 
 # Code answers end at the closing fence of their first code block: an opening fence is followed by a
@@ -319,15 +318,16 @@ class CodeTask:
         return [Context(id=p.id, prompt=code_prompt(p)) for p in self.problems(split)]
 
     def exemplars(self) -> list[Example]:
-        with_solution = [p for p in self._problems["reveal"] if p.reference_solution]
+        """Reveal problems with their reference solutions, in split order; Reveal shows the first
+        `reveal.n_exemplars` of them to the instruction model."""
         return [Example(prompt=code_prompt(p), response=f"```python\n{p.reference_solution.strip()}\n```")
-                for p in with_solution[:N_EXEMPLARS]]
+                for p in self._problems["reveal"] if p.reference_solution]
 
     def external_forget_examples(self) -> list[Example]:
         """Human-written forget data (the reveal problems' reference solutions) for the external-data
-        baseline `pem-external` and the ablation of papers/002 Tables 5–6; Reveal never sees these."""
-        return [Example(prompt=code_prompt(p), response=f"```python\n{p.reference_solution.strip()}\n```")
-                for p in self._problems["reveal"] if p.reference_solution]
+        baseline `pem-external` and the ablation of papers/002 Tables 5–6. Reveal sees only the few it
+        shows as exemplars, never as forget data."""
+        return self.exemplars()
 
     def relevance(self, contexts: Sequence[Context], responses: Sequence[str]) -> list[float]:
         if len(contexts) != len(responses):
