@@ -131,3 +131,24 @@ def test_killed_search_resumes_without_recomputing(tmp_path):
     assert [r["response"] for r in records] == [r["response"] for r in full_records]
     assert sum(resumed_calls) < sum(calls) + sum(resumed_calls)  # the resumed run did not start over
     assert len(resumed_calls) < 2 * 3 + 2  # fewer generate calls than a full run (6 rounds + 2 collections)
+
+
+def test_answers_are_asked_to_stop_where_the_task_says_answers_end(tmp_path):
+    from rr.reveal.arms import SENTENCE_ENDS
+    from rr.tasks.code import CODE_STOP, CodeTask
+
+    class FencedTask(FakeTask):
+        answer_stop = CODE_STOP
+
+    seen = []
+    config = RevealConfig(n_arms=5, outer_loops=1, inner_rounds=1, arms_per_round=1, initial_random_arms=1,
+                          context_sample=2, ucb_train_steps=1)
+    arms = ArmPool(np.zeros((5, 2)), INSTRUCTIONS, np.zeros((5, 4), dtype=np.float32))
+    search = RevealSearch(config, FencedTask(), arms, lambda p, params, s: seen.append(params.stop) or
+                          fake_generate(p, params, s), fake_embed, RevealCheckpoint(tmp_path), seed=0)
+    search.run()
+    assert seen and all(stop == CODE_STOP for stop in seen)
+    assert CodeTask.answer_stop == CODE_STOP and FakeTask.answer_stop == ()
+    # Instructions keep their first sentence only, so arm decoding may stop at any sentence end.
+    assert extract_instruction(" write code.\nMore") == "The instruction was to write code."
+    assert all(end[0] in ".!?" and end[1].isspace() for end in SENTENCE_ENDS)
