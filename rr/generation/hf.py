@@ -125,8 +125,8 @@ class HFGenerator:
                         finished[i] = True
             if bool(finished.all()):
                 break
-            keep = torch.nonzero(~finished).flatten()
-            if self.shrink_finished and _worth_compacting(finished) and _select_rows(past, keep):
+            keep = torch.nonzero(~finished).flatten() if self.shrink_finished and _worth_compacting(finished) else None
+            if keep is not None and _select_rows(past, keep):
                 # Finished rows leave the batch: each later step computes only the live ones.
                 rows = [rows[i] for i in keep.tolist()]
                 attention_mask, next_position = attention_mask[keep], next_position[keep]

@@ -4,10 +4,10 @@ language (perplexity) as well as the task's utility data. Generated once per job
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 from rr.errors import RRError
+from rr.release.ledger import atomic_write
 from rr.tasks.base import Example, SamplingParams
 
 GENERAL_PROMPTS = Path(__file__).resolve().parents[1] / "tasks" / "data" / "general_prompts.txt"
@@ -41,7 +41,5 @@ def general_retain_examples(job, count: int, progress) -> list[Example]:
     progress(f"release: the base model answers {count} general prompts (general retain data)")
     answers = job.executor.generate(prompts, SamplingParams(max_new_tokens=ANSWER_TOKENS), composition=())
     rows = [{"prompt": prompt, "response": texts[0] if texts else ""} for prompt, texts in zip(prompts, answers)]
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: Path(tmp).write_text("".join(json.dumps(row) + "\n" for row in rows)))
     return [Example(row["prompt"], row["response"]) for row in rows]
