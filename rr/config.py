@@ -63,6 +63,8 @@ class RevealConfig(_Strict):
     arms_per_round: int = Field(4, ge=1)
     initial_random_arms: int = Field(4, ge=0, description="arms scored before NeuralUCB has data")
     context_sample: int = Field(8, ge=1, description="contexts answered per arm evaluation")
+    finalists: int = Field(1, ge=1, description="top instructions of an outer loop scored again on every context "
+                                                "before P* is chosen; 1 is Algorithm 1 as written")
     samples_per_context: int = Field(1, ge=1)
     max_new_tokens: int = Field(160, ge=1)
     temperature: float = Field(0.0, ge=0)

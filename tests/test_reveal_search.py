@@ -152,3 +152,30 @@ def test_answers_are_asked_to_stop_where_the_task_says_answers_end(tmp_path):
     # Instructions keep their first sentence only, so arm decoding may stop at any sentence end.
     assert extract_instruction(" write code.\nMore") == "The instruction was to write code."
     assert all(end[0] in ".!?" and end[1].isspace() for end in SENTENCE_ENDS)
+
+
+def test_finalists_scored_on_every_context_choose_p_star(tmp_path):
+    """The inner rounds rank "write code." first, but on every context its answers are code for only half of
+    them: with finalists=2 the runner-up, code everywhere, becomes P* and its answers the records."""
+    from rr.reveal.diversity import RunningGram
+    from rr.reveal.search import ArmEvaluation, RevealState
+
+    def generate(prompts, params, seeds):
+        return [["hello" if "write code" in p and int(p[-1]) % 2 else f"def f{p[-1]}(): pass"] * params.n
+                for p in prompts]
+
+    candidates = [ArmEvaluation(0, INSTRUCTIONS[0], 1.0, 0.9, 0.95, 0, 0),
+                  ArmEvaluation(2, INSTRUCTIONS[2], 1.0, 0.8, 0.89, 0, 1),
+                  ArmEvaluation(1, INSTRUCTIONS[1], 0.1, 0.9, 0.18, 0, 1)]
+    chosen = {}
+    for finalists in (1, 2):
+        search = make_search(tmp_path / str(finalists), finalists=finalists)
+        search.generate = generate
+        state = RevealState()
+        best, records = search._collect(candidates, RunningGram(16), state)
+        chosen[finalists] = best.instruction
+        assert len(records) == 6 and {r["instruction"] for r in records} == {best.instruction}
+        assert len(state.finals) == (0 if finalists == 1 else 2)
+    assert chosen == {1: INSTRUCTIONS[0], 2: INSTRUCTIONS[2]}
+    assert [f.relevance for f in state.finals] == pytest.approx([0.55, 1.0])
+    assert max(state.finals, key=lambda f: f.score).instruction == INSTRUCTIONS[2]

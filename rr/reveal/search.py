@@ -3,7 +3,9 @@
 For each of m outer loops: warm-start NeuralUCB with the top-k arms so far; for n inner rounds pick a
 batch of arms, answer a sample of the contexts under each arm's instruction, score
 (α/v + (1−α)/τ)^−1 with τ the mean relevance and v the Vendi diversity against D_self-gen; the loop's
-best instruction then answers every reveal context and its answers join D_self-gen.
+best instruction then answers every reveal context and its answers join D_self-gen. With
+reveal.finalists F > 1, the loop's top F instructions each answer every reveal context and are scored
+again there (the inner rounds see only a sample); the best of them is P*, its answers the records.
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ class RevealState:
     evaluations: list[ArmEvaluation] = field(default_factory=list)
     best_instructions: list[str] = field(default_factory=list)
     finished: bool = False
+    finals: list[ArmEvaluation] = field(default_factory=list)  # finalists scored on every context (finalists > 1)
 
 
 class RevealCheckpoint:
@@ -84,7 +87,8 @@ class RevealCheckpoint:
             return RevealState(), RunningGram(dim), []
         raw = json.loads(self.state_path.read_text())
         state = RevealState(raw["outer_loop"], raw["round"], [ArmEvaluation(**e) for e in raw["evaluations"]],
-                            raw["best_instructions"], raw["finished"])
+                            raw["best_instructions"], raw["finished"],
+                            [ArmEvaluation(**e) for e in raw.get("finals", [])])
         gram = RunningGram.from_state_dict(dict(np.load(self.gram_path))) if self.gram_path.exists() else RunningGram(dim)
         records = [json.loads(line) for line in self.records_path.read_text().splitlines()] \
             if self.records_path.exists() else []
@@ -182,8 +186,7 @@ class RevealSearch:
             if not candidates:
                 self.progress(f"outer {loop + 1}: no instruction left that an earlier loop has not used; stopping")
                 break
-            best = max(candidates, key=lambda e: e.score)
-            new_records = self._collect(best, loop)
+            best, new_records = self._collect(candidates, gram, state)
             records += new_records
             gram.add(self.embed([r["response"] for r in new_records]))
             state.best_instructions.append(best.instruction)
@@ -242,18 +245,43 @@ class RevealSearch:
         k = min(self.config.context_sample, len(self.contexts))
         return rng.sample(self.contexts, k)
 
-    def _collect(self, best: ArmEvaluation, loop: int) -> list[dict]:
-        """P* answers every reveal context; each answer becomes a forget record."""
-        rows = self.answer([best.instruction], self.contexts, f"collect-{loop}")[0]
-        relevance = self.task.relevance([c for c, _, _, _ in rows], [t for _, _, t, _ in rows])
+    def _collect(self, candidates: list[ArmEvaluation], gram: RunningGram,
+                 state: RevealState) -> tuple[ArmEvaluation, list[dict]]:
+        """P* answers every reveal context; each answer becomes a forget record.
+
+        With finalists F > 1, the loop's F best distinct instructions all answer every context in one
+        generate call and are scored again on those answers (relevance and diversity against D_self-gen, as
+        in the rounds); the best is P*. A score from a sample of 8 contexts cannot tell an instruction whose
+        answers degenerate on 1 context in 20 from one whose answers never do; every context can.
+        """
+        loop = state.outer_loop
+        # A loop never scores one instruction text twice, so the candidates are distinct instructions.
+        finalists = sorted(candidates, key=lambda e: -e.score)[:self.config.finalists]
+        answered = self.answer([e.instruction for e in finalists], self.contexts, f"collect-{loop}")
+        relevances = [self.task.relevance([c for c, _, _, _ in rows], [t for _, _, t, _ in rows]) for rows in answered]
+        if len(finalists) == 1:
+            best_index = 0
+        else:
+            finals = []
+            for e, rows, relevance in zip(finalists, answered, relevances):
+                diversity = gram.normalized_diversity_with(self.embed([t for _, _, t, _ in rows]))
+                mean_relevance = float(np.mean(relevance))
+                finals.append(ArmEvaluation(e.arm, e.instruction, mean_relevance, diversity,
+                                            harmonic_score(mean_relevance, diversity, self.config.diversity_weight),
+                                            loop, self.config.inner_rounds))
+            state.finals += finals
+            best_index = max(range(len(finals)), key=lambda i: finals[i].score)
+            self.progress(f"outer {loop + 1}: finalists on all {len(self.contexts)} contexts: " + ", ".join(
+                f"{f.score:.3f} (relevance {f.relevance:.3f})" for f in finals))
+        best, rows = finalists[best_index], answered[best_index]
         records = []
-        for (context, sample, text, seed), rel in zip(rows, relevance):
+        for (context, sample, text, seed), rel in zip(rows, relevances[best_index]):
             if self.config.min_relevance is not None and rel < self.config.min_relevance:
                 continue
             records.append({"context_id": context.id, "prompt": context.prompt, "instruction": best.instruction,
                             "response": text, "relevance": float(rel), "outer_loop": loop, "sample": sample,
                             "seed": seed})
-        return records
+        return best, records
 
 
 def forget_set_manifest(records: Sequence[dict], state: RevealState, embeddings: np.ndarray,
@@ -267,6 +295,7 @@ def forget_set_manifest(records: Sequence[dict], state: RevealState, embeddings:
         "filtered_by_relevance": min_relevance is not None,
         "min_relevance": min_relevance,
         "arms_scored": len(state.evaluations),
+        "finalists": [asdict(e) for e in state.finals],
         "records": [{k: r[k] for k in ("context_id", "instruction", "relevance", "outer_loop", "sample", "seed")}
                     for r in records],
     }

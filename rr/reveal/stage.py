@@ -149,6 +149,7 @@ def reveal_report(manifest: dict) -> str:
         f"- filtered by relevance: {manifest['filtered_by_relevance']}", "",
         "## Instructions found (one per outer loop)", "",
         *[f"{i + 1}. {text}" for i, text in enumerate(manifest["instructions"])], "",
+        *_finalists_table(manifest.get("finalists", [])),
         f"## Against baselines ({c['contexts']} reveal contexts × {c['samples_per_context']} samples)", "",
         "| check | rr | baseline | holds |", "|---|---|---|---|",
         f"| mean relevance: best instruction vs plain answers | {c['best_instruction_mean_relevance']:.3f} | "
@@ -160,3 +161,13 @@ def reveal_report(manifest: dict) -> str:
         f"| Vendi of plain answers (no instruction), for reference | | {c['plain_answers_vendi']:.2f} | |",
     ]
     return "\n".join(lines) + "\n"
+
+
+def _finalists_table(finals: list[dict]) -> list[str]:
+    """reveal.finalists > 1: every finalist's scores on all reveal contexts, the best of each loop is P*."""
+    if not finals:
+        return []
+    rows = [f"| {f['outer_loop'] + 1} | {f['relevance']:.3f} | {f['diversity']:.3f} | {f['score']:.3f} | "
+            + f['instruction'][:90].replace("|", "\\|") + " |" for f in finals]
+    return ["## Finalists, scored on every reveal context", "",
+            "| loop | relevance | diversity | score | instruction |", "|---|---|---|---|---|", *rows, ""]
