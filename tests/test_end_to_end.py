@@ -84,6 +84,13 @@ def test_reveal_resumed_and_wrote_forget_set(finished_job):
     comparison = manifest["comparison"]
     assert {"best_instruction_mean_relevance", "plain_answers_mean_relevance", "forget_set_vendi_subsampled",
             "fixed_instruction_vendi"} <= set(comparison)
+    # ci.yaml asks for 2 finalists per loop: each scored on every context, the best of each loop is P*.
+    finals = manifest["finalists"]
+    per_loop = [sum(f["outer_loop"] == loop for f in finals) for loop in range(2)]
+    assert per_loop[0] == 2 and per_loop[1] in (1, 2), per_loop  # the second loop may have one candidate left
+    for loop, p_star in enumerate(manifest["instructions"]):
+        assert p_star == max((f for f in finals if f["outer_loop"] == loop), key=lambda f: f["score"])["instruction"]
+    assert "## Finalists, scored on every reveal context" in (job_dir / "reveal" / "report.md").read_text()
     # Forget data is sensitive: owner-only, and never printed in full.
     assert stat.S_IMODE(os.stat(job_dir).st_mode) == 0o700
     assert stat.S_IMODE(os.stat(job_dir / "reveal" / "forget_set.jsonl").st_mode) == 0o600

@@ -179,3 +179,12 @@ def test_finalists_scored_on_every_context_choose_p_star(tmp_path):
     assert chosen == {1: INSTRUCTIONS[0], 2: INSTRUCTIONS[2]}
     assert [f.relevance for f in state.finals] == pytest.approx([0.55, 1.0])
     assert max(state.finals, key=lambda f: f.score).instruction == INSTRUCTIONS[2]
+
+
+def test_replicas_are_sized_for_the_largest_reveal_call():
+    from rr.reveal.search import largest_generate_call
+
+    quickstart_like = RevealConfig(arms_per_round=4, context_sample=8, finalists=3, samples_per_context=2)
+    assert largest_generate_call(quickstart_like, 40) == 3 * 40 * 2  # the finalists on every context
+    assert largest_generate_call(RevealConfig(arms_per_round=8, context_sample=8), 40) == 8 * 8  # a round
+    assert largest_generate_call(RevealConfig(arms_per_round=8, context_sample=8), 4) == 8 * 4  # sample ≤ contexts

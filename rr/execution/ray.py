@@ -459,8 +459,9 @@ class RayExecutor:
         self._request()
 
     def _default_replicas(self) -> int:
-        cfg = self.job.config
-        return self.replica_count(len(self.job.task.contexts("reveal")) * cfg.reveal.samples_per_context)
+        from rr.reveal.search import largest_generate_call
+
+        return self.replica_count(largest_generate_call(self.job.config.reveal, len(self.job.task.contexts("reveal"))))
 
     def _ensure_pool(self, count: int | None = None):
         count = count or self.replicas or self._default_replicas()

@@ -32,6 +32,13 @@ def harmonic_score(relevance: float, diversity: float, diversity_weight: float) 
     return 1.0 / (diversity_weight / diversity + (1 - diversity_weight) / relevance)
 
 
+def largest_generate_call(config, n_contexts: int) -> int:
+    """Requests in Reveal's biggest generate call, for sizing replicas: a round's arms on their context
+    sample, or the loop's finalists (P* alone when finalists = 1) on every context."""
+    per_round = config.arms_per_round * min(config.context_sample, n_contexts)
+    return max(per_round, config.finalists * n_contexts) * config.samples_per_context
+
+
 def instruction_prompt(instruction: str, context: Context) -> str:
     """How an instruction and a context make one user turn."""
     return f"{instruction}\n\n{context.prompt}" if instruction else context.prompt
@@ -259,7 +266,7 @@ class RevealSearch:
         finalists = sorted(candidates, key=lambda e: -e.score)[:self.config.finalists]
         answered = self.answer([e.instruction for e in finalists], self.contexts, f"collect-{loop}")
         relevances = [self.task.relevance([c for c, _, _, _ in rows], [t for _, _, t, _ in rows]) for rows in answered]
-        if len(finalists) == 1:
+        if self.config.finalists == 1:  # Algorithm 1 as written: the inner rounds' best is P*
             best_index = 0
         else:
             finals = []

@@ -12,7 +12,8 @@ import numpy as np
 from rr.generation.base import request_seed
 from rr.reveal.arms import ArmPool, decode_arm_pool
 from rr.reveal.diversity import vendi_score
-from rr.reveal.search import RevealCheckpoint, RevealSearch, forget_set_manifest, instruction_prompt
+from rr.reveal.search import (RevealCheckpoint, RevealSearch, forget_set_manifest, instruction_prompt,
+                              largest_generate_call)
 
 
 def load_or_decode_arms(job, progress: Callable[[str], None]) -> ArmPool:
@@ -58,8 +59,7 @@ def run_reveal(job, progress: Callable[[str], None] = print) -> dict:
     arms = load_or_decode_arms(job, progress)
     checkpoint = RevealCheckpoint(job.dir / "reveal")
     cfg = job.config.reveal
-    # The biggest generate call of the stage: every reveal context × samples under one instruction.
-    job.executor.prepare("reveal", len(job.task.contexts("reveal")) * cfg.samples_per_context)
+    job.executor.prepare("reveal", largest_generate_call(cfg, len(job.task.contexts("reveal"))))
     search = RevealSearch(cfg, job.task, arms, job.executor.generate, job.embed, checkpoint, job.config.seed, progress)
     state, records = search.run()
     if not records:
@@ -168,6 +168,6 @@ def _finalists_table(finals: list[dict]) -> list[str]:
     if not finals:
         return []
     rows = [f"| {f['outer_loop'] + 1} | {f['relevance']:.3f} | {f['diversity']:.3f} | {f['score']:.3f} | "
-            + f['instruction'][:90].replace("|", "\\|") + " |" for f in finals]
+            + f['instruction'][:200].replace("|", "\\|") + " |" for f in finals]
     return ["## Finalists, scored on every reveal context", "",
             "| loop | relevance | diversity | score | instruction |", "|---|---|---|---|---|", *rows, ""]
