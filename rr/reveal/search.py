@@ -258,8 +258,8 @@ class RevealSearch:
 
         With finalists F > 1, the loop's F best distinct instructions all answer every context in one
         generate call and are scored again on those answers (relevance and diversity against D_self-gen, as
-        in the rounds); the best is P*. A score from a sample of 8 contexts cannot tell an instruction whose
-        answers degenerate on 1 context in 20 from one whose answers never do; every context can.
+        in the rounds); the best is P*. A score from a small sample of contexts cannot tell an instruction
+        whose answers degenerate on one context in twenty from one whose answers never do; every context can.
         """
         loop = state.outer_loop
         # A loop never scores one instruction text twice, so the candidates are distinct instructions.
