@@ -156,15 +156,20 @@ class RevealSearch:
                       state: RevealState) -> list[ArmEvaluation]:
         instructions = [self.arms.instructions[a] for a in arm_indices]
         answered = self.answer(instructions, contexts, f"round-{state.outer_loop}-{state.round}")
-        evaluations = []
-        for arm, instruction, rows in zip(arm_indices, instructions, answered):
-            responses = [text for _, _, text, _ in rows]
-            relevance = float(np.mean(self.task.relevance([c for c, _, _, _ in rows], responses)))
-            diversity = gram.normalized_diversity_with(self.embed(responses))
-            score = harmonic_score(relevance, diversity, self.config.diversity_weight)
-            evaluations.append(ArmEvaluation(int(arm), instruction, relevance, diversity, score,
-                                             state.outer_loop, state.round))
-        return evaluations
+        return [self._scored(int(arm), instruction, rows, self._relevance(rows), gram, state.outer_loop, state.round)
+                for arm, instruction, rows in zip(arm_indices, instructions, answered)]
+
+    def _relevance(self, rows) -> list[float]:
+        return self.task.relevance([c for c, _, _, _ in rows], [t for _, _, t, _ in rows])
+
+    def _scored(self, arm: int, instruction: str, rows, relevance: Sequence[float], gram: RunningGram,
+                outer_loop: int, round_index: int) -> ArmEvaluation:
+        """The harmonic score of one instruction's answers: mean relevance, Vendi diversity against D_self-gen."""
+        mean_relevance = float(np.mean(relevance))
+        diversity = gram.normalized_diversity_with(self.embed([t for _, _, t, _ in rows]))
+        return ArmEvaluation(arm, instruction, mean_relevance, diversity,
+                             harmonic_score(mean_relevance, diversity, self.config.diversity_weight),
+                             outer_loop, round_index)
 
     # ---- Algorithm 1 ---------------------------------------------------------------------
     def run(self) -> tuple[RevealState, list[dict]]:
@@ -265,17 +270,12 @@ class RevealSearch:
         # A loop never scores one instruction text twice, so the candidates are distinct instructions.
         finalists = sorted(candidates, key=lambda e: -e.score)[:self.config.finalists]
         answered = self.answer([e.instruction for e in finalists], self.contexts, f"collect-{loop}")
-        relevances = [self.task.relevance([c for c, _, _, _ in rows], [t for _, _, t, _ in rows]) for rows in answered]
+        relevances = [self._relevance(rows) for rows in answered]
         if self.config.finalists == 1:  # Algorithm 1 as written: the inner rounds' best is P*
             best_index = 0
         else:
-            finals = []
-            for e, rows, relevance in zip(finalists, answered, relevances):
-                diversity = gram.normalized_diversity_with(self.embed([t for _, _, t, _ in rows]))
-                mean_relevance = float(np.mean(relevance))
-                finals.append(ArmEvaluation(e.arm, e.instruction, mean_relevance, diversity,
-                                            harmonic_score(mean_relevance, diversity, self.config.diversity_weight),
-                                            loop, self.config.inner_rounds))
+            finals = [self._scored(e.arm, e.instruction, rows, relevance, gram, loop, self.config.inner_rounds)
+                      for e, rows, relevance in zip(finalists, answered, relevances)]
             state.finals += finals
             best_index = max(range(len(finals)), key=lambda i: finals[i].score)
             self.progress(f"outer {loop + 1}: finalists on all {len(self.contexts)} contexts: " + ", ".join(
