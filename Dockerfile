@@ -7,7 +7,7 @@ ARG VARIANT=gpu
 
 FROM nvidia/cuda:12.9.1-cudnn-runtime-ubuntu24.04 AS base-gpu
 ENV RR_TORCH_INDEX="" \
-    RR_EXTRAS="ray,kubernetes,tracking,deepspeed,gpu" \
+    RR_EXTRAS="ray,kubernetes,tracking,deepspeed,gpu,datasets" \
     RR_CONSTRAINTS=constraints/gpu.txt
 
 FROM ubuntu:24.04 AS base-cpu
