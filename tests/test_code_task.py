@@ -304,8 +304,9 @@ def test_mbpp_plus_row_conversion():
     problem = mbpp_plus_row_to_problem(row, 0)
     assert problem.id == "mbppplus-2" and problem.entry_point == "add"
     assert problem.prompt == "Write a function to add two numbers."
-    assert problem.tests == (row["test"],) and problem.test_setup == "import math"
-    assert problem.needs_site_packages
+    # The script's literal cases become one trusted check each; numpy is no longer needed to grade them.
+    assert problem.tests == ("assert add(*[1, 2]) == 3", "assert add(*[0, 0]) == 0")
+    assert problem.test_setup == "import math" and not problem.needs_site_packages
     assert code_prompt(problem).endswith("assert add(1, 2) == 3")
     with pytest.raises(RRError, match=r"evalplus/mbppplus row 4: missing field 'test'"):
         mbpp_plus_row_to_problem({k: v for k, v in row.items() if k != "test"}, 4)

@@ -1,4 +1,5 @@
-"""The code sandbox: correct code passes, wrong code fails, hostile code is contained (Invariant 4)."""
+"""The code sandbox and its trusted grader: correct code passes, wrong code fails, hostile code is
+contained (Invariants 4 and 7). The adversarial corpus is tests/test_sandbox_corpus.py."""
 
 from __future__ import annotations
 
@@ -10,15 +11,8 @@ import time
 import pytest
 
 from rr.errors import RRError
-from rr.tasks.sandbox import run_in_sandbox, run_many, seccomp_program
-
-
-@pytest.fixture(scope="module")
-def layers() -> tuple[str, ...]:
-    """The isolation layers this machine grants (Landlock and seccomp depend on the kernel)."""
-    result = run_in_sandbox("x = 1", "assert x == 1")
-    assert result.passed, result
-    return result.layers
+from rr.tasks.grading import UnsupportedTest, check_holds, decode_answers, decode_value, plan_tests
+from rr.tasks.sandbox import encode_value, run_in_sandbox, run_many, seccomp_program
 
 
 def test_correct_code_passes_and_wrong_code_fails():
@@ -60,9 +54,8 @@ def _process_count() -> int:
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc"), reason="needs /proc to count processes")
-def test_fork_bomb_is_contained_and_the_machine_survives(layers):
-    if os.geteuid() == 0 and "seccomp" not in layers:
-        pytest.skip("root without seccomp: RLIMIT_NPROC does not bind root, a real fork bomb would run")
+def test_fork_bomb_is_contained_and_the_machine_survives(require_sandbox_layers):
+    require_sandbox_layers("seccomp")  # RLIMIT_NPROC does not bind root: without seccomp a real bomb runs
     before = _process_count()
     bomb = "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass\n"
     result = run_in_sandbox(bomb, "", timeout_s=2.0)
@@ -72,39 +65,36 @@ def test_fork_bomb_is_contained_and_the_machine_survives(layers):
     assert run_in_sandbox("x = 2", "assert x == 2").passed  # and the next run still works
 
 
-def test_subprocesses_cannot_be_started(layers):
-    if "seccomp" not in layers:
-        pytest.skip("seccomp is not available here")
+def test_subprocesses_cannot_be_started(require_sandbox_layers):
+    require_sandbox_layers("seccomp")
     result = run_in_sandbox("import subprocess\nsubprocess.run(['true'])", "")
-    assert result.status == "error" and "PermissionError" in result.detail
+    assert result.status == "error" and "PermissionError in the solution" in result.detail
 
 
 def test_relative_writes_land_in_a_temp_dir_that_is_removed():
     code = "import os\nopen('proof.txt', 'w').write('x')\nos.makedirs('sub/dir')\n"
-    result = run_in_sandbox(code, "import os\nassert False, os.getcwd()")
+    result = run_in_sandbox(code, "import os\nassert os.getcwd() == ''")
     assert result.status == "failed"
-    cwd = re.search(r"\((/[^)]*)\)", result.detail).group(1)
+    cwd = re.search(r"\(got '(/[^']*)'\)", result.detail).group(1)
     assert os.path.basename(os.path.dirname(cwd)).startswith("rr-sandbox-")
     assert not os.path.exists(cwd) and not os.path.exists(os.path.dirname(cwd))
 
 
-def test_writes_outside_the_temp_dir_fail(tmp_path, layers):
+def test_writes_outside_the_temp_dir_fail(tmp_path, require_sandbox_layers):
+    require_sandbox_layers("landlock")  # without it a process of the same user writes where the user can
     target = tmp_path / "escape.txt"
     result = run_in_sandbox(f"open({str(target)!r}, 'w').write('escaped')\n", "")
-    if "landlock" not in layers and os.access(tmp_path, os.W_OK):
-        pytest.skip("no Landlock here: a process of the same user can write where the user can")
     assert result.status == "error"
     assert not target.exists()
     up = run_in_sandbox("open('../../escape.txt', 'w').write('escaped')\n", "")
     assert up.status == "error"
 
 
-def test_files_outside_are_not_readable(tmp_path, layers):
-    if "landlock" not in layers:
-        pytest.skip("Landlock is not available here")
+def test_files_outside_are_not_readable(tmp_path, require_sandbox_layers):
+    require_sandbox_layers("landlock")
     secret = tmp_path / "token.txt"
     secret.write_text("rr-test-secret")
-    result = run_in_sandbox(f"data = open({str(secret)!r}).read()\n", "assert 'secret' not in data")
+    result = run_in_sandbox(f"data = open({str(secret)!r}).read()\n", "assert data == ''")
     assert result.status == "error" and "Permission" in result.detail
 
 
@@ -136,9 +126,8 @@ def test_network_sockets_fail():
         server.close()
 
 
-def test_signals_to_other_processes_are_refused(layers):
-    if "seccomp" not in layers and "landlock" not in layers:
-        pytest.skip("neither seccomp nor Landlock scoping is available here")
+def test_signals_to_other_processes_are_refused(require_sandbox_layers):
+    require_sandbox_layers("seccomp")
     # Signal 0 only probes: harmless even if the sandbox were to let it through.
     result = run_in_sandbox(f"import os\nos.kill({os.getpid()}, 0)\n", "")
     assert result.status == "error"
@@ -181,3 +170,142 @@ def test_seccomp_program_jumps_stay_inside_and_end_in_allow(arch):
         if code & 0x07 == 0x05:  # BPF_JMP: both targets land on an instruction
             assert index + 1 + max(jt, jf) < len(program)
     assert program[-1] == (0x06, 0, 0, 0x7FFF0000)
+
+
+# ---- the trusted grader -------------------------------------------------------------------
+
+def test_test_shapes_become_calls_and_trusted_expected_values():
+    plan = plan_tests("import math\nassert f(1) == [1, 2]\nassert set(g()) == set((4, 5)) and not h()\n"
+                      "assert math.isclose(area(2), 12.5, rel_tol=0.001)\nassert sorted(k()) == [1, 2]\n"
+                      "assert -1 == f(0)\nassert ok(3)")
+    assert plan.setup == "import math"
+    assert [(c.expression, c.mode, c.expected, c.wrappers) for c in plan.checks] == [
+        ("f(1)", "equal", [1, 2], ()), ("g()", "equal", {4, 5}, ("set",)), ("h()", "falsy", None, ()),
+        ("area(2)", "isclose", 12.5, ()), ("k()", "equal", [1, 2], ("sorted",)), ("f(0)", "equal", -1, ()),
+        ("ok(3)", "truthy", None, ())]
+    set_check, isclose_check = plan.checks[1], plan.checks[3]
+    assert check_holds(set_check, [5, 4, 4]) and not check_holds(set_check, [[4], 5])  # unhashable: a failure
+    assert check_holds(isclose_check, 12.51) and not check_holds(isclose_check, "12.5")
+
+
+@pytest.mark.parametrize("test", ["assert f(1) > 2", "assert f(1) == g(2)", "assert f(1) is None",
+                                  "for x in [1]:\n    assert f(x) == 1", "assert f(1) == 1 or f(2) == 2",
+                                  "assert math.isclose(f(1), 'a')"])
+def test_other_test_shapes_fail_closed_naming_the_shape(test):
+    with pytest.raises(UnsupportedTest, match="not supported|not a supported|non-numeric"):
+        plan_tests(test)
+    result = run_in_sandbox("def f(x):\n    return 1\ng = f\n", test)
+    assert result.status == "error" and "supported" in result.detail or "non-numeric" in result.detail
+
+
+def test_expected_values_never_enter_the_sandbox():
+    # The solution searches every object it can reach for the expected value; it finds none.
+    code = ("import gc, sys\nneedle = 'violet' + '-42'\n"
+            "def secret_word():\n"
+            "    for o in gc.get_objects():\n"
+            "        items = o.values() if isinstance(o, dict) else o if isinstance(o, (list, tuple)) else ()\n"
+            "        for item in list(items):\n"
+            "            if isinstance(item, str) and needle in item and item is not needle:\n"
+            "                return item\n"
+            "    return 'not found'\n")
+    result = run_in_sandbox(code, "assert secret_word() == 'zebra-violet-42'")
+    assert result.status == "failed" and "got 'not found'" in result.detail, result
+
+
+def test_answers_are_exact_built_in_values_both_ways():
+    value = [1, -2**70, 0.1, float("inf"), "é\ud800", b"\x00", True, None, (1, (2,)), {1: {"a"}},
+             frozenset({3}), {"k": [1.5]}]
+    assert decode_value(encode_value(value)) == value
+    nan = decode_value(encode_value(float("nan")))
+    assert nan != nan  # nan stays nan: it equals nothing, as in Python
+    with pytest.raises(TypeError):
+        encode_value(type("Int", (int,), {})(3))  # a subclass is not encoded
+
+
+@pytest.mark.parametrize("record", [
+    b'["value", "a", ["i", "3"]]\n["value", "a", ["i", "3"]]\n',  # two answers to one call
+    b'["value", "zz", ["i", "3"]]\n',  # an id nobody asked for
+    b'["value", "a", ["B", 2]]\n',  # a bool that is not 0/1
+    b'["value", "a", ["i", "0x3"]]\n',  # not hex digits
+    b'["value", "a", ["S", [["l", []]]]]\n',  # a set holding a list
+    b'["value", "a", ["q", 1]]\n',  # an unknown tag
+    b'["value", "a", NaN]\n',  # a bare JSON constant
+    b'{"status": "passed"}\n',  # not a record
+    b'["value", "a", ' + b'["l", [' * 150 + b'["N"]' + b']]' * 150 + b']\n',  # too deep
+])
+def test_malformed_answers_are_rejected(record):
+    answers = decode_answers(b'["layers", ["x"]]\n' + record, ["a", "b"])
+    assert answers.problem and "malformed" in answers.problem
+
+
+def test_timeouts_report_the_layers_in_force(sandbox_layers):
+    result = run_in_sandbox("while True:\n    pass\n", "assert f() == 1", timeout_s=1.0)
+    assert result.status == "timeout" and set(result.layers) == sandbox_layers
+
+
+def test_tests_without_checks_are_not_a_pass():
+    assert run_in_sandbox("x = 1", "y = 2").status == "error"
+
+
+# ---- seccomp: every denied syscall, in the filter and live --------------------------------
+
+# Numbers from asm/unistd_64.h and asm-generic/unistd.h, written out again here to check the table.
+DENIED = {"setpriority": (141, 140), "sched_setparam": (142, 118), "sched_setscheduler": (144, 119),
+          "sched_setaffinity": (203, 122), "sched_setattr": (314, 274), "ioprio_set": (251, 30),
+          "syslog": (103, 116), "mknodat": (259, 33), "migrate_pages": (256, 238), "move_pages": (279, 239),
+          "fork": (57, None), "execve": (59, 221), "socket": (41, 198), "ptrace": (101, 117),
+          "process_vm_readv": (310, 270), "setrlimit": (160, 164), "mount": (165, 40), "bpf": (321, 280),
+          "keyctl": (250, 219), "perf_event_open": (298, 241), "userfaultfd": (323, 282),
+          "io_uring_setup": (425, 425), "mknod": (133, None)}
+
+
+def _run_bpf(program, arch_value: int, nr: int, args=(0,) * 6) -> int:
+    """Evaluate the filter on one syscall (struct seccomp_data: nr, arch, ip, args)."""
+    data = nr.to_bytes(4, "little") + arch_value.to_bytes(4, "little") + bytes(8)
+    data += b"".join((a & (2**64 - 1)).to_bytes(8, "little") for a in args)
+    pc, acc = 0, 0
+    while True:
+        code, jt, jf, k = program[pc]
+        if code == 0x20:
+            acc = int.from_bytes(data[k:k + 4], "little")
+        elif code == 0x06:
+            return k
+        else:
+            taken = {0x15: acc == k, 0x35: acc >= k, 0x45: bool(acc & k)}[code]
+            pc += jt if taken else jf
+        pc += 1
+
+
+@pytest.mark.parametrize("arch,arch_value,column", [("x86_64", 0xC000003E, 0), ("aarch64", 0xC00000B7, 1)])
+@pytest.mark.parametrize("name", sorted(DENIED))
+def test_seccomp_program_denies_each_syscall(arch, arch_value, column, name):
+    nr = DENIED[name][column]
+    if nr is None:
+        pytest.skip(f"{arch} has no {name} syscall")  # aarch64 has only the *at variants and clone
+    program = seccomp_program(arch, pid=4242)
+    assert _run_bpf(program, arch_value, nr) == 0x00050001, f"{name} ({nr}) is not answered EPERM"
+    assert _run_bpf(program, arch_value, 0 if column == 0 else 63) == 0x7FFF0000  # read is allowed
+
+
+_PROBES = {  # args harmless even if the call went through (the process itself, no-op values)
+    "setpriority": (0, 0, 0), "sched_setparam": (0, "param"), "sched_setscheduler": (0, 0, "param"),
+    "sched_setaffinity": (0, 8, "mask"), "sched_setattr": (0, "attr", 0), "ioprio_set": (1, 0, 4 | (2 << 13)),
+    "syslog": (10, 0, 0), "mknod": ("name", 0o10600, 0), "mknodat": (-100, "name", 0o10600, 0),
+    "migrate_pages": (0, 0, 0, 0), "move_pages": (0, 0, 0, 0, 0, 0),
+}
+
+
+@pytest.mark.skipif(os.uname().machine != "x86_64", reason="the live probes use x86_64 syscall numbers")
+def test_each_newly_denied_syscall_fails_in_the_sandbox(require_sandbox_layers):
+    require_sandbox_layers("seccomp")
+    code = ("import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\nlibc.syscall.restype = ctypes.c_long\n"
+            "param = ctypes.byref(ctypes.c_int(0))\nmask = ctypes.byref(ctypes.c_ulong(2**64 - 1))\n"
+            "attr = ctypes.byref((ctypes.c_uint32 * 12)(48))\nname = b'node'\n"
+            "def probe(nr, *args):\n"
+            "    if libc.syscall(nr, *[a if not isinstance(a, int) else ctypes.c_long(a) for a in args]) < 0:\n"
+            "        return ctypes.get_errno()\n    return 0\n")
+    args = {name: ", ".join(str(a) for a in values) for name, values in _PROBES.items()}
+    items = [(code, f"assert probe({DENIED[name][0]}, {args[name]}) == 1") for name in _PROBES]
+    results = run_many(items, max_workers=4)
+    assert {name: r.status for name, r in zip(_PROBES, results)} == {name: "passed" for name in _PROBES}, \
+        [(name, r.detail) for name, r in zip(_PROBES, results) if not r.passed]

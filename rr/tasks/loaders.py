@@ -124,8 +124,10 @@ def mbpp_row_to_problem(row: Mapping[str, Any], index: int, dataset: str = MBPP)
 
 
 def mbpp_plus_row_to_problem(row: Mapping[str, Any], index: int, dataset: str = MBPP_PLUS) -> CodeProblem:
-    """One MBPP+ row → CodeProblem whose single test is the EvalPlus script (`test`), run after
-    `test_imports`; the prompt shows the base test `test_list[0]` as its example."""
+    """One MBPP+ row → CodeProblem with one check per EvalPlus case: the literal `inputs` and `results`
+    lists of the row's `test` script become `assert f(*inp) == out` (floats: math.isclose with EvalPlus's
+    tolerances), graded by the trusted side. A script without literal lists stays as it is, and the
+    grader fails it closed, naming the shape."""
     task_id = _field(row, "task_id", dataset, index, int)
     prompt = _field(row, "prompt", dataset, index, str)
     code = _field(row, "code", dataset, index, str).replace("\r\n", "\n")
@@ -137,10 +139,44 @@ def mbpp_plus_row_to_problem(row: Mapping[str, Any], index: int, dataset: str = 
     # The prompt may come as a docstring holding the text and an example assert: keep the text only.
     text = "\n".join(line for line in prompt.strip().strip('"').strip().splitlines()
                      if not line.strip().startswith("assert")).strip()
-    return CodeProblem(id=f"mbppplus-{task_id}", prompt=text,
-                       entry_point=infer_entry_point(code, base_tests, dataset, index),
-                       tests=(script,), reference_solution=code, test_setup="\n".join(imports),
-                       example_test=base_tests[0], needs_site_packages="numpy" in script + " ".join(imports))
+    entry_point = infer_entry_point(code, base_tests, dataset, index)
+    cases = mbpp_plus_cases(script, entry_point)
+    tests = tuple(cases) if cases else (script,)
+    setup = "\n".join(imports)
+    return CodeProblem(id=f"mbppplus-{task_id}", prompt=text, entry_point=entry_point, tests=tests,
+                       reference_solution=code, test_setup=setup, example_test=base_tests[0],
+                       needs_site_packages="numpy" in setup + ("" if cases else script))
+
+
+def mbpp_plus_cases(script: str, entry_point: str) -> list[str]:
+    """`assert` lines for the cases of an EvalPlus script (`inputs = [...]`, `results = [...]`, both
+    literals of equal length); [] when the script does not have that form. EvalPlus compares floats
+    with atol 1e-6 (rtol 1e-7) and everything else with ==."""
+    try:
+        tree = ast.parse(script)
+    except SyntaxError:
+        return []
+    lists: dict[str, Any] = {}
+    for node in tree.body:
+        if (isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)
+                and node.targets[0].id in ("inputs", "results")):
+            try:
+                lists[node.targets[0].id] = ast.literal_eval(node.value)
+            except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+                return []
+    inputs, results = lists.get("inputs"), lists.get("results")
+    if not isinstance(inputs, list) or not isinstance(results, list) or len(inputs) != len(results) or not inputs:
+        return []
+    tests = []
+    for args, expected in zip(inputs, results):
+        if not isinstance(args, (list, tuple)):
+            return []
+        call = f"{entry_point}(*{list(args)!r})"
+        if type(expected) is float:
+            tests.append(f"assert math.isclose({call}, {expected!r}, rel_tol=1e-07, abs_tol=1e-06)")
+        else:
+            tests.append(f"assert {call} == {expected!r}")
+    return tests
 
 
 _CALCULATOR = re.compile(r"<<[^<>]*>>")

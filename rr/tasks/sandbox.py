@@ -1,11 +1,14 @@
-"""Run untrusted Python (model-written code) against its tests in a separate, locked-down process.
+"""Run untrusted Python (model-written code) in a separate, locked-down process and have it answer calls.
 
-Invariant 4 of ARCHITECTURE.md lives here. One run is three processes:
+Invariant 4 of ARCHITECTURE.md lives here; Invariant 7 in rr/tasks/grading.py, which parses the tests,
+keeps the expected values, decodes the answers and decides the verdict in the caller. One run is
+three processes:
 
     caller ──► supervisor (`python -I -S sandbox.py supervise`, trusted, a child subreaper)
                   └─ fork: new session, empty cwd, rlimits, net namespace, parent-death signal
-                     └─ exec runner (`python -I [-S] sandbox.py run`): Landlock, seccomp, socket patch,
-                        then exec(code) and exec(tests) in a fresh namespace
+                     └─ exec runner (`python -I [-S] sandbox.py run`): Landlock, capabilities dropped,
+                        seccomp, socket patch; then exec(code) and exec(setup) in a fresh namespace and
+                        one tagged answer per requested call on fd 3 (read by the supervisor, bounded)
 
 Layers, each best effort and reported in `SandboxResult.layers`:
 - isolated interpreter (-I: no PYTHON* env vars, no user site; -S: no site-packages), environment
@@ -18,8 +21,11 @@ Layers, each best effort and reported in `SandboxResult.layers`:
   denies socket(), and the `socket` module's connect/bind raise;
 - Landlock (Linux ≥ 5.13): writes only beneath the temporary cwd; reads only the Python stdlib,
   shared libraries and the cwd (so files holding secrets cannot be read); signals only inside;
+- no capabilities (a runner started as root cannot read another process's memory through /proc);
 - seccomp (x86_64, aarch64): no fork/exec (a fork bomb costs one PermissionError), no kill outside
-  the process, no setrlimit, mount, ptrace, reboot, module loading, io_uring and similar.
+  the process, no setrlimit, mount, ptrace, reboot, module loading, io_uring and similar, and nothing
+  that reaches other processes or the kernel: setpriority, sched_set*, ioprio_set, syslog, mknod(at),
+  migrate_pages, move_pages.
 
 This file imports only the standard library at top level: the supervisor and runner execute it
 as a script under `python -I -S`, where the `rr` package is not importable.
@@ -27,6 +33,7 @@ as a script under `python -I -S`, where the `rr` package is not importable.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import secrets
@@ -43,6 +50,8 @@ _FILE_SIZE_LIMIT = 16 * 1024 * 1024
 _OPEN_FILES_LIMIT = 64
 _PROCESS_LIMIT = 16
 _SUPERVISOR_GRACE_S = 30.0
+_ANSWER_BYTES_LIMIT = 8 * 1024 * 1024  # = rr.tasks.grading.MAX_ANSWER_BYTES (this file imports no rr)
+_REPORT_BYTES = 4 * _ANSWER_BYTES_LIMIT  # base64 of the answers plus the supervisor's own fields
 
 
 @dataclass(frozen=True)
@@ -62,14 +71,28 @@ class SandboxResult:
 
 def run_in_sandbox(code: str, test_code: str, timeout_s: float = 5.0, memory_mb: int = 512,
                    *, allow_site_packages: bool = False) -> SandboxResult:
-    """Execute `code`, then `test_code` in the same namespace, in a sandboxed subprocess.
+    """Run `code` in the sandbox and grade it, here, against the checks parsed from `test_code`.
 
-    passed only when every statement of `test_code` ran without raising. `allow_site_packages`
-    lets the tests import installed packages (MBPP+ test scripts import numpy); code under test
-    gets no more rights than that.
+    `test_code` is split by rr.tasks.grading.plan_tests into setup (run in the sandbox after the code)
+    and checks; only each check's call goes into the sandbox, its expected value stays in this process.
+    passed only when every check's answer, decoded here, holds. A test shape the grader cannot check is
+    an "error" verdict naming it. `allow_site_packages` lets setup code import installed packages.
     """
     if not isinstance(code, str) or not isinstance(test_code, str):
         raise _rr_error("run_in_sandbox: code and test_code must be strings")
+    from rr.tasks.grading import UnsupportedTest, plan_tests
+
+    try:
+        plan = plan_tests(test_code)
+    except UnsupportedTest as exc:
+        return SandboxResult(False, "error", str(exc)[:_DETAIL_CHARS])
+    return run_plan(code, plan, timeout_s, memory_mb, allow_site_packages=allow_site_packages)
+
+
+def run_plan(code: str, plan, timeout_s: float = 5.0, memory_mb: int = 512,
+             *, allow_site_packages: bool = False) -> SandboxResult:
+    """Run `code` and `plan.setup` in the sandbox, ask it for each check's call by an id chosen here,
+    and decide the verdict from the decoded answers (rr.tasks.grading.TestPlan)."""
     if not timeout_s > 0:
         raise _rr_error(f"run_in_sandbox: timeout_s must be > 0 seconds, got {timeout_s!r}")
     if int(memory_mb) < 64:
@@ -77,16 +100,21 @@ def run_in_sandbox(code: str, test_code: str, timeout_s: float = 5.0, memory_mb:
     if os.name != "posix":
         raise _rr_error("run_in_sandbox: the code sandbox needs a POSIX system (Linux for full isolation)")
 
+    import base64
     import subprocess
     import tempfile
 
+    from rr.tasks.grading import decide
+
+    ids = [secrets.token_hex(8) for _ in plan.checks]
     base = tempfile.mkdtemp(prefix="rr-sandbox-")
     try:
         work = os.path.join(base, "work")
         os.mkdir(work, 0o700)
         request = {
             "code": code,
-            "tests": test_code,
+            "setup": plan.setup,
+            "calls": [[answer_id, check.expression] for answer_id, check in zip(ids, plan.checks)],
             "work": work,
             "base": base,
             "timeout_s": float(timeout_s),
@@ -106,15 +134,17 @@ def run_in_sandbox(code: str, test_code: str, timeout_s: float = 5.0, memory_mb:
             proc.communicate()
             return SandboxResult(False, "error", "the sandbox supervisor did not finish; it was killed")
         try:
-            verdict = json.loads(out.decode("utf-8", "replace").strip().splitlines()[-1])
-        except (IndexError, ValueError):
+            # The supervisor's report is one JSON object; even if the sandboxed code managed to write
+            # here, all it could add is answers, and those are validated as strictly as any.
+            report = json.loads(out[:_REPORT_BYTES].decode("utf-8", "replace").strip().splitlines()[-1])
+            raw = base64.b64decode(report.pop("answers"), validate=True)
+            if not isinstance(report, dict):
+                raise ValueError("not an object")
+        except (IndexError, ValueError, KeyError, AttributeError, TypeError):
             tail = err.decode("utf-8", "replace")[-_OUTPUT_TAIL_CHARS:]
             return SandboxResult(False, "error", f"the sandbox supervisor failed (exit {proc.returncode}): {tail}")
-        status = verdict.get("status", "error")
-        if status not in STATUSES:
-            status = "error"
-        return SandboxResult(status == "passed", status, str(verdict.get("detail", ""))[:_DETAIL_CHARS],
-                             tuple(verdict.get("layers", ())))
+        status, detail, layers = decide(plan, ids, raw, report)
+        return SandboxResult(status == "passed", status, detail[:_DETAIL_CHARS], layers)
     finally:
         _remove_tree(base)
 
@@ -203,6 +233,8 @@ def _prctl(libc, option: int, arg2: int = 0) -> bool:
 
 
 def _supervise() -> None:
+    import base64
+
     request = json.loads(sys.stdin.buffer.read())
     try:
         libc = _libc()
@@ -217,7 +249,6 @@ def _supervise() -> None:
     err_fd = os.open(os.path.join(base, "stderr.txt"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     payload_r, payload_w = os.pipe()
     result_r, result_w = os.pipe()
-    nonce = secrets.token_hex(16)
     site_packages = bool(request["site_packages"])
     timeout_s = float(request["timeout_s"])
 
@@ -241,29 +272,36 @@ def _supervise() -> None:
     os.close(err_fd)
     started = time.monotonic()
     try:
-        os.write(payload_w, json.dumps({"code": request["code"], "tests": request["tests"],
-                                        "nonce": nonce}).encode())
+        # Only the code, the setup and the calls: expected values never leave the caller.
+        os.write(payload_w, json.dumps({"code": request["code"], "setup": request["setup"],
+                                        "calls": request["calls"]}).encode())
     except BrokenPipeError:
         pass
     finally:
         os.close(payload_w)
 
-    timed_out = _wait_with_deadline(pid, started + timeout_s)
+    answers = bytearray()
+    outcome = _wait_reading(pid, started + timeout_s, result_r, answers)
     elapsed = time.monotonic() - started
     _kill_group(pid)  # the runner is still an unreaped zombie, so its group id cannot have been reused
     _, wait_status = os.waitpid(pid, 0)
     _reap_all_children()
-
-    os.set_blocking(result_r, False)
-    try:
-        raw = os.read(result_r, 1 << 16)
-    except BlockingIOError:
-        raw = b""
+    if outcome == "exited":
+        _drain(result_r, answers)  # what was still in the pipe when the runner exited
+        if len(answers) > _ANSWER_BYTES_LIMIT:
+            outcome = "oversized"
     os.close(result_r)
-    verdict = _verdict(raw, nonce, wait_status, timed_out, timeout_s, elapsed,
-                       _tail(os.path.join(base, "stderr.txt")))
-    sys.stdout.write(json.dumps(verdict) + "\n")
+    report = {"outcome": outcome, "elapsed_s": round(elapsed, 3), "timeout_s": timeout_s,
+              "exit_code": os.WEXITSTATUS(wait_status) if os.WIFEXITED(wait_status) else None,
+              "signal": _signal_name(os.WTERMSIG(wait_status)) if os.WIFSIGNALED(wait_status) else None,
+              "stderr_tail": _tail(os.path.join(base, "stderr.txt")),
+              "answers": base64.b64encode(bytes(answers[:_ANSWER_BYTES_LIMIT + 1])).decode()}
+    sys.stdout.write(json.dumps(report) + "\n")
     sys.stdout.flush()
+
+
+def _signal_name(sig: int) -> str:
+    return signal.Signals(sig).name if sig in signal.Signals._value2member_map_ else str(sig)
 
 
 def _prepare_child(libc, work, payload_r, out_fd, err_fd, result_w, timeout_s, memory_mb) -> list[str]:
@@ -301,30 +339,58 @@ def _prepare_child(libc, work, payload_r, out_fd, err_fd, result_w, timeout_s, m
     return layers
 
 
-def _wait_with_deadline(pid: int, deadline: float) -> bool:
-    """Wait for the runner to exit without reaping it; True when the deadline came first, in which
-    case the runner's whole process group has been killed."""
+def _wait_reading(pid: int, deadline: float, result_r: int, answers: bytearray) -> str:
+    """Collect the runner's answers while waiting for it to exit, without reaping it. Returns
+    "exited", "timeout" (the deadline came first) or "oversized" (more answers than the grader
+    reads); in the last two cases the runner's whole process group has been killed."""
+    import select
+
     pidfd = None
     if hasattr(os, "pidfd_open"):
         try:
             pidfd = os.pidfd_open(pid)
         except OSError:
             pidfd = None
+    os.set_blocking(result_r, False)
+    reading = True
     try:
         while os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 _kill_group(pid)
-                return True
-            if pidfd is not None:
-                import select
-                select.select([pidfd], [], [], remaining)
-            else:
-                time.sleep(min(remaining, 0.005))
-        return False
+                return "timeout"
+            watched = ([result_r] if reading else []) + ([pidfd] if pidfd is not None else [])
+            ready, _, _ = select.select(watched, [], [], remaining if pidfd is not None else min(remaining, 0.005))
+            if reading and result_r in ready:
+                reading = _read_some(result_r, answers)
+                if len(answers) > _ANSWER_BYTES_LIMIT:
+                    _kill_group(pid)
+                    return "oversized"
+        return "exited"
     finally:
         if pidfd is not None:
             os.close(pidfd)
+
+
+def _read_some(fd: int, into: bytearray) -> bool:
+    """One non-blocking read; False once the pipe reached end of file."""
+    try:
+        chunk = os.read(fd, 1 << 16)
+    except BlockingIOError:
+        return True
+    into.extend(chunk)
+    return bool(chunk)
+
+
+def _drain(fd: int, into: bytearray) -> None:
+    while len(into) <= _ANSWER_BYTES_LIMIT:
+        try:
+            chunk = os.read(fd, 1 << 16)
+        except BlockingIOError:
+            return
+        if not chunk:
+            return
+        into.extend(chunk)
 
 
 def _reap_all_children(budget_s: float = 3.0) -> None:
@@ -375,91 +441,116 @@ def _tail(path: str) -> str:
         return ""
 
 
-def _verdict(raw: bytes, nonce: str, wait_status: int, timed_out: bool, timeout_s: float, elapsed: float,
-             stderr_tail: str) -> dict:
-    if timed_out:
-        return {"status": "timeout", "detail": f"wall-clock limit of {timeout_s:g} s exceeded"}
-    try:
-        reported = json.loads(raw.decode("utf-8", "replace"))
-    except ValueError:
-        reported = None
-    if isinstance(reported, dict) and reported.get("nonce") == nonce:
-        return {k: reported.get(k) for k in ("status", "detail", "layers")}
-    if os.WIFSIGNALED(wait_status):
-        sig = os.WTERMSIG(wait_status)
-        if sig == signal.SIGXCPU:
-            return {"status": "timeout", "detail": f"CPU-time limit exceeded after {elapsed:.1f} s"}
-        name = signal.Signals(sig).name if sig in signal.Signals._value2member_map_ else str(sig)
-        hint = " (a file or the output exceeded the size limit)" if sig == signal.SIGXFSZ else ""
-        return {"status": "error", "detail": f"killed by {name}{hint}: {stderr_tail}"}
-    return {"status": "error",
-            "detail": f"exited (code {os.WEXITSTATUS(wait_status)}) before the tests finished: {stderr_tail}"}
-
-
 # ---------------------------------------------------------------------------------------------
 # Runner: the process that executes untrusted code. Locks itself down first.
 # ---------------------------------------------------------------------------------------------
 
 def _run(pre_exec_layers: str) -> None:
+    """Lock down, report the layers, run the code and the setup, then answer each call on fd 3.
+
+    Everything after exec(code) is in the solution's hands: it may rewrite this function's helpers,
+    builtins or fd 3. Nothing here decides a verdict; the caller validates whatever arrives."""
     import builtins
-    import traceback
 
     payload = json.loads(sys.stdin.buffer.read())
-    nonce = payload.pop("nonce")
     null = os.open(os.devnull, os.O_RDONLY)  # input() in the solution gets EOF, not the payload pipe
     os.dup2(null, 0)
     os.close(null)
 
     layers = [layer for layer in pre_exec_layers.split(",") if layer]
-    for name, apply in (("landlock", _apply_landlock), ("seccomp", _apply_seccomp),
-                        ("socket-patch", _patch_socket)):
+    for name, apply in (("landlock", _apply_landlock), ("no-capabilities", _drop_capabilities),
+                        ("seccomp", _apply_seccomp), ("socket-patch", _patch_socket)):
         try:
             apply()
             layers.append(name)
         except Exception:  # noqa: BLE001 - a missing layer is reported in `layers`, not fatal
             pass
+    emit = _emitter(json.dumps, os.write)
+    emit(["layers", layers])  # written before any untrusted code has run
 
-    status, detail = _execute(payload["code"], payload["tests"], builtins, traceback)
-    result = json.dumps({"nonce": nonce, "status": status, "detail": detail[:_DETAIL_CHARS], "layers": layers})
+    # __name__ is not "__main__": demo blocks (`if __name__ == "__main__": ...`) do not run.
+    namespace = {"__name__": "__solution__", "__builtins__": builtins}
+    for stage, source in (("solution", payload["code"]), ("setup", payload["setup"])):
+        try:
+            exec(compile(source, f"<{stage}>", "exec"), namespace)
+        except BaseException as exc:  # noqa: BLE001 - SystemExit/KeyboardInterrupt are failures too
+            emit(["error", stage, type(exc).__name__, _message(exc)])
+            _finish()
+    for answer_id, expression in payload["calls"]:
+        try:
+            value = eval(compile(expression, "<check>", "eval"), namespace)
+        except BaseException as exc:  # noqa: BLE001
+            emit(["raised", answer_id, type(exc).__name__, _message(exc)])
+            continue
+        try:
+            encoded = encode_value(value)
+        except (TypeError, ValueError, RecursionError, MemoryError) as exc:
+            emit(["raised", answer_id, "UnencodableValue", _message(exc)])
+            continue
+        emit(["value", answer_id, encoded])
+    _finish()
+
+
+def _emitter(dumps, write):
+    """One record per line on fd 3 (the helpers are bound now, before the solution can patch them)."""
+    def emit(record) -> None:
+        try:
+            data = (dumps(record, ensure_ascii=True, allow_nan=False) + "\n").encode()
+        except (TypeError, ValueError, RecursionError, MemoryError) as exc:
+            data = (dumps(["error", "answer", type(exc).__name__, str(exc)[:200]]) + "\n").encode()
+        view = memoryview(data)
+        try:
+            while view:
+                view = view[write(3, view):]
+        except OSError:
+            pass
+    return emit
+
+
+def _message(exc: BaseException) -> str:
     try:
-        os.write(3, result.encode())
-    except OSError:
-        pass
+        return str(exc)[:_DETAIL_CHARS]
+    except BaseException:  # noqa: BLE001 - a hostile __str__
+        return "?"
+
+
+def _finish() -> None:
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
-        except Exception:  # noqa: BLE001 - output is best effort; the verdict is already written
+        except Exception:  # noqa: BLE001 - output is best effort
             pass
     os._exit(0)
 
 
-def _execute(code: str, tests: str, builtins, traceback) -> tuple[str, str]:
-    # __name__ is not "__main__": demo blocks (`if __name__ == "__main__": ...`) do not run.
-    namespace = {"__name__": "__solution__", "__builtins__": builtins}
-    for label, source in (("solution", code), ("tests", tests)):
-        try:
-            exec(compile(source, f"<{label}>", "exec"), namespace)
-        except MemoryError:
-            return "memory", f"MemoryError in the {label} (address-space limit)"
-        except AssertionError as exc:
-            if label == "tests":
-                line = _failing_line(exc, "<tests>", tests, traceback)
-                return "failed", f"assertion failed: {line}" + (f" ({exc})" if str(exc) else "")
-            return "error", f"AssertionError while defining the solution: {exc}"
-        except SyntaxError as exc:
-            return "error", f"SyntaxError in the {label}: {exc.msg} (line {exc.lineno})"
-        except BaseException as exc:  # noqa: BLE001 - SystemExit/KeyboardInterrupt are failures too
-            line = _failing_line(exc, f"<{label}>", source, traceback)
-            return "error", f"{type(exc).__name__} in the {label}: {exc} [at: {line}]"
-    return "passed", "all tests passed"
+_ENCODE_DEPTH = 100  # = rr.tasks.grading.MAX_DEPTH
 
 
-def _failing_line(exc: BaseException, filename: str, source: str, traceback) -> str:
-    lines = source.splitlines()
-    for frame in reversed(traceback.extract_tb(exc.__traceback__)):
-        if frame.filename == filename and frame.lineno and 0 < frame.lineno <= len(lines):
-            return lines[frame.lineno - 1].strip()
-    return "?"
+def encode_value(value, depth: int = 0):
+    """A value of an exact built-in type as the tagged form rr.tasks.grading.decode_value reads; a
+    value of any other type (or a subclass) raises TypeError without calling any of its methods."""
+    if depth > _ENCODE_DEPTH:
+        raise ValueError(f"the value is nested deeper than {_ENCODE_DEPTH} levels")
+    kind = type(value)
+    if value is None:
+        return ["N"]
+    if kind is bool:
+        return ["B", 1 if value is True else 0]
+    if kind is int:
+        return ["i", int.__format__(value, "x")]
+    if kind is float:
+        return ["f", float.hex(value)]
+    if kind is str:
+        return ["s", value]
+    if kind is bytes:
+        return ["y", bytes.hex(value)]
+    tags = {list: "l", tuple: "t", set: "S", frozenset: "F"}
+    if kind in tags:
+        return [tags[kind], [encode_value(item, depth + 1) for item in value]]
+    if kind is dict:
+        return ["d", [[encode_value(k, depth + 1), encode_value(v, depth + 1)] for k, v in dict.items(value)]]
+    raise TypeError(f"the call returned a {kind.__module__}.{kind.__qualname__}, not a plain built-in value "
+                    "(int, float, str, bytes, bool, None, list, tuple, dict, set, frozenset)")
 
 
 def _patch_socket() -> None:
@@ -478,6 +569,7 @@ def _patch_socket() -> None:
 # Landlock (include/uapi/linux/landlock.h)
 _LL_CREATE, _LL_ADD_RULE, _LL_RESTRICT = 444, 445, 446
 _LL_EXECUTE, _LL_WRITE_FILE, _LL_READ_FILE, _LL_READ_DIR = 1 << 0, 1 << 1, 1 << 2, 1 << 3
+_LL_MAKE_CHAR, _LL_MAKE_BLOCK = 1 << 6, 1 << 11
 _LL_REFER, _LL_TRUNCATE, _LL_IOCTL_DEV = 1 << 13, 1 << 14, 1 << 15
 _LL_NET_ALL = 0b11  # BIND_TCP | CONNECT_TCP
 _LL_SCOPE_ALL = 0b11  # ABSTRACT_UNIX_SOCKET | SIGNAL
@@ -519,7 +611,9 @@ def _apply_landlock() -> None:
             os.close(fd)
 
     try:
-        allow(os.getcwd(), fs)
+        # No device nodes even in the cwd: a character device there could be /dev/mem (seccomp
+        # denies mknod too).
+        allow(os.getcwd(), fs & ~(_LL_MAKE_CHAR | _LL_MAKE_BLOCK))
         readable = set(filter(os.path.isdir, sys.path)) | {os.path.dirname(os.__file__)}  # stdlib, site
         readable |= {os.path.join(prefix, "lib") for prefix in {sys.prefix, sys.base_prefix, sys.exec_prefix}}
         readable |= {"/lib", "/lib64", "/usr/lib", "/usr/lib64", "/usr/local/lib", "/usr/share/zoneinfo"}
@@ -536,6 +630,37 @@ def _apply_landlock() -> None:
         os.close(ruleset)
 
 
+_PR_CAPBSET_DROP = 24
+_PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL = 47, 4
+_CAPABILITY_VERSION_3 = 0x20080522
+
+
+def _drop_capabilities() -> None:
+    """No capabilities (bounding, ambient, effective, permitted, inheritable): a runner started as
+    root then cannot read another process's memory through /proc (ptrace_may_access needs the
+    target's capabilities), bypass file permissions or use raw devices."""
+    import ctypes
+
+    libc = _libc()
+    for cap in range(64):
+        if libc.prctl(ctypes.c_int(_PR_CAPBSET_DROP), ctypes.c_ulong(cap), ctypes.c_ulong(0),
+                      ctypes.c_ulong(0), ctypes.c_ulong(0)) and ctypes.get_errno() == errno.EINVAL:
+            break  # past the kernel's last capability
+    libc.prctl(ctypes.c_int(_PR_CAP_AMBIENT), ctypes.c_ulong(_PR_CAP_AMBIENT_CLEAR_ALL), ctypes.c_ulong(0),
+               ctypes.c_ulong(0), ctypes.c_ulong(0))
+
+    class Header(ctypes.Structure):
+        _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+    class Data(ctypes.Structure):
+        _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32),
+                    ("inheritable", ctypes.c_uint32)]
+
+    header, data = Header(_CAPABILITY_VERSION_3, 0), (Data * 2)()
+    if libc.capset(ctypes.byref(header), data) != 0:
+        raise OSError(ctypes.get_errno(), "capset failed")
+
+
 # seccomp-bpf. Syscall numbers checked against asm/unistd_64.h and asm-generic/unistd.h.
 _AUDIT_ARCH = {"x86_64": 0xC000003E, "aarch64": 0xC00000B7}
 _SYSCALLS = {
@@ -549,13 +674,17 @@ _SYSCALLS = {
                 155, 161, 165, 166, 272, 308, 428, 429, 430, 431, 432, 433, 442,  # mounts, namespaces, chroot
                 163, 164, 167, 168, 169, 170, 171, 172, 173, 175, 176, 179, 313, 246, 320,  # admin, modules
                 159, 227, 305,  # adjtimex clock_settime clock_adjtime
-                248, 249, 250, 298, 303, 304, 321, 323, 425, 426, 427]),  # keys perf handles bpf uffd io_uring
+                248, 249, 250, 298, 303, 304, 321, 323, 425, 426, 427,  # keys perf handles bpf uffd io_uring
+                141, 142, 144, 203, 314, 251,  # setpriority sched_setparam/setscheduler/setaffinity/setattr ioprio_set
+                103, 133, 259, 256, 279]),  # syslog mknod mknodat migrate_pages move_pages
     "aarch64": dict(
         clone=220, clone3=435, kill=129, tgkill=131, prlimit64=261,
         denied=[221, 281, 198, 199, 130, 138, 240, 424, 434, 438, 117, 270, 271, 164,
                 41, 51, 40, 39, 97, 268, 428, 429, 430, 431, 432, 433, 442,
                 89, 170, 224, 225, 142, 161, 162, 105, 106, 60, 273, 104, 294,
-                171, 112, 266, 217, 218, 219, 241, 264, 265, 280, 282, 425, 426, 427]),
+                171, 112, 266, 217, 218, 219, 241, 264, 265, 280, 282, 425, 426, 427,
+                140, 118, 119, 122, 274, 30,  # setpriority sched_setparam/setscheduler/setaffinity/setattr ioprio_set
+                116, 33, 238, 239]),  # syslog mknodat migrate_pages move_pages
 }
 _BPF_LD_ABS, _BPF_JEQ, _BPF_JGE, _BPF_JSET, _BPF_RET = 0x20, 0x15, 0x35, 0x45, 0x06
 _RET_KILL_PROCESS, _RET_ERRNO, _RET_ALLOW = 0x80000000, 0x00050000, 0x7FFF0000
