@@ -12,7 +12,7 @@ import pytest
 
 from rr.errors import RRError
 from rr.tasks.grading import UnsupportedTest, check_holds, decode_answers, decode_value, plan_tests
-from rr.tasks.sandbox import encode_value, run_in_sandbox, run_many, seccomp_program
+from rr.tasks.sandbox import encode_value, landlock_read_grants, run_in_sandbox, run_many, seccomp_program
 
 
 def test_correct_code_passes_and_wrong_code_fails():
@@ -190,7 +190,8 @@ def test_test_shapes_become_calls_and_trusted_expected_values():
 
 @pytest.mark.parametrize("test", ["assert f(1) > 2", "assert f(1) == g(2)", "assert f(1) is None",
                                   "for x in [1]:\n    assert f(x) == 1", "assert f(1) == 1 or f(2) == 2",
-                                  "assert math.isclose(f(1), 'a')"])
+                                  "assert math.isclose(f(1), 'a')", "assert bool(f(1) == 2)",
+                                  "assert (f(1) == 2) == True", "assert all(math.isclose(x, 1) for x in [f(1)])"])
 def test_other_test_shapes_fail_closed_naming_the_shape(test):
     with pytest.raises(UnsupportedTest, match="not supported|not a supported|non-numeric"):
         plan_tests(test)
@@ -256,7 +257,11 @@ DENIED = {"setpriority": (141, 140), "sched_setparam": (142, 118), "sched_setsch
           "fork": (57, None), "execve": (59, 221), "socket": (41, 198), "ptrace": (101, 117),
           "process_vm_readv": (310, 270), "setrlimit": (160, 164), "mount": (165, 40), "bpf": (321, 280),
           "keyctl": (250, 219), "perf_event_open": (298, 241), "userfaultfd": (323, 282),
-          "io_uring_setup": (425, 425), "mknod": (133, None)}
+          "io_uring_setup": (425, 425), "mknod": (133, None),
+          "chmod": (90, None), "fchmod": (91, 52), "fchmodat": (268, 53), "fchownat": (260, 54),
+          "utimensat": (280, 88), "setxattr": (188, 5), "fremovexattr": (199, 16), "shmget": (29, 194),
+          "shmat": (30, 196), "semget": (64, 190), "msgget": (68, 186), "mq_open": (240, 180),
+          "inotify_add_watch": (254, 27)}
 
 
 def _run_bpf(program, arch_value: int, nr: int, args=(0,) * 6) -> int:
@@ -292,6 +297,9 @@ _PROBES = {  # args harmless even if the call went through (the process itself, 
     "sched_setaffinity": (0, 8, "mask"), "sched_setattr": (0, "attr", 0), "ioprio_set": (1, 0, 4 | (2 << 13)),
     "syslog": (10, 0, 0), "mknod": ("name", 0o10600, 0), "mknodat": (-100, "name", 0o10600, 0),
     "migrate_pages": (0, 0, 0, 0), "move_pages": (0, 0, 0, 0, 0, 0),
+    # no such file / bad sizes / bad fd if they went through: nothing is changed or created
+    "fchmodat": (-100, "name", 0o600, 0), "utimensat": (-100, "name", 0, 0), "setxattr": ("name", "name", 0, 0, 0),
+    "shmget": (0, 0, 0), "msgget": (0, 0), "mq_open": ("name", 0, 0, 0), "inotify_add_watch": (-1, "name", 1),
 }
 
 
@@ -309,3 +317,18 @@ def test_each_newly_denied_syscall_fails_in_the_sandbox(require_sandbox_layers):
     results = run_many(items, max_workers=4)
     assert {name: r.status for name, r in zip(_PROBES, results)} == {name: "passed" for name in _PROBES}, \
         [(name, r.detail) for name, r in zip(_PROBES, results) if not r.passed]
+
+
+def test_landlock_never_grants_the_rr_package_beneath_a_library_dir(tmp_path):
+    # pip install . puts rr (and its shipped problems' expected values) in <venv>/lib/.../site-packages,
+    # beneath sys.prefix/lib, which the runner may read: it is granted around, entry by entry.
+    site = tmp_path / "lib" / "python3" / "site-packages"
+    for path in ("rr/tasks/data", "numpy", "other"):
+        (site / path).mkdir(parents=True)
+    (site / "six.py").write_text("")
+    (tmp_path / "lib" / "libpython.so").write_text("")
+    grants = dict(landlock_read_grants({str(tmp_path / "lib"), str(site), "/usr/lib"}, str(site / "rr")))
+    assert grants[str(site / "numpy")] is True and grants[str(site / "six.py")] is False
+    assert grants[str(tmp_path / "lib" / "libpython.so")] is False and grants["/usr/lib"] is True
+    assert not any(path == str(tmp_path / "lib") or path.startswith(str(site / "rr")) or path == str(site)
+                   for path in grants)

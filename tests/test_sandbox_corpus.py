@@ -13,6 +13,7 @@ import textwrap
 
 import pytest
 
+import rr.tasks
 from rr.tasks.sandbox import run_many
 
 ADD_TESTS = "assert add(1, 2) == 3\nassert add(2, 2) == 4\nassert add(-1, 1) == 0"
@@ -100,6 +101,45 @@ FORGING = {
         "def add(a, b):\n    raise E()\n"),
 }
 
+_M61 = (1 << 61) - 1  # ints k * _M61 all hash to 0: a set of them is quadratic to build
+_YES = "class Yes:\n    def __eq__(self, other):\n        return True\n    __hash__ = object.__hash__\n"
+
+
+
+def _forge_answers(encoded: str) -> str:
+    """A solution that finds the asked ids, writes `encoded` (tagged JSON) as each answer and exits."""
+    return WRONG_ADD + textwrap.dedent(f"""
+        import sys, os
+        frame, calls = sys._getframe(), None
+        while frame is not None:
+            payload = frame.f_locals.get('payload')
+            if isinstance(payload, dict) and 'calls' in payload:
+                calls = payload['calls']
+            frame = frame.f_back
+        for i, _ in calls:
+            os.write(3, ('["value", "%s", ' % i + {encoded!r} + ']\\n').encode())
+        os._exit(0)
+        """)
+
+
+_COLLIDING = ", ".join(f'["i", "{k * _M61:x}"]' for k in range(1, 20001))
+
+FORGING_WITH_TESTS = {  # (solution, tests): shapes that would let the sandbox decide, or tie up the grader
+    "hash-colliding set answer": (_forge_answers(f'["S", [{_COLLIDING}]]'), ADD_TESTS),
+    "hash-colliding dict answer": (_forge_answers('["d", [' + ", ".join(
+        f'[["i", "{k * _M61:x}"], ["N"]]' for k in range(1, 20001)) + "]]"), ADD_TESTS),
+    "hash-colliding list under set()": (f"def add(a, b):\n    return [k * {_M61} for k in range(20000)]\n",
+                                        "assert set(add(1, 2)) == {3}"),
+}
+
+FORGING_SHAPES = {  # never reach the sandbox: the comparison would run on the solution's objects
+    "comparison inside == True": (_YES + "def add(a, b):\n    return Yes()\n", "assert (add(1, 2) == 3) == True"),
+    "comparison inside bool()": (_YES + "def add(a, b):\n    return Yes()\n", "assert bool(add(1, 2) == 3)"),
+    "comparison inside all()": (_YES + "def add(a, b):\n    return [Yes()]\n", "assert all(x == 3 for x in add(1, 2))"),
+    "isclose inside all()": ("import math\nmath.isclose = lambda *a, **k: True\ndef add(a, b):\n    return [0.0]\n",
+                             "import math\nassert all(math.isclose(x, 3.0) for x in add(1, 2))"),
+}
+
 ESCAPING = {
     "setpriority(PRIO_USER, 0)": _escape("os.setpriority(os.PRIO_USER, 0, 7)"),
     "setpriority on the test process": _escape(f"os.setpriority(os.PRIO_PROCESS, {PID}, 7)"),
@@ -118,6 +158,23 @@ ESCAPING = {
     "reads the test process's memory": _escape(f"open('/proc/{PID}/mem', 'rb').read(1)"),
     "reads the test process's environment": _escape(f"open('/proc/{PID}/environ', 'rb').read()"),
     "signals the test process": _escape(f"os.kill({PID}, signal.SIGUSR1)"),
+    "fchmod of a readable stdlib file": _escape("fd = os.open(os.__file__, os.O_RDONLY)\nos.fchmod(fd, os.stat(fd).st_mode)"),
+    "SysV shared memory segment that outlives the run": _syscall_escape("libc.shmget(0, 1 << 20, 0o1600)"),
+    "POSIX message queue": _syscall_escape("libc.syscall(240, b'rr-corpus', 0o100 | 2, 0o600, None)"),
+    "reads the shipped expected values": _escape(
+        f"open({os.path.join(os.path.dirname(os.path.abspath(rr.tasks.__file__)), 'data', 'code_problems.json')!r}).read()"),
+}
+
+OUTSIDE = {  # the attempt itself may "succeed" silently; the outside state shows whether it reached out
+    "SIGIO via F_SETOWN to the test process": WRONG_ADD + textwrap.dedent(f"""
+        import os, fcntl, signal, time
+        r, w = os.pipe()
+        fcntl.fcntl(r, fcntl.F_SETOWN, {PID})
+        fcntl.fcntl(r, 10, signal.SIGUSR1)  # F_SETSIG
+        fcntl.fcntl(r, fcntl.F_SETFL, os.O_ASYNC | os.O_NONBLOCK)
+        os.write(w, b'x')
+        time.sleep(0.2)
+        """),
 }
 
 HANGING = {
@@ -154,13 +211,33 @@ GENUINE = {
 }
 
 CASES = ({f"forging: {k}": (v, ADD_TESTS) for k, v in FORGING.items()}
+         | {f"forging: {k}": v for k, v in FORGING_WITH_TESTS.items()}
+         | {f"outside: {k}": (v, ADD_TESTS) for k, v in OUTSIDE.items()}
          | {f"escaping: {k}": (v, ESCAPED) for k, v in ESCAPING.items()}
          | {f"hanging: {k}": (v, ADD_TESTS) for k, v in HANGING.items()}
          | {f"exhausting: {k}": (v, ADD_TESTS) for k, v in EXHAUSTING.items()})
 
 
+def _xattrs(path: str) -> list[str]:
+    try:
+        return os.listxattr(path)
+    except OSError:
+        return []
+
+
+def _sysv_shm_segments() -> list[str]:
+    try:
+        with open("/proc/sysvipc/shm") as table:
+            return sorted(line.split()[1] for line in table.readlines()[1:])
+    except OSError:
+        return []
+
+
 def _outside_state(canary_dir: str) -> dict:
+    secret = os.path.join(canary_dir, "secret.txt")
     return {
+        "canary metadata": (os.stat(secret).st_mode, os.stat(secret).st_mtime_ns, _xattrs(secret)),
+        "sysv shm segments": _sysv_shm_segments(),
         "niceness": os.getpriority(os.PRIO_PROCESS, 0),
         "affinity": os.sched_getaffinity(0),
         "scheduler": os.sched_getscheduler(0),
@@ -193,6 +270,12 @@ def corpus(require_sandbox_layers):
         "escaping: reads a secret file": _escape(f"open({os.path.join(canary, 'secret.txt')!r}).read()"),
         "escaping: environment secrets": _escape(
             "assert any(k.startswith(('AWS', 'HF_', 'MLFLOW')) for k in os.environ)"),
+        "escaping: chmod of a file outside": _escape(f"os.chmod({os.path.join(canary, 'secret.txt')!r}, 0o666)"),
+        "escaping: utime of a file outside": _escape(f"os.utime({os.path.join(canary, 'secret.txt')!r}, (0, 0))"),
+        "escaping: setxattr of a file outside": _escape(
+            f"os.setxattr({os.path.join(canary, 'secret.txt')!r}, 'user.rr', b'x')"),
+        "escaping: inotify watch outside": _syscall_escape(
+            f"libc.inotify_add_watch(libc.inotify_init(), {canary!r}.encode(), 0xfff)"),
     }
     cases = CASES | {name: (code, ESCAPED) for name, code in extra.items()}
     os.environ["AWS_SECRET_ACCESS_KEY"] = "rr-corpus-secret"
@@ -224,15 +307,27 @@ def test_the_corpus_is_large_enough():
 
 @pytest.mark.parametrize("name", list(CASES) + ["escaping: connects to a local server", "escaping: raw socket syscall",
                                                 "escaping: writes a file outside", "escaping: reads a secret file",
-                                                "escaping: environment secrets"])
+                                                "escaping: environment secrets", "escaping: chmod of a file outside",
+                                                "escaping: utime of a file outside",
+                                                "escaping: setxattr of a file outside",
+                                                "escaping: inotify watch outside"])
 def test_hostile_solution_is_not_passed(corpus, name):
     result = corpus["results"][name]
     assert not result.passed and result.status != "passed", (name, result)
     assert {"seccomp", "landlock", "rlimits"} <= set(result.layers), result  # reported in every verdict
+    if name.startswith("forging: hash-colliding") and "set()" not in name:
+        assert result.status == "error" and "one hash" in result.detail, result  # refused, not hours of work
     if name.startswith("hanging"):
         assert result.status == "timeout", result
     if name.startswith("escaping"):
         assert result.status == "error" and "raised" in result.detail, result  # the attempt itself failed
+
+
+@pytest.mark.parametrize("name", list(FORGING_SHAPES))
+def test_test_shapes_that_the_sandbox_would_decide_fail_closed(name):
+    code, tests = FORGING_SHAPES[name]
+    result = run_many([(code, tests)])[0]
+    assert result.status == "error" and "not a supported test shape" in result.detail, result
 
 
 def test_nothing_outside_changed(corpus):

@@ -32,6 +32,7 @@ MAX_ANSWER_BYTES = 8 * 1024 * 1024  # all answers of one run together; the super
 MAX_DEPTH = 100  # nesting of one decoded value
 MAX_NODES = 1_000_000  # values inside one run's answers
 MAX_INT_HEX_DIGITS = 100_000  # ~400 kbit: far beyond any test's expected value
+MAX_SAME_HASH = 64  # unequal set/dict keys sharing one hash (crafted collisions make building quadratic)
 _TEXT_CHARS = 200  # quoted source, values and messages in a detail
 
 _WRAPPERS = {"set": set, "sorted": sorted, "frozenset": frozenset}
@@ -187,7 +188,13 @@ def _literal(node: ast.expr) -> Any:
 
 def _sandboxed(node: ast.expr, text: str) -> str:
     """The source the sandbox evaluates. A constant (`assert True`) is sent too: a solution that
-    crashes or never answers still fails it."""
+    crashes or never answers still fails it. A comparison (or isclose) inside it would be decided in
+    the sandbox, by the solution's objects (`bool(f(1) == 2)` with an always-equal `__eq__`): it fails
+    closed."""
+    for inner in ast.walk(node):
+        if isinstance(inner, ast.Compare) or (isinstance(inner, ast.Call) and _is_isclose(inner.func)):
+            raise _unsupported(node, text, "a comparison inside the checked call (it would be decided by the "
+                                           "solution's own objects)")
     return ast.unparse(node)
 
 
@@ -303,15 +310,30 @@ def decode_value(node: Any, budget: list[int] | None = None, depth: int = 0) -> 
         return bytes.fromhex(payload)
     if tag in ("l", "t", "S", "F") and type(payload) is list:
         items = [decode_value(item, budget, depth + 1) for item in payload]
+        if tag in ("S", "F"):
+            _check_hash_collisions(items)
         return {"l": list, "t": tuple, "S": set, "F": frozenset}[tag](items)  # TypeError: unhashable
     if tag == "d" and type(payload) is list:
-        result = {}
+        pairs = []
         for pair in payload:
             if type(pair) is not list or len(pair) != 2:
                 raise _Malformed("a dict entry that is not a [key, value] pair")
-            result[decode_value(pair[0], budget, depth + 1)] = decode_value(pair[1], budget, depth + 1)
-        return result
+            pairs.append((decode_value(pair[0], budget, depth + 1), decode_value(pair[1], budget, depth + 1)))
+        _check_hash_collisions([key for key, _ in pairs])
+        return dict(pairs)
     raise _Malformed(f"an invalid value tagged {tag[:5]!r}")
+
+
+def _check_hash_collisions(items: Sequence[Any]) -> None:
+    """Refuse keys crafted to share one hash (ints k·(2**61 - 1)): a set or dict of them takes
+    quadratic time to build, hours for 8 MB of answers. Unequal values with equal hashes are rare
+    in genuine answers; more than MAX_SAME_HASH of them are an attack. TypeError: unhashable."""
+    counts: dict[int, int] = {}
+    for item in items:
+        key = hash(item)
+        counts[key] = counts.get(key, 0) + 1
+        if counts[key] > MAX_SAME_HASH:
+            raise _Malformed(f"more than {MAX_SAME_HASH} set or dict keys with one hash")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -329,9 +351,11 @@ def check_holds(check: Check, value: Any) -> bool:
         if check.mode == "isclose":
             return type(value) in (int, float) and math.isclose(value, check.expected, **dict(check.tolerances))
         for wrapper in check.wrappers:
+            if wrapper in ("set", "frozenset"):
+                _check_hash_collisions(list(value))
             value = _WRAPPERS[wrapper](value)
         return bool(value == check.expected)
-    except (TypeError, ValueError, OverflowError, RecursionError):
+    except (TypeError, ValueError, OverflowError, RecursionError, _Malformed):
         return False
 
 

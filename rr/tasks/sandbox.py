@@ -25,7 +25,8 @@ Layers, each best effort and reported in `SandboxResult.layers`:
 - seccomp (x86_64, aarch64): no fork/exec (a fork bomb costs one PermissionError), no kill outside
   the process, no setrlimit, mount, ptrace, reboot, module loading, io_uring and similar, and nothing
   that reaches other processes or the kernel: setpriority, sched_set*, ioprio_set, syslog, mknod(at),
-  migrate_pages, move_pages.
+  migrate_pages, move_pages, SysV IPC and message queues, inotify watches; nor the file-metadata calls
+  Landlock leaves open (chmod, chown, utime, setxattr/removexattr of files outside).
 
 This file imports only the standard library at top level: the supervisor and runner execute it
 as a script under `python -I -S`, where the `rr` package is not importable.
@@ -617,8 +618,11 @@ def _apply_landlock() -> None:
         readable = set(filter(os.path.isdir, sys.path)) | {os.path.dirname(os.__file__)}  # stdlib, site
         readable |= {os.path.join(prefix, "lib") for prefix in {sys.prefix, sys.base_prefix, sys.exec_prefix}}
         readable |= {"/lib", "/lib64", "/usr/lib", "/usr/lib64", "/usr/local/lib", "/usr/share/zoneinfo"}
-        for directory in sorted(readable):
-            allow(directory, _LL_EXECUTE | _LL_READ_FILE | _LL_READ_DIR)
+        # rr itself (its data holds the shipped problems' expected values) stays unreadable even when
+        # it is installed beneath one of these (pip install . puts it in <venv>/lib/.../site-packages).
+        rr_package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        for path, is_dir in landlock_read_grants(readable, rr_package):
+            allow(path, _LL_EXECUTE | _LL_READ_FILE | (_LL_READ_DIR if is_dir else 0))
         allow(os.devnull, _LL_READ_FILE | _LL_WRITE_FILE | _LL_TRUNCATE)
         for device in ("/dev/urandom", "/dev/random", "/etc/localtime"):
             allow(device, _LL_READ_FILE)
@@ -628,6 +632,38 @@ def _apply_landlock() -> None:
             raise OSError(ctypes.get_errno(), "landlock_restrict_self failed")
     finally:
         os.close(ruleset)
+
+
+def landlock_read_grants(readable, hidden: str) -> list[tuple[str, bool]]:
+    """(path, is_directory) to grant read access to: each readable directory, except that one holding
+    `hidden` beneath it is granted entry by entry down to `hidden`, which is left out (Landlock only
+    adds access, so a subtree cannot be taken back from a granted directory)."""
+    hidden = os.path.realpath(hidden)
+
+    def inside(path: str) -> bool:
+        real = os.path.realpath(path)
+        return real == hidden or real.startswith(hidden + os.sep)
+
+    grants = []
+    for directory in sorted(readable):
+        real = os.path.realpath(directory)
+        if inside(real):
+            continue
+        if not hidden.startswith(real + os.sep):
+            grants.append((directory, True))
+            continue
+        current = real
+        for part in os.path.relpath(hidden, real).split(os.sep):
+            try:
+                entries = sorted(os.listdir(current))
+            except OSError:
+                break
+            for entry in entries:
+                path = os.path.join(current, entry)
+                if entry != part and not inside(path):
+                    grants.append((path, os.path.isdir(path)))
+            current = os.path.join(current, part)
+    return grants
 
 
 _PR_CAPBSET_DROP = 24
@@ -676,7 +712,12 @@ _SYSCALLS = {
                 159, 227, 305,  # adjtimex clock_settime clock_adjtime
                 248, 249, 250, 298, 303, 304, 321, 323, 425, 426, 427,  # keys perf handles bpf uffd io_uring
                 141, 142, 144, 203, 314, 251,  # setpriority sched_setparam/setscheduler/setaffinity/setattr ioprio_set
-                103, 133, 259, 256, 279]),  # syslog mknod mknodat migrate_pages move_pages
+                103, 133, 259, 256, 279,  # syslog mknod mknodat migrate_pages move_pages
+                # File metadata, which Landlock does not cover: chmod/chown/utime/xattr of files outside
+                90, 91, 92, 93, 94, 260, 268, 452, 132, 235, 261, 280, 188, 189, 190, 197, 198, 199, 463, 466,
+                # SysV IPC and POSIX message queues (the host's IPC namespace; shm segments outlive us)
+                29, 30, 31, 64, 65, 66, 67, 68, 69, 70, 71, 220, 240, 241, 242, 243, 244, 245,
+                254]),  # inotify_add_watch (watching files outside)
     "aarch64": dict(
         clone=220, clone3=435, kill=129, tgkill=131, prlimit64=261,
         denied=[221, 281, 198, 199, 130, 138, 240, 424, 434, 438, 117, 270, 271, 164,
@@ -684,7 +725,10 @@ _SYSCALLS = {
                 89, 170, 224, 225, 142, 161, 162, 105, 106, 60, 273, 104, 294,
                 171, 112, 266, 217, 218, 219, 241, 264, 265, 280, 282, 425, 426, 427,
                 140, 118, 119, 122, 274, 30,  # setpriority sched_setparam/setscheduler/setaffinity/setattr ioprio_set
-                116, 33, 238, 239]),  # syslog mknodat migrate_pages move_pages
+                116, 33, 238, 239,  # syslog mknodat migrate_pages move_pages
+                52, 53, 54, 55, 452, 88, 5, 6, 7, 14, 15, 16, 463, 466,  # chmod chown utime xattr
+                180, 181, 182, 183, 184, 185, 186, 187, 188, 189, 190, 191, 192, 193, 194, 195, 196, 197,  # IPC
+                27]),  # inotify_add_watch
 }
 _BPF_LD_ABS, _BPF_JEQ, _BPF_JGE, _BPF_JSET, _BPF_RET = 0x20, 0x15, 0x35, 0x45, 0x06
 _RET_KILL_PROCESS, _RET_ERRNO, _RET_ALLOW = 0x80000000, 0x00050000, 0x7FFF0000
