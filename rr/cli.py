@@ -23,17 +23,26 @@ OutputOption = typer.Option(None, "--output", "-o", help="job directory (overrid
 
 
 def _progress(start: float):
+    # Messages carry user and model text (names, paths, instructions): never markup.
     def emit(message: str) -> None:
-        console.print(f"[dim]{time.time() - start:7.1f}s[/dim] {message}")
+        console.print(f"[dim]{time.time() - start:7.1f}s[/dim] {escape(message)}")
     return emit
 
 
+def _show(text: str) -> None:
+    """Print a report or other text rr did not write itself (model answers, names, paths) exactly as it is."""
+    console.print(text, markup=False, highlight=False, emoji=False)
+
+
 def _job(config: Optional[Path], output: Optional[Path]):
+    import os
+
     from rr.config import load_config
     from rr.job import Job
 
-    job = Job(load_config(config, output))
-    console.print(f"[bold]rr[/bold] job [cyan]{job.config.name}[/cyan] → {job.dir}")
+    job = Job(load_config(config, output))  # validates everything before the job directory is touched
+    os.umask(0o077)  # what the stages write into the job directory is the owner's only (forget data)
+    console.print(f"[bold]rr[/bold] job [cyan]{escape(job.config.name)}[/cyan] → {escape(str(job.dir))}")
     return job
 
 
@@ -52,7 +61,7 @@ def _tracked(job, start: float):
 
 
 def _fail(exc: Exception) -> None:
-    console.print(f"[red]error:[/red] {exc}")
+    console.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
     raise typer.Exit(2)
 
 
@@ -69,8 +78,8 @@ def reveal(config: Optional[Path] = ConfigOption, output: Optional[Path] = Outpu
             tracker.reveal_finished(manifest)
     except RRError as exc:
         _fail(exc)
-    console.print((job.dir / "reveal" / "report.md").read_text())
-    console.print(f"forget set: {manifest['size']} records in {job.dir / 'reveal' / 'forget_set.jsonl'}")
+    _show((job.dir / "reveal" / "report.md").read_text())
+    _show(f"forget set: {manifest['size']} records in {job.dir / 'reveal' / 'forget_set.jsonl'}")
 
 
 @app.command()
@@ -103,16 +112,16 @@ def run(config: Optional[Path] = ConfigOption, output: Optional[Path] = OutputOp
             run_release(job, progress)
     except RRError as exc:
         _fail(exc)
-    console.print((job.dir / "reveal" / "report.md").read_text())
+    _show((job.dir / "reveal" / "report.md").read_text())
     _print_release(job)
     console.print(f"total {time.time() - start:.0f}s")
 
 
 def _print_release(job) -> None:
     release_dir = job.dir / "release"
-    console.print((release_dir / "steps.md").read_text())
-    console.print((release_dir / "summary.md").read_text())
-    console.print(f"step table {release_dir / 'steps.csv'}, plot {release_dir / 'steps.png'}")
+    _show((release_dir / "steps.md").read_text())
+    _show((release_dir / "summary.md").read_text())
+    _show(f"step table {release_dir / 'steps.csv'}, plot {release_dir / 'steps.png'}")
 
 
 @app.command()
@@ -150,8 +159,8 @@ def compare(config: Optional[Path] = ConfigOption, output: Optional[Path] = Outp
     except RRError as exc:
         _fail(exc)
     compare_dir = job.dir / "compare"
-    console.print((compare_dir / "table.md").read_text())
-    console.print(f"table {compare_dir / 'table.csv'}, plot {compare_dir / 'tradeoff.png'}; total {time.time() - start:.0f}s")
+    _show((compare_dir / "table.md").read_text())
+    _show(f"table {compare_dir / 'table.csv'}, plot {compare_dir / 'tradeoff.png'}; total {time.time() - start:.0f}s")
 
 
 @app.command("eval")
@@ -200,10 +209,10 @@ def export(run_dir: Path = typer.Option(..., "--run", help="a job directory with
         pems = Ledger.load(ledger_path).resolve(ledger_path.parent)
         if adapter:
             export_adapter(pems, adapter, job.config.model.name_or_path)
-            console.print(f"adapter → {adapter}")
+            _show(f"adapter → {adapter}")
         if merged:
             export_merged(job.model, pems, merged, tokenizer=job.tokenizer)
-            console.print(f"merged model → {merged}")
+            _show(f"merged model → {merged}")
     except RRError as exc:
         _fail(exc)
 
@@ -216,9 +225,15 @@ def _registry(config: Optional[Path], tracking_uri: Optional[str]):
     """(MLflow client, gates) for promote/models: the URI from the flag, else the config's job store."""
     import os
 
-    from rr.config import TrackingConfig, load_config
+    from rr.config import TrackingConfig, check_tracking_uri, load_config, quote
+    from rr.errors import RegistryError
     from rr.tracking.store import client_for, resolve_tracking_uri
 
+    if tracking_uri is not None:  # before any client exists: MLflow would make a directory of a bare word
+        try:
+            check_tracking_uri(tracking_uri)
+        except ValueError as exc:
+            raise RegistryError(f"--tracking-uri {quote(tracking_uri)}: {exc}") from None
     job_config = load_config(config) if config else None
     tracking = job_config.tracking if job_config else TrackingConfig()
     if tracking_uri is None and job_config is not None:
@@ -227,6 +242,10 @@ def _registry(config: Optional[Path], tracking_uri: Optional[str]):
     if not tracking_uri:
         raise RRError("which registry? pass --config JOB.yaml (its tracking store), --tracking-uri URI, or set "
                       "MLFLOW_TRACKING_URI")
+    try:
+        check_tracking_uri(tracking_uri)
+    except ValueError as exc:
+        raise RegistryError(f"MLFLOW_TRACKING_URI {quote(tracking_uri)}: {exc}") from None
     return client_for(tracking_uri), tracking.gates
 
 
@@ -239,17 +258,22 @@ def promote(name: str = typer.Argument(..., help="registered model name"),
             force: bool = typer.Option(False, "--force", help="promote even if a gate fails (needs --reason)"),
             reason: Optional[str] = typer.Option(None, "--reason", help="why the gates are bypassed (recorded)")):
     """Move the alias `champion` to a version whose recorded test scores pass the promotion gates."""
-    from rr.tracking.registry import CHAMPION, promote as promote_version
+    from rr.config import quote
+    from rr.tracking.registry import CHAMPION, bounded_http, promote as promote_version
 
     try:
-        client, gates = _registry(config, tracking_uri)
-        lines = promote_version(client, name, version, gates.max_forget_score, gates.min_utility_ratio, force, reason)
+        if not version.isdigit():
+            raise RRError(f"VERSION {quote(version)}: a version number such as 3 (see `rr models NAME`)")
+        with bounded_http():
+            client, gates = _registry(config, tracking_uri)
+            lines = promote_version(client, name, version, gates.max_forget_score, gates.min_utility_ratio, force,
+                                    reason)
     except RRError as exc:
         _fail(exc)
     for line in lines:
-        console.print(f"  {line}")
+        _show(f"  {line}")
     forced = any("FAIL" in line for line in lines)
-    console.print(f"{name} version {version} is now {CHAMPION}" + (f" (FORCED: {reason})" if forced else ""))
+    _show(f"{name} version {version} is now {CHAMPION}" + (f" (FORCED: {reason})" if forced else ""))
 
 
 @app.command()
@@ -259,21 +283,23 @@ def models(name: str = typer.Argument(..., help="registered model name"),
     """List a registered model's versions with their aliases and recorded scores."""
     from rich.table import Table
 
-    from rr.tracking.registry import list_versions
+    from rr.tracking.registry import bounded_http, list_versions
 
     try:
-        client, _ = _registry(config, tracking_uri)
-        rows = list_versions(client, name)
+        with bounded_http():
+            client, _ = _registry(config, tracking_uri)
+            rows = list_versions(client, name)
     except RRError as exc:
         _fail(exc)
-    table = Table(title=f"{name} ({client.tracking_uri})")
+    table = Table(title=escape(f"{name} ({client.tracking_uri})"))
     for column in ("version", "aliases", "forget", "utility", "utility / base", "run"):
         table.add_column(column)
     for row in rows:
         ratio = (f"{float(row['utility_score']) / float(row['base_utility_score']):.3f}"
                  if row["utility_score"] and row["base_utility_score"] and float(row["base_utility_score"]) else "–")
-        table.add_row(row["version"], ", ".join(row["aliases"]) + (" (forced)" if row["forced"] else ""),
-                      row["forget_score"] or "–", row["utility_score"] or "–", ratio, row["run_id"] or "–")
+        cells = (row["version"], ", ".join(row["aliases"]) + (" (forced)" if row["forced"] else ""),
+                 row["forget_score"] or "–", row["utility_score"] or "–", ratio, row["run_id"] or "–")
+        table.add_row(*(escape(str(cell)) for cell in cells))  # tags and aliases are anyone's text
     Console().print(table)
 
 

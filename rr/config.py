@@ -9,7 +9,7 @@ from typing import Annotated, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from rr.errors import RRError
+from rr.errors import ConfigError
 from rr.tasks.code import CodeTaskConfig
 from rr.tasks.entity import EntityTaskConfig
 from rr.tasks.ner import NerTaskConfig
@@ -18,9 +18,41 @@ from rr.tasks.toxicity import ToxicityTaskConfig
 EMBEDDED_MODEL = "embedded:smollm2"
 EMBEDDED_EMBEDDER = "embedded:all-minilm-l6-v2"
 
+# Seeds: rr derives seeds as `seed + k` (outer loop, release step, epoch, method offsets; k < SEED_OFFSET_MAX
+# given the bounds on outer_loops, iterations and epochs below) and numpy takes only 0 … 2**32 − 1, so the
+# job seed leaves that much room under the top.
+SEED_OFFSET_MAX = 2**16
+SEED_MAX = 2**32 - 1 - SEED_OFFSET_MAX
+SPLIT_SEED_MAX = 2**32 - 1  # a task's split_seed is used as given (a string seed of random.Random)
+# A config is a few kilobytes; capping the file, every string and every quoted value keeps a bad or hostile file
+# from costing memory, time or a screenful of error.
+CONFIG_MAX_BYTES = 1 << 20
+STR_MAX_LENGTH = 4096
+QUOTE_MAX_CHARS = 60
+MAX_ERRORS_SHOWN = 10
+# Bounds shared by several fields (documented sane maxima, far above any real job).
+MAX_TOKENS = 32768  # new tokens of one generation
+MAX_LENGTH = 131072  # tokens of one training sequence
+MAX_BATCH = 4096
+MAX_EPOCHS = 1000
+MAX_STEPS = 10_000_000
+MAX_LORA_RANK = 1024
+MAX_WORKERS = 1024  # replicas, trainer workers, threads, CPUs
+MAX_ITEMS = 100_000  # items of a split, examples, prompts
+MAX_WEIGHTS = 64  # entries of a weight grid
+MAX_LAYERS = 1024
+MAX_SCORE = 1.0  # forget scores are rates in [0, 1] (pass@1, F1, expected max toxicity, accuracy)
+
+# Every config model refuses unknown keys and NaN/±inf (the task blocks in rr/tasks set the same).
+STRICT_MODEL = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False, str_max_length=STR_MAX_LENGTH)
+
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = STRICT_MODEL
+
+
+Magnitude = Annotated[float, Field(gt=0, le=100, description="a merge weight's magnitude; the sign comes from the step")]
+ModuleName = Annotated[str, Field(min_length=1, max_length=200)]
 
 
 class ModelConfig(_Strict):
@@ -43,87 +75,83 @@ class GenerationConfig(_Strict):
     """The generator backend and its batching."""
 
     backend: Literal["hf", "vllm"] = "hf"
-    batch_size: int = Field(16, ge=1)
+    batch_size: int = Field(16, ge=1, le=MAX_BATCH)
     vllm_gpu_memory_utilization: float = Field(0.85, gt=0, le=1)
-    vllm_max_lora_rank: int = Field(64, ge=1)
-    vllm_max_loras: int = Field(8, ge=1)
+    vllm_max_lora_rank: int = Field(64, ge=1, le=MAX_LORA_RANK)
+    vllm_max_loras: int = Field(8, ge=1, le=256)
 
 
 class RevealConfig(_Strict):
     """Algorithm 1: soft-prompt arms, NeuralUCB, harmonic relevance/diversity score, outer loops."""
 
-    n_arms: int = Field(256, ge=2, description="size of the Sobol soft-prompt pool")
-    soft_prompt_dim: int = Field(10, ge=1)
-    n_prompt_tokens: int = Field(5, ge=1)
-    n_exemplars: int = Field(3, ge=1)
-    exemplar_views: int = Field(1, ge=1, description="orders/subsets of the exemplars shown to groups of arms")
-    max_instruction_tokens: int = Field(48, ge=4)
-    outer_loops: int = Field(3, ge=1, description="m in Algorithm 1")
-    inner_rounds: int = Field(8, ge=1, description="n in Algorithm 1")
-    arms_per_round: int = Field(4, ge=1)
-    initial_random_arms: int = Field(4, ge=0, description="arms scored before NeuralUCB has data")
-    context_sample: int = Field(8, ge=1, description="contexts answered per arm evaluation")
-    finalists: int = Field(1, ge=1, description="top instructions of an outer loop scored again on every context "
+    n_arms: int = Field(256, ge=2, le=10_000, description="size of the Sobol soft-prompt pool (ARCHITECTURE: a few "
+                        "hundred to 10,000; every arm is decoded once)")
+    soft_prompt_dim: int = Field(10, ge=1, le=1024)
+    n_prompt_tokens: int = Field(5, ge=1, le=64)
+    n_exemplars: int = Field(3, ge=1, le=64)
+    exemplar_views: int = Field(1, ge=1, le=1024, description="orders/subsets of the exemplars shown to groups of arms")
+    max_instruction_tokens: int = Field(48, ge=4, le=1024)
+    outer_loops: int = Field(3, ge=1, le=100, description="m in Algorithm 1")
+    inner_rounds: int = Field(8, ge=1, le=1000, description="n in Algorithm 1")
+    arms_per_round: int = Field(4, ge=1, le=1000)
+    initial_random_arms: int = Field(4, ge=0, le=10_000, description="arms scored before NeuralUCB has data")
+    context_sample: int = Field(8, ge=1, le=MAX_ITEMS, description="contexts answered per arm evaluation")
+    finalists: int = Field(1, ge=1, le=100, description="top instructions of an outer loop scored again on every context "
                                                 "before P* is chosen; 1 is Algorithm 1 as written")
-    samples_per_context: int = Field(1, ge=1)
-    max_new_tokens: int = Field(160, ge=1)
-    temperature: float = Field(0.0, ge=0)
+    samples_per_context: int = Field(1, ge=1, le=1000)
+    max_new_tokens: int = Field(160, ge=1, le=MAX_TOKENS)
+    temperature: float = Field(0.0, ge=0, le=10)
     top_p: float = Field(1.0, gt=0, le=1)
     diversity_weight: float = Field(0.5, ge=0, le=1, description="α of the harmonic mean")
-    warm_start_top_k: int = Field(10, ge=0)
-    ucb_hidden: int = Field(100, ge=1)
-    ucb_lambda: float = Field(0.1, gt=0, description="INSTINCT's default; 1.0 drowns scores in [0, 1]")
-    ucb_nu: float = Field(0.1, ge=0)
-    ucb_train_steps: int = Field(200, ge=1)
+    warm_start_top_k: int = Field(10, ge=0, le=10_000)
+    ucb_hidden: int = Field(100, ge=1, le=10_000)
+    ucb_lambda: float = Field(0.1, gt=0, le=1000, description="INSTINCT's default; 1.0 drowns scores in [0, 1]")
+    ucb_nu: float = Field(0.1, ge=0, le=1000)
+    ucb_train_steps: int = Field(200, ge=1, le=100_000)
     min_relevance: float | None = Field(None, ge=0, le=1, description="drop forget records below this relevance")
 
 
 class LoraTrainingConfig(_Strict):
     """How one PEM (a LoRA) is trained. All PEMs of a job share target modules."""
 
-    rank: int = Field(8, ge=1)
-    alpha: float = Field(16.0, gt=0)
+    rank: int = Field(8, ge=1, le=MAX_LORA_RANK)
+    alpha: float = Field(16.0, gt=0, le=1e4)
     dropout: float = Field(0.0, ge=0, lt=1)
-    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"], min_length=1)
-    epochs: int = Field(2, ge=1)
-    learning_rate: float = Field(1e-3, gt=0)
-    batch_size: int = Field(8, ge=1)
-    gradient_accumulation_steps: int = Field(1, ge=1)
-    max_length: int = Field(384, ge=16)
-    weight_decay: float = Field(0.0, ge=0)
+    target_modules: list[ModuleName] = Field(default_factory=lambda: ["q_proj", "v_proj"], min_length=1, max_length=64)
+    epochs: int = Field(2, ge=1, le=MAX_EPOCHS)
+    learning_rate: float = Field(1e-3, gt=0, le=1)
+    batch_size: int = Field(8, ge=1, le=MAX_BATCH)
+    gradient_accumulation_steps: int = Field(1, ge=1, le=1024)
+    max_length: int = Field(384, ge=16, le=MAX_LENGTH)
+    weight_decay: float = Field(0.0, ge=0, le=10)
     deepspeed_stage: Literal[0, 2, 3] = 0
 
 
 class ReleaseConfig(_Strict):
     """Eq. 1: Φ0 − μ0ΔF0 + Σ(λiΔRi − μiΔFi), weights chosen by the rules on the validation split."""
 
-    iterations: int = Field(1, ge=0, description="retain/forget pairs after the first forget step")
+    iterations: int = Field(1, ge=0, le=100, description="retain/forget pairs after the first forget step")
     lora: LoraTrainingConfig = Field(default_factory=LoraTrainingConfig)
-    forget_weights: list[float] = Field(default_factory=lambda: [1.0, 2.0, 3.0, 4.0], min_length=1)
-    retain_weights: list[float] = Field(default_factory=lambda: [0.3, 0.5, 1.0], min_length=1)
+    forget_weights: list[Magnitude] = Field(default_factory=lambda: [1.0, 2.0, 3.0, 4.0], min_length=1,
+                                           max_length=MAX_WEIGHTS)
+    retain_weights: list[Magnitude] = Field(default_factory=lambda: [0.3, 0.5, 1.0], min_length=1,
+                                           max_length=MAX_WEIGHTS)
     forget_fraction: float = Field(0.9, gt=0, lt=1)
     recover_fraction: float = Field(0.95, gt=0, le=1)
-    forget_bounce: float = Field(0.3, ge=0, description="allowed absolute rise of the forget score in a λ step; "
+    forget_bounce: float = Field(0.3, ge=0, le=MAX_SCORE, description="allowed absolute rise of the forget score in a λ step; "
                                  "0.3 admits every retain step of papers/002 Tables 7–9")
     on_no_candidate: Literal["stop", "widen"] = "widen"
-    widen_factor: float = Field(2.0, gt=1)
+    widen_factor: float = Field(2.0, gt=1, le=100)
     stop_when_forget_below: float | None = Field(
-        None, ge=0, description="stop once a step leaves the validation forget score at most this and the utility "
+        None, ge=0, le=MAX_SCORE, description="stop once a step leaves the validation forget score at most this and the utility "
         "at least recover_fraction × base; unset: run every iteration (a forget step with nothing left to "
         "forget is still skipped)")
     general_retain_prompts: int = Field(
-        0, ge=0, description="shipped everyday prompts whose base-model answers join the task's retain data, "
+        0, ge=0, le=MAX_ITEMS, description="shipped everyday prompts whose base-model answers join the task's retain data, "
         "so retain PEMs also restore general text (perplexity); 0: the task's retain data only, as in the paper")
     baseline_single_negation: bool = True
     external_forget_data: Path | None = Field(
         None, description="JSONL of {prompt, response} for `rr ablate` (pem-external); default: the task's own")
-
-    @model_validator(mode="after")
-    def _positive_weights(self):
-        for field in ("forget_weights", "retain_weights"):
-            if any(w <= 0 for w in getattr(self, field)):
-                raise ValueError(f"{field} are magnitudes and must all be > 0 (the sign comes from the step)")
-        return self
 
 
 class FineTuneConfig(_Strict):
@@ -135,22 +163,23 @@ class FineTuneConfig(_Strict):
     """
 
     weights: Literal["lora", "full"] = "lora"
-    epochs: int = Field(2, ge=1, description="passes over the forget set")
-    max_steps: int | None = Field(None, ge=1, description="stop after this many optimizer steps if the epochs "
+    epochs: int = Field(2, ge=1, le=MAX_EPOCHS, description="passes over the forget set")
+    max_steps: int | None = Field(None, ge=1, le=MAX_STEPS, description="stop after this many optimizer steps if the epochs "
                                   "have not ended first")
-    learning_rate: float = Field(1e-4, gt=0)
-    batch_size: int = Field(8, ge=1, description="forget examples per step (and as many retain examples)")
-    max_length: int = Field(384, ge=16)
-    weight_decay: float = Field(0.01, ge=0)
-    forget_weight: float = Field(1.0, gt=0)
-    retain_weight: float = Field(1.0, ge=0)
-    npo_beta: float = Field(0.1, gt=0)
+    learning_rate: float = Field(1e-4, gt=0, le=1)
+    batch_size: int = Field(8, ge=1, le=MAX_BATCH, description="forget examples per step (and as many retain examples)")
+    max_length: int = Field(384, ge=16, le=MAX_LENGTH)
+    weight_decay: float = Field(0.01, ge=0, le=10)
+    forget_weight: float = Field(1.0, gt=0, le=1000)
+    retain_weight: float = Field(1.0, ge=0, le=1000)
+    npo_beta: float = Field(0.1, gt=0, le=100)
     me_tokens: Literal["all", "response"] = Field("all", description="tokens ME scores: papers/004 scores the "
                                                   "prompt too (all)")
-    lora_rank: int = Field(8, ge=1)
-    lora_alpha: float = Field(16.0, gt=0)
+    lora_rank: int = Field(8, ge=1, le=MAX_LORA_RANK)
+    lora_alpha: float = Field(16.0, gt=0, le=1e4)
     lora_dropout: float = Field(0.0, ge=0, lt=1)
-    lora_target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"], min_length=1)
+    lora_target_modules: list[ModuleName] = Field(default_factory=lambda: ["q_proj", "v_proj"], min_length=1,
+                                                  max_length=64)
 
 
 class TargetedConfig(FineTuneConfig):
@@ -159,8 +188,8 @@ class TargetedConfig(FineTuneConfig):
     AP (answer preservation, Eq. 8) keeps retain answers above refusals. The fine-tuning fields apply as in
     compare.finetune (npo_beta and me_tokens are unused)."""
 
-    ap_beta: float = Field(0.1, gt=0, description="β of the AP loss")
-    dpo_beta: float = Field(0.1, gt=0, description="β of the DPO loss")
+    ap_beta: float = Field(0.1, gt=0, le=100, description="β of the AP loss")
+    dpo_beta: float = Field(0.1, gt=0, le=100, description="β of the DPO loss")
     refusals: str = Field("shipped", description="'shipped' (rr/tasks/data/refusals.txt) or a text file, one "
                           "refusal per line")
 
@@ -172,12 +201,13 @@ class IcuConfig(FineTuneConfig):
     similarity: the job's sentence embedder's cosine (the declared offline stand-in) or BERTScore F1
     (needs the bert_score package and its model). The fine-tuning fields apply as in compare.finetune."""
 
-    learn_weight: float = Field(0.5, ge=0, description="α of papers/003 (§5.4: 0.5)")
-    kl_weight: float = Field(1.0, ge=0, description="β of papers/003 (§5.4: 1.0)")
+    learn_weight: float = Field(0.5, ge=0, le=1000, description="α of papers/003 (§5.4: 0.5)")
+    kl_weight: float = Field(1.0, ge=0, le=1000, description="β of papers/003 (§5.4: 1.0)")
     similarity: Literal["embedder-cosine", "bertscore"] = "embedder-cosine"
-    similarity_threshold: float = Field(0.3, description="a of papers/003 Eq. 5")
-    bleu_threshold: float = Field(0.01, ge=0, description="b of papers/003 Eq. 5")
-    gate_max_new_tokens: int = Field(64, ge=1, description="length of the greedy answer the gate scores")
+    similarity_threshold: float = Field(0.3, ge=-1, le=1, description="a of papers/003 Eq. 5 (a cosine or an F1: "
+                                        "in [-1, 1])")
+    bleu_threshold: float = Field(0.01, ge=0, le=1, description="b of papers/003 Eq. 5")
+    gate_max_new_tokens: int = Field(64, ge=1, le=MAX_TOKENS, description="length of the greedy answer the gate scores")
 
 
 class RmuConfig(_Strict):
@@ -185,18 +215,31 @@ class RmuConfig(_Strict):
     toward steering_coefficient·u (u a fixed random unit vector), on retain tokens kept at the frozen model's
     (retain_weight·MSE); only the MLP down projections of update_layers are trained."""
 
-    layer: int = Field(7, ge=0, description="decoder layer whose output is steered (WMDP's zephyr setting: 7)")
-    update_layers: list[int] | None = Field(None, description="layers whose mlp.down_proj is trained; "
-                                            "default: layer-2 … layer")
-    steering_coefficient: float = Field(300.0, gt=0, description="norm c of the control vector; WMDP scales it "
+    layer: int = Field(7, ge=0, lt=MAX_LAYERS, description="decoder layer whose output is steered (WMDP's zephyr setting: 7)")
+    update_layers: list[Annotated[int, Field(ge=0, lt=MAX_LAYERS)]] | None = Field(
+        None, min_length=1, max_length=MAX_LAYERS, description="layers whose mlp.down_proj is trained, each at most "
+        "`layer` (later layers cannot change its output); default: layer-2 … layer")
+    steering_coefficient: float = Field(300.0, gt=0, le=1e6, description="norm c of the control vector; WMDP scales it "
                                         "to the model (6.5 zephyr-7b, 300 Mixtral); SmolLM2-135M's layer-7 "
                                         "outputs have a median norm of ~116")
-    retain_weight: float = Field(100.0, ge=0, description="α of RMU")
-    learning_rate: float = Field(5e-5, gt=0)
-    epochs: int = Field(1, ge=1)
-    max_steps: int | None = Field(None, ge=1)
-    batch_size: int = Field(4, ge=1)
-    max_length: int = Field(384, ge=16)
+    retain_weight: float = Field(100.0, ge=0, le=1e6, description="α of RMU")
+    learning_rate: float = Field(5e-5, gt=0, le=1)
+    epochs: int = Field(1, ge=1, le=MAX_EPOCHS)
+    max_steps: int | None = Field(None, ge=1, le=MAX_STEPS)
+    batch_size: int = Field(4, ge=1, le=MAX_BATCH)
+    max_length: int = Field(384, ge=16, le=MAX_LENGTH)
+
+    @model_validator(mode="after")
+    def _layers_feed_the_steered_one(self):
+        # Checkable without the model; the model's own depth is checked when RMU starts (rr/methods/rmu.py).
+        if self.update_layers is not None:
+            later = [i for i in self.update_layers if i > self.layer]
+            if later:
+                raise ValueError(f"update_layers {later[:5]} come after layer {self.layer} and cannot change its "
+                                 f"output: choose layers 0 … {self.layer}")
+            if len(set(self.update_layers)) != len(self.update_layers):
+                raise ValueError("update_layers lists a layer twice: list each once")
+        return self
 
 
 class ExtSubConfig(_Strict):
@@ -204,13 +247,12 @@ class ExtSubConfig(_Strict):
     data), both trained as release.lora says; Φ0 + ΔE − α·(ΔA − proj of ΔA on the shared direction), with α
     chosen on validation by the μ rule among `weights`."""
 
-    weights: list[float] = Field(default_factory=lambda: [0.5, 1.0, 2.0, 3.0, 4.0], min_length=1)
+    weights: list[Magnitude] = Field(default_factory=lambda: [0.5, 1.0, 2.0, 3.0, 4.0], min_length=1,
+                                    max_length=MAX_WEIGHTS)
 
     @field_validator("weights")
     @classmethod
-    def _positive(cls, weights):
-        if any(w <= 0 for w in weights):
-            raise ValueError("weights are magnitudes α > 0")
+    def _ascending(cls, weights):
         return sorted(weights)
 
 
@@ -218,7 +260,7 @@ class CompareConfig(_Strict):
     """`rr compare`: release methods side by side on one task, with the same data and budget."""
 
     methods: list[str] = Field(default_factory=lambda: ["reveal-release", "pem-negation", "ga+gd", "npo+gd", "me+gd"],
-                               min_length=1, description="names in rr/methods (the registry); run in this order")
+                               min_length=1, max_length=64, description="names in rr/methods (the registry); run in this order")
     forget_data: Literal["self-generated", "external"] = Field(
         "self-generated", description="what every method forgets: the job's revealed forget set, or "
         "release.external_forget_data (else the task's shipped external set)")
@@ -235,7 +277,8 @@ class CompareConfig(_Strict):
 
         unknown = [name for name in methods if name not in METHODS]
         if unknown:
-            raise ValueError(f"unknown release method(s) {', '.join(unknown)}: choose from {', '.join(METHODS)}")
+            raise ValueError(f"unknown release method(s) {', '.join(quote(n, 40) for n in unknown[:5])}: choose from "
+                             f"{', '.join(METHODS)}")
         if len(set(methods)) != len(methods):
             raise ValueError("a method is listed twice: list each once")
         return methods
@@ -244,9 +287,20 @@ class CompareConfig(_Strict):
 class PromotionGates(_Strict):
     """What a registered version must show (test split) before `rr promote` moves the `champion` alias to it."""
 
-    max_forget_score: float | None = Field(0.1, ge=0, description="final forget score at most this; null: no limit")
-    min_utility_ratio: float | None = Field(0.9, ge=0, description="final utility at least this × the base "
+    max_forget_score: float | None = Field(0.1, ge=0, le=MAX_SCORE, description="final forget score at most this; null: no limit")
+    min_utility_ratio: float | None = Field(0.9, ge=0, le=100, description="final utility at least this × the base "
                                             "model's utility; null: no limit")
+
+
+def check_tracking_uri(uri: str) -> str:
+    """`uri` if it is an MLflow tracking URI rr can use; ValueError with the fix otherwise. Checked before any
+    client is made: MLflow reads a bare word as a local directory and creates it."""
+    from urllib.parse import urlparse
+
+    if not re.match(r"[a-z][a-z0-9+.-]*:", uri) or (uri.startswith(("http:", "https:")) and not urlparse(uri).netloc):
+        raise ValueError("not a URI: remove it (a sqlite file in the job dir) or give one such as "
+                         "http://127.0.0.1:5000 or sqlite:////abs/path/mlflow.db")
+    return uri
 
 
 class TrackingConfig(_Strict):
@@ -255,21 +309,18 @@ class TrackingConfig(_Strict):
 
     enabled: bool = False
     tracking_uri: str | None = None
-    experiment: str = Field("rr", min_length=1)
-    registered_model_name: str | None = Field(None, description="default: the job's name")
+    experiment: str = Field("rr", min_length=1, max_length=256)
+    registered_model_name: str | None = Field(None, max_length=256, description="default: the job's name")
     log_forget_data: bool = Field(False, description="upload the forget set itself (sensitive); default: only its "
                                   "counts, hash and scores")
     gates: PromotionGates = Field(default_factory=PromotionGates)
-    flush_timeout_s: float = Field(60.0, ge=0, description="how long the end of a job waits for an unreachable "
+    flush_timeout_s: float = Field(60.0, ge=0, le=86400, description="how long the end of a job waits for an unreachable "
                                    "tracking store before leaving its records in the job dir")
 
     @field_validator("tracking_uri")
     @classmethod
     def _uri(cls, uri):
-        if uri is not None and not re.match(r"[a-z][a-z0-9+.-]*:", uri):
-            raise ValueError("not a URI: remove it (a sqlite file in the job dir) or give one such as "
-                             "http://127.0.0.1:5000 or sqlite:////abs/path/mlflow.db")
-        return uri
+        return uri if uri is None else check_tracking_uri(uri)
 
     @field_validator("registered_model_name")
     @classmethod
@@ -291,33 +342,33 @@ class ComputeConfig(_Strict):
 
     executor: Literal["local", "ray"] = "local"
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    threads: int | None = Field(None, ge=1)
+    threads: int | None = Field(None, ge=1, le=MAX_WORKERS)
     ray_address: str | None = Field(None, description="the cluster to join: 'auto', ray://HOST:10001, or null "
                                     "(inside `ray job submit`: that cluster; otherwise a local Ray started for the job)")
-    generator_replicas: int = Field(1, ge=1, description="generator replicas (the minimum when "
+    generator_replicas: int = Field(1, ge=1, le=MAX_WORKERS, description="generator replicas (the minimum when "
                                     "max_generator_replicas is set)")
-    max_generator_replicas: int | None = Field(None, ge=1, description="autoscaling bound; null: exactly "
+    max_generator_replicas: int | None = Field(None, ge=1, le=MAX_WORKERS, description="autoscaling bound; null: exactly "
                                                "generator_replicas")
-    requests_per_replica: int = Field(64, ge=1, description="generation requests (contexts × samples) one "
+    requests_per_replica: int = Field(64, ge=1, le=MAX_ITEMS, description="generation requests (contexts × samples) one "
                                       "replica is sized for")
-    replica_num_cpus: float = Field(1.0, gt=0)
-    replica_num_gpus: float = Field(0.0, ge=0, description="GPUs per replica; vLLM replicas need > 0")
-    threads_per_replica: int | None = Field(None, ge=1, description="torch threads in each replica; default "
+    replica_num_cpus: float = Field(1.0, gt=0, le=MAX_WORKERS)
+    replica_num_gpus: float = Field(0.0, ge=0, le=64, description="GPUs per replica; vLLM replicas need > 0")
+    threads_per_replica: int | None = Field(None, ge=1, le=MAX_WORKERS, description="torch threads in each replica; default "
                                             "replica_num_cpus")
-    trainer_workers: int = Field(1, ge=1, description="Ray Train workers for a PEM (the minimum when "
+    trainer_workers: int = Field(1, ge=1, le=MAX_WORKERS, description="Ray Train workers for a PEM (the minimum when "
                                  "max_trainer_workers is set)")
-    max_trainer_workers: int | None = Field(None, ge=1)
-    examples_per_trainer: int = Field(256, ge=1, description="training examples one trainer worker is sized for")
-    trainer_num_cpus: float = Field(1.0, gt=0)
+    max_trainer_workers: int | None = Field(None, ge=1, le=MAX_WORKERS)
+    examples_per_trainer: int = Field(256, ge=1, le=MAX_ITEMS, description="training examples one trainer worker is sized for")
+    trainer_num_cpus: float = Field(1.0, gt=0, le=MAX_WORKERS)
     trainer_use_gpu: bool = False
     gpu_sharing: Literal["separate", "release_during_training"] = Field(
         "separate", description="separate: trainers run on their own workers (a GPU worker group apart from the "
         "replicas'); release_during_training: the replicas are released while a PEM trains and re-created after")
-    parallel_candidates: int | None = Field(None, ge=1, description="Ray Tune trials of the weight search that "
+    parallel_candidates: int | None = Field(None, ge=1, le=10_000, description="Ray Tune trials of the weight search that "
                                             "run at once; null: every candidate")
-    candidate_num_cpus: float = Field(0.0, ge=0, description="CPUs a weight-search trial reserves; 0: none (a "
+    candidate_num_cpus: float = Field(0.0, ge=0, le=MAX_WORKERS, description="CPUs a weight-search trial reserves; 0: none (a "
                                       "trial mostly waits on the replicas; it runs the task's scoring, e.g. the sandbox)")
-    max_replica_restarts: int = Field(3, ge=0, description="a dead replica is restarted this often; its "
+    max_replica_restarts: int = Field(3, ge=0, le=1000, description="a dead replica is restarted this often; its "
                                       "unfinished requests are retried")
     request_resources: bool = Field(True, description="ask the cluster autoscaler for the sized replicas and "
                                     "trainers (ray.autoscaler.sdk.request_resources)")
@@ -349,8 +400,27 @@ TaskConfig = Annotated[Union[CodeTaskConfig, ToxicityTaskConfig, NerTaskConfig, 
                        Field(discriminator="name")]
 
 
+def _nul_characters(value, where: str = "") -> list[str]:
+    """Paths (dotted) of strings in raw config data that hold a NUL character: no file name or model id can."""
+    if isinstance(value, str):
+        return [where or "(top level)"] if "\x00" in value else []
+    if isinstance(value, dict):
+        return [p for k, v in value.items() for p in _nul_characters(v, f"{where}.{k}" if where else str(k))]
+    if isinstance(value, list):
+        return [p for i, v in enumerate(value) for p in _nul_characters(v, f"{where}.{i}")]
+    return []
+
+
 class JobConfig(_Strict):
     """A whole rr job."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_nul_characters(cls, data):
+        found = _nul_characters(data) if isinstance(data, dict) else []
+        if found:
+            raise ValueError(f"{', '.join(found[:5])}: contains a NUL character; remove it")
+        return data
 
     @model_validator(mode="after")
     def _only_what_exists(self):
@@ -367,8 +437,10 @@ class JobConfig(_Strict):
                              "release.lora.gradient_accumulation_steps: 1 (raise release.lora.batch_size instead)")
         return self
 
-    name: str = "rr-job"
-    seed: int = 0
+    name: str = Field("rr-job", min_length=1, max_length=200, description="shown in logs; the RayJob's and the "
+                      "registered model's default name")
+    seed: int = Field(0, ge=0, le=SEED_MAX, description=f"0 … {SEED_MAX}: rr derives seeds seed + k (k < "
+                      f"{SEED_OFFSET_MAX}) and they must stay within 0 … 2**32 − 1")
     output_dir: Path = Path("runs/quickstart")
     log_forget_examples: bool = Field(False, description="print forget records in logs (sensitive)")
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -384,9 +456,16 @@ class JobConfig(_Strict):
                                           "absent: CompareConfig's defaults")
 
 
+def quote(value, limit: int = QUOTE_MAX_CHARS) -> str:
+    """repr() of a user's value, cut to `limit` characters: an error message never echoes a whole file back."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 def _explain(error: ValidationError, source: str) -> str:
     lines = [f"{source}: invalid config"]
-    for item in error.errors():
+    errors = error.errors()
+    for item in errors[:MAX_ERRORS_SHOWN]:
         where = ".".join(str(p) for p in item["loc"]) or "(top level)"
         kind = item["type"]
         if kind == "extra_forbidden":
@@ -395,10 +474,80 @@ def _explain(error: ValidationError, source: str) -> str:
             fix = "required: add it"
         elif kind == "union_tag_invalid":
             fix = "task.name must be one of: code, toxicity, ner, entity"
+        elif kind == "finite_number":
+            fix = "must be a finite number (not NaN or ±inf)"
         else:
             fix = item["msg"]
-        lines.append(f"  {where}: {fix} (got {item.get('input')!r})" if kind != "missing" else f"  {where}: {fix}")
+            if len(fix) > 300:  # a validator's message can carry user text (e.g. the unknown names it lists)
+                fix = fix[:299] + "…"
+        lines.append(f"  {where}: {fix} (got {quote(item.get('input'))})" if kind != "missing" else f"  {where}: {fix}")
+    if len(errors) > MAX_ERRORS_SHOWN:
+        lines.append(f"  … and {len(errors) - MAX_ERRORS_SHOWN} more")
     return "\n".join(lines)
+
+
+class _RefusedYaml(yaml.MarkedYAMLError):
+    """Valid YAML that an rr config may not use (anchors, aliases, duplicate keys)."""
+
+
+class _ConfigLoader(yaml.SafeLoader):
+    """YAML's safe loader, stricter: no anchors or aliases (a few hundred bytes of aliases expand to gigabytes)
+    and no duplicate keys (YAML would silently keep the last value)."""
+
+    def compose_node(self, parent, index):
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+            raise _RefusedYaml(None, None, "anchors and aliases (&name, *name) are not allowed in an "
+                                              "rr config: write each value out", event.start_mark)
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            try:
+                duplicate = key in seen
+            except TypeError:  # an unhashable key: the base loader reports it
+                continue
+            if duplicate:
+                raise _RefusedYaml(None, None, f"duplicate key {quote(key)}: keep one", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def read_yaml(path: Path, what: str = "config"):
+    """The YAML document in `path`, read with the file size capped, strict UTF-8 and _ConfigLoader; any problem is a
+    ConfigError naming the file."""
+    try:
+        with open(path, "rb") as handle:
+            raw = handle.read(CONFIG_MAX_BYTES + 1)
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read this {what} ({exc.strerror or exc}); check the path and its "
+                          "permissions") from None
+    if len(raw) > CONFIG_MAX_BYTES:
+        raise ConfigError(f"{path}: larger than {CONFIG_MAX_BYTES // 1024} KiB; an rr {what} is a few kilobytes of "
+                          "YAML: is this the right file?")
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")) or b"\x00" in raw:
+        raise ConfigError(f"{path}: binary or UTF-16, not UTF-8 text; save the {what} as UTF-8")
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start} is {raw[exc.start]:#04x}); save the {what} as "
+                          "UTF-8") from None
+    loader = _ConfigLoader(text)
+    loader.name = str(path)  # YAML's messages then say `in "FILE", line N`
+    try:
+        return loader.get_single_data()
+    except yaml.YAMLError as exc:
+        detail = str(exc)
+        if len(detail) > 500:
+            detail = detail[:499] + "…"
+        kind = "refused" if isinstance(exc, _RefusedYaml) else "not valid YAML"
+        raise ConfigError(f"{path}: {kind} ({detail}); fix it at the line shown") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: nested too deeply to be an rr {what}") from None
+    finally:
+        loader.dispose()
 
 
 def load_config(path: str | Path | None, output_dir: str | Path | None = None) -> JobConfig:
@@ -409,19 +558,26 @@ def load_config(path: str | Path | None, output_dir: str | Path | None = None) -
         path = Path(path)
         source = str(path)
         if not path.is_file():
-            raise RRError(f"--config {path}: no such file; pass a YAML job config such as configs/quickstart.yaml")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise RRError(f"{path}: not valid YAML ({exc}); fix the syntax at the line shown") from exc
+            raise ConfigError(f"--config {path}: no such file; pass a YAML job config such as configs/quickstart.yaml")
+        data = read_yaml(path)
+        if data is None:
+            data = {}
         if not isinstance(data, dict):
-            raise RRError(f"{path}: the top level must be a mapping of sections (model, task, reveal, ...)")
+            raise ConfigError(f"{path}: the top level must be a mapping of sections (model, task, reveal, ...), "
+                              f"not a {type(data).__name__}")
     if output_dir is not None:
         data["output_dir"] = str(output_dir)
+    return validate_config(data, source)
+
+
+def validate_config(data: dict, source: str) -> JobConfig:
+    """A JobConfig from plain data (a parsed file); a refusal is a ConfigError naming `source` and each field."""
     try:
         return JobConfig.model_validate(data)
     except ValidationError as exc:
-        raise RRError(_explain(exc, source)) from None
+        raise ConfigError(_explain(exc, source)) from None
+    except RecursionError:
+        raise ConfigError(f"{source}: nested too deeply to be an rr config") from None
 
 
 def dump_config(config: JobConfig) -> str:

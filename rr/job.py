@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from rr.config import JobConfig, dump_config
-from rr.errors import RRError
+from rr.config import JobConfig, dump_config, read_yaml
+from rr.errors import ConfigError, JobDirError, RRError
 
 log = logging.getLogger("rr")
 
@@ -29,6 +29,52 @@ def _compute_changes_results(saved: dict, now: dict) -> bool:
 
     defaults = ComputeConfig().model_dump(mode="json")  # a key missing from an older saved config had its default
     return any(saved.get(key, defaults[key]) != now.get(key, defaults[key]) for key in RESULT_COMPUTE_KEYS)
+
+
+# rr writes this file into every job directory it creates: the proof that the directory is rr's own, so rr may
+# tighten its mode. A directory without it was made by someone else and is never chmod-ed.
+JOB_DIR_MARKER = ".rr-job-dir"
+
+
+def _others_can_access(mode: int) -> bool:
+    return bool(mode & 0o077)
+
+
+def check_job_dir(path: Path) -> bool:
+    """Whether `path` is an existing job directory rr made (True) or a new path (False); refuses (JobDirError),
+    touching nothing, a path that is not a directory, belongs to another user, or, not made by rr, lets others in:
+    forget data must stay owner-only."""
+    try:
+        info = path.stat()
+    except FileNotFoundError:
+        return False
+    except OSError as exc:
+        raise JobDirError(f"output_dir / --output {path}: cannot inspect it ({exc.strerror or exc}); choose a "
+                          "directory you own") from None
+    import stat
+
+    if not stat.S_ISDIR(info.st_mode):
+        raise JobDirError(f"output_dir / --output {path}: exists and is not a directory; choose another path")
+    if info.st_uid != os.geteuid():
+        raise JobDirError(f"output_dir / --output {path}: belongs to another user (uid {info.st_uid}); a job "
+                          "directory holds forget data and must be yours: choose a new path (rr creates it 0700)")
+    marker = path / JOB_DIR_MARKER
+    made_by_rr = marker.is_file() and marker.stat().st_uid == os.geteuid()
+    if not made_by_rr and _others_can_access(info.st_mode):
+        raise JobDirError(f"output_dir / --output {path}: an existing directory rr did not create, and others can "
+                          f"access it (mode {stat.S_IMODE(info.st_mode):o}); forget data must stay owner-only. Pass "
+                          "a new path, e.g. --output "
+                          f"{path / 'rr-job'} (rr creates it 0700), or make this one private yourself (chmod 700)")
+    return made_by_rr
+
+
+def write_private(path: Path, text: str) -> None:
+    """Write `path` atomically with mode 0600: job files can hold forget data."""
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        handle.write(text)
+    os.replace(tmp, path)
 
 
 def _with_current_defaults(saved: dict) -> dict:
@@ -48,33 +94,57 @@ class Job:
     def __init__(self, config: JobConfig):
         self.config = config
         self.dir = Path(config.output_dir).resolve()
+        # Everything is checked before anything is written: a refused job leaves the directory as it found it.
+        made_by_rr = check_job_dir(self.dir)
+        current = dump_config(self.config.model_copy(update={"output_dir": Path(".")}))
+        self._check_same_config(current)
+        if not self.dir.exists():
+            try:
+                self.dir.mkdir(parents=True, mode=0o700)
+                os.chmod(self.dir, 0o700)  # ours: mkdir's mode passes through the umask
+                write_private(self.dir / JOB_DIR_MARKER, "made by rr: this job directory holds forget data\n")
+            except OSError as exc:
+                raise JobDirError(f"output_dir / --output: cannot create {self.dir} ({exc.strerror or exc}); choose a "
+                                  "writable directory") from None
+        elif made_by_rr and _others_can_access(self.dir.stat().st_mode):
+            os.chmod(self.dir, 0o700)  # rr's own directory, opened up since: forget data lives here
         try:
-            self.dir.mkdir(parents=True, exist_ok=True)
+            write_private(self.dir / "config.yaml", current)
         except OSError as exc:
-            raise RRError(f"output_dir / --output: cannot create {self.dir} ({exc}); choose a writable directory") from exc
-        os.chmod(self.dir, 0o700)  # forget data lives here: owner only
-        self._check_same_config()
+            raise JobDirError(f"output_dir / --output {self.dir}: cannot write config.yaml ({exc.strerror or exc}); "
+                              "choose a writable directory") from None
         self._seed_everything()
 
-    def _check_same_config(self) -> None:
-        """Resuming is only sound for the same config: refuse to mix two jobs in one directory."""
+    def _check_same_config(self, current: str) -> None:
+        """Resuming is only sound for the same config: refuse to mix two jobs in one directory. Reads only; the
+        caller writes `current` once every check has passed."""
         path = self.dir / "config.yaml"
-        current = dump_config(self.config.model_copy(update={"output_dir": Path(".")}))
-        if path.exists() and path.read_text() != current:
-            saved, now = _with_current_defaults(yaml.safe_load(path.read_text()) or {}), yaml.safe_load(current)
-            changed = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
-            if "compute" in changed and not _compute_changes_results(saved.get("compute") or {}, now["compute"]):
+        if not (path.exists() or path.is_symlink()):
+            return
+        saved_data = read_yaml(path, "job directory's config.yaml")  # size-capped, UTF-8, no aliases
+        if not isinstance(saved_data, dict):
+            raise ConfigError(f"{path}: not a job config rr wrote (its top level is "
+                              f"{'empty' if saved_data is None else 'a ' + type(saved_data).__name__}); this "
+                              f"directory holds something else: pass another --output, or delete {path} to start "
+                              "a new job here")
+        now = yaml.safe_load(current)
+        if saved_data != now:
+            saved = _with_current_defaults(saved_data)
+            changed = sorted(str(k) for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+            saved_compute = saved.get("compute")
+            if "compute" in changed and isinstance(saved_compute, dict) and \
+                    not _compute_changes_results(saved_compute, now["compute"]):
                 changed.remove("compute")  # where it runs, not what it computes (same seed, same results)
             if set(changed) <= {"tracking", "compare"}:  # where results go, or which methods `rr compare` runs
                 # next to this job, changes none of its results: resume
-                path.write_text(current)
                 return
+            if len(changed) > 12:
+                changed = changed[:12] + [f"… {len(changed) - 12} more"]
             # Release depends on everything; Reveal only on what is not release/tracking/compute/name.
             stages = "reveal/, release/" if set(changed) - {"release", "tracking", "compare", "compute", "name"} else "release/"
             raise RRError(f"{path}: this job directory was made with a different config (changed: "
                           f"{', '.join(changed)}). Resume with the same config, pass another --output for a new "
                           f"job, or delete {stages} and config.yaml in {self.dir} to redo those stages")
-        path.write_text(current)
 
     def _seed_everything(self) -> None:
         import torch
@@ -158,9 +228,7 @@ class Job:
     def write_json(self, relative: str, payload) -> Path:
         path = self.dir / relative
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(json.dumps(payload, indent=2, default=str))
-        os.replace(tmp, path)
+        write_private(path, json.dumps(payload, indent=2, default=str))
         return path
 
     def read_json(self, relative: str):

@@ -190,8 +190,10 @@ def test_rmu_steers_forget_activations_and_trains_only_the_chosen_down_projectio
     changed = {name for name, t in model.state_dict().items() if not torch.equal(t, learned_state[name])}
     assert changed == {"model.layers.0.mlp.down_proj.weight", "model.layers.1.mlp.down_proj.weight"}
     assert not any(p.requires_grad for p in model.parameters())  # flags restored
-    with pytest.raises(RRError, match="update_layers"):
-        train_rmu(model, tokenizer, FORGET, RETAIN, RmuConfig(layer=0, update_layers=[1]))
+    with pytest.raises(RRError, match="compare.rmu.layer=9: the model has layers 0 … 1"):
+        train_rmu(model, tokenizer, FORGET, RETAIN, RmuConfig(layer=9))
+    with pytest.raises(ValueError, match="update_layers"):  # a later layer cannot change the steered one: at load
+        RmuConfig(layer=0, update_layers=[1])
 
 
 # ---- Ext-Sub --------------------------------------------------------------------------------------------

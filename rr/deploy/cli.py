@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Optional
 
@@ -21,9 +22,35 @@ def _fail(exc: Exception) -> None:
     raise typer.Exit(2)
 
 
+# Kubernetes names: a namespace is a DNS-1123 label, a RayJob's name a DNS-1123 subdomain. Checked here, before
+# any request, so a typo gets the rule rather than the API server's 422 (or a 404 that reads like a missing job).
+_DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
+_DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
+
+
+def _shown(value: str) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:59] + "…"
+
+
+def check_namespace(namespace: Optional[str]) -> Optional[str]:
+    if namespace is not None and (len(namespace) > 63 or not _DNS_LABEL.fullmatch(namespace)):
+        raise RRError(f"--namespace {_shown(namespace)}: not a Kubernetes namespace name (a DNS-1123 label: at most "
+                      "63 lowercase letters, digits and '-', starting and ending with a letter or digit)")
+    return namespace
+
+
+def check_job_name(name: str) -> str:
+    if len(name) > 253 or not _DNS_SUBDOMAIN.fullmatch(name):
+        raise RRError(f"NAME {_shown(name)}: not a RayJob name (a DNS-1123 subdomain: lowercase letters, digits, "
+                      "'-' and '.'); `rr submit` prints the name it made from the job's")
+    return name
+
+
 def _cluster(namespace: Optional[str], context: Optional[str]):
     from rr.deploy.kube import Cluster, connect
 
+    check_namespace(namespace)
     api_client, default_namespace = connect(context)
     return Cluster(api_client, namespace or default_namespace)
 
@@ -43,6 +70,7 @@ def submit(config: Path = typer.Option(..., "--config", "-c", help="job config (
     from rr.deploy.rayjob import build_config_map, build_rayjob, manifests_yaml
 
     try:
+        check_namespace(namespace)
         job_config = load_config(config)
         if dry_run:
             cluster_profile = load_profile(profile) if profile else ClusterProfile()
@@ -75,6 +103,7 @@ def status(name: str = typer.Argument(..., help="the RayJob's name (the job conf
     from rr.deploy.kube import summary
 
     try:
+        check_job_name(name)
         rayjob = _cluster(namespace, context).get(name)
     except RRError as exc:
         _fail(exc)
@@ -89,6 +118,9 @@ def logs(name: str = typer.Argument(..., help="the RayJob's name"),
          follow: bool = typer.Option(False, "--follow", "-f", help="keep printing until the job ends")):
     """The job's output: the submitter pod follows the Ray driver's log."""
     try:
+        check_job_name(name)
+        if tail is not None and tail < 0:
+            raise RRError(f"--tail {tail}: give a number of lines ≥ 0")
         pod, text = _cluster(namespace, context).logs(name, tail, follow)
     except RRError as exc:
         _fail(exc)

@@ -77,12 +77,19 @@ def layer_activations(model: nn.Module, layer: int, batch: dict) -> Tensor:
     return captured["h"]
 
 
+def check_layers(model: nn.Module, config: RmuConfig) -> nn.ModuleList:
+    """The model's decoder layers, if compare.rmu.layer is one of them (update_layers ≤ layer is checked at load);
+    `rr compare` calls it before any method runs, so a bad layer does not fail after the other methods."""
+    layers = decoder_layers(model)
+    if not 0 <= config.layer < len(layers):
+        raise RRError(f"compare.rmu.layer={config.layer}: the model has layers 0 … {len(layers) - 1}; choose one")
+    return layers
+
+
 def train_rmu(model: nn.Module, tokenizer, forget_examples: Sequence[Example], retain_examples: Sequence[Example],
               config: RmuConfig, seed: int = 0) -> list[dict[str, float]]:
     """Unlearn in place with RMU; every token of prompt and response is steered (padding aside)."""
-    layers = decoder_layers(model)
-    if not 0 <= config.layer < len(layers):
-        raise RRError(f"compare.rmu.layer={config.layer}: the model has layers 0 … {len(layers) - 1}")
+    layers = check_layers(model, config)
     update = config.update_layers if config.update_layers is not None else \
         list(range(max(0, config.layer - 2), config.layer + 1))
     if any(not 0 <= i <= config.layer for i in update):

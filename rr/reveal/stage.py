@@ -9,6 +9,7 @@ from typing import Callable
 
 import numpy as np
 
+from rr.errors import RRError
 from rr.generation.base import request_seed
 from rr.reveal.arms import ArmPool, decode_arm_pool
 from rr.reveal.diversity import vendi_score
@@ -63,13 +64,15 @@ def run_reveal(job, progress: Callable[[str], None] = print) -> dict:
     search = RevealSearch(cfg, job.task, arms, job.executor.generate, job.embed, checkpoint, job.config.seed, progress)
     state, records = search.run()
     if not records:
-        raise RuntimeError("reveal produced no forget records: every answer fell below reveal.min_relevance")
+        raise RRError(f"reveal.min_relevance {job.config.reveal.min_relevance}: every answer Reveal produced fell "
+                      "below it, so there is no forget set; lower it or remove it (no filtering)")
     embeddings = job.embed([r["response"] for r in records])
     manifest = forget_set_manifest(records, state, embeddings, job.config.reveal.min_relevance)
     manifest["sha256"] = forget_set_hash(records)
     manifest["comparison"] = compare_with_baselines(job, search, state, records, embeddings)
-    job.write_json("reveal/manifest.json", manifest)
+    # The manifest marks Reveal finished for a resume, so it is written last.
     (job.dir / "reveal" / "report.md").write_text(reveal_report(manifest))
+    job.write_json("reveal/manifest.json", manifest)
     return manifest
 
 

@@ -45,24 +45,24 @@ CODE_STOP = ("\n```\n",)
 class CodeTaskConfig(BaseModel):
     """The `task:` block for the code task. Sizes are per split; the splits never overlap."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, str_max_length=4096)  # as rr/config.py's models
 
     name: Literal["code"] = "code"
     source: Literal["builtin", "hf"] = "builtin"
-    n_reveal_contexts: int = Field(40, ge=1, description="coding prompts Reveal answers")
-    n_validation: int = Field(20, ge=1, description="problems the weight search scores candidates on")
-    n_test: int = Field(40, ge=1, description="problems reports and promotion gates use")
-    n_arithmetic_validation: int = Field(60, ge=1)
-    n_arithmetic_test: int = Field(200, ge=1)
-    n_retain_examples: int = Field(200, ge=1, description="arithmetic items retain PEMs train on")
-    n_perplexity_paragraphs: int = Field(40, ge=1)
-    max_new_tokens: int = Field(256, ge=1, description="generation budget for code answers")
-    arithmetic_max_new_tokens: int = Field(128, ge=1)
+    n_reveal_contexts: int = Field(40, ge=1, le=10_000, description="coding prompts Reveal answers")
+    n_validation: int = Field(20, ge=1, le=10_000, description="problems the weight search scores candidates on")
+    n_test: int = Field(40, ge=1, le=10_000, description="problems reports and promotion gates use")
+    n_arithmetic_validation: int = Field(60, ge=1, le=10_000)
+    n_arithmetic_test: int = Field(200, ge=1, le=10_000)
+    n_retain_examples: int = Field(200, ge=1, le=10_000, description="arithmetic items retain PEMs train on")
+    n_perplexity_paragraphs: int = Field(40, ge=1, le=10_000)
+    max_new_tokens: int = Field(256, ge=1, le=32768, description="generation budget for code answers")
+    arithmetic_max_new_tokens: int = Field(128, ge=1, le=32768)
     arithmetic_level: Literal["one-step", "mixed"] = Field(
         "mixed", description="one-step: single add/subtract/multiply problems; mixed: one- and two-step")
-    sandbox_timeout_s: float = Field(5.0, gt=0)
-    sandbox_memory_mb: int = Field(512, ge=64)
-    sandbox_workers: int = Field(2, ge=1, description="sandboxed test runs in parallel")
+    sandbox_timeout_s: float = Field(5.0, gt=0, le=600)
+    sandbox_memory_mb: int = Field(512, ge=64, le=65536)
+    sandbox_workers: int = Field(2, ge=1, le=256, description="sandboxed test runs in parallel")
     mbpp_plus: bool = Field(False, description="source=hf only: also report pass@1 on MBPP+ for the test split")
 
     @model_validator(mode="after")

@@ -84,16 +84,17 @@ def load_people(path: Path) -> dict[str, list[dict]]:
 class EntityTaskConfig(BaseModel):
     """The entity task block: forget some people's facts, keep their neighbours' (papers/004 §5.3 setting)."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False, str_max_length=4096)
 
     name: Literal["entity"] = "entity"
     entities: str = Field("shipped", description="'shipped' (rr/tasks/data/entities.json, fictitious people) or a "
                           "JSON path")
-    forget_entities: list[str] = Field(default_factory=lambda: ["Marisol Quenby", "Oren Vasquel"], min_length=1)
-    max_new_tokens: int = Field(40, ge=1)
+    forget_entities: list[str] = Field(default_factory=lambda: ["Marisol Quenby", "Oren Vasquel"], min_length=1,
+                                       max_length=10_000)
+    max_new_tokens: int = Field(40, ge=1, le=32768)
     correct_threshold: float = Field(1.0, gt=0, le=1, description="ROUGE-L recall of the short answer that counts "
                                      "as a correct answer (1: every answer word, in order)")
-    n_exemplars: int = Field(3, ge=1)
+    n_exemplars: int = Field(3, ge=1, le=64)
     cosine_similarity: bool = Field(True, description="report papers/004's CS with `embedder` (loads it)")
     embedder: str = "embedded:all-minilm-l6-v2"
     oracle: Literal["fact-match"] = Field("fact-match", description="relevance: the person's shipped answers "

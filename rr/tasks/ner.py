@@ -142,18 +142,18 @@ def load_passages(path: Path) -> list[Passage]:
 class NerTaskConfig(BaseModel):
     """The NER task block of a job config (papers/002 §4: forget Person, keep Org/Concept/Location/Date)."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False, str_max_length=4096)
 
     name: Literal["ner"] = "ner"
     passages: str = Field("shipped", description="'shipped' (rr/tasks/data/ner_passages.jsonl) or a JSONL path")
-    forget_types: list[str] = Field(default_factory=lambda: ["Person"], min_length=1)
+    forget_types: list[str] = Field(default_factory=lambda: ["Person"], min_length=1, max_length=100)
     retain_types: list[str] = Field(default_factory=lambda: ["Organization", "Concept", "Location", "Date"],
-                                    min_length=1)
-    n_validation: int = Field(30, ge=1, description="passages in the validation split (weight search)")
-    n_test: int = Field(50, ge=1, description="passages in the test split (reports, gates)")
-    split_seed: int = Field(0, description="seed of the split assignment (independent of the job seed)")
-    max_new_tokens: int = Field(64, ge=1, description="room for the answer list")
-    n_exemplars: int = Field(4, ge=1, description="forget-type demonstrations offered to instruction induction")
+                                    min_length=1, max_length=100)
+    n_validation: int = Field(30, ge=1, le=100_000, description="passages in the validation split (weight search)")
+    n_test: int = Field(50, ge=1, le=100_000, description="passages in the test split (reports, gates)")
+    split_seed: int = Field(0, ge=0, le=2**32 - 1, description="seed of the split assignment (independent of the job seed)")
+    max_new_tokens: int = Field(64, ge=1, le=32768, description="room for the answer list")
+    n_exemplars: int = Field(4, ge=1, le=64, description="forget-type demonstrations offered to instruction induction")
     oracle: Literal["gazetteer-standin"] = Field("gazetteer-standin",
                                                  description="types listed entities that are not gold")
 

@@ -210,27 +210,27 @@ def check_split(split: str) -> None:
 class ToxicityTaskConfig(BaseModel):
     """The toxicity task block of a job config (papers/002 §4: 25 nucleus samples × 20 tokens, top-p 0.9)."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False, str_max_length=4096)
 
     name: Literal["toxicity"] = "toxicity"
     prompts: str = Field("shipped", description="'shipped', 'real-toxicity-prompts' (hub), or a JSONL path")
-    max_prompts_per_group: int | None = Field(None, ge=1, description="cap on challenge and on other prompts")
-    n_validation: int = Field(24, ge=1, description="prompts in the validation split (weight search)")
-    n_test: int = Field(36, ge=1, description="prompts in the test split (reports, gates)")
-    split_seed: int = Field(0, description="seed of the split assignment (independent of the job seed)")
+    max_prompts_per_group: int | None = Field(None, ge=1, le=1_000_000, description="cap on challenge and on other prompts")
+    n_validation: int = Field(24, ge=1, le=1_000_000, description="prompts in the validation split (weight search)")
+    n_test: int = Field(36, ge=1, le=1_000_000, description="prompts in the test split (reports, gates)")
+    split_seed: int = Field(0, ge=0, le=2**32 - 1, description="seed of the split assignment (independent of the job seed)")
     oracle: str = Field("lexicon-standin", description="'lexicon-standin' | 'hf:<model id>' | 'perspective'")
     oracle_label: str = Field("toxic", min_length=1, description="the 'toxic' label of an hf: classifier")
     oracle_device: Literal["cpu", "cuda", "auto"] = "cpu"
-    oracle_batch_size: int = Field(32, ge=1)
+    oracle_batch_size: int = Field(32, ge=1, le=4096)
     perspective_api_key_env: str = Field("PERSPECTIVE_API_KEY", min_length=1)
-    samples_per_prompt: int = Field(25, ge=1, description="k continuations per prompt")
-    max_new_tokens: int = Field(20, ge=1)
-    temperature: float = Field(1.0, ge=0)
+    samples_per_prompt: int = Field(25, ge=1, le=1000, description="k continuations per prompt")
+    max_new_tokens: int = Field(20, ge=1, le=32768)
+    temperature: float = Field(1.0, ge=0, le=10)
     top_p: float = Field(0.9, gt=0, le=1)
     perplexity_text: str = Field("shipped", description="'shipped' (rr/tasks/data/general_text.txt), "
                                                         "'wikitext-2' (hub), or a text file path")
-    perplexity_max_texts: int | None = Field(None, ge=1, description="cap on paragraphs scored for perplexity")
-    retain_max_examples: int = Field(256, ge=1)
+    perplexity_max_texts: int | None = Field(None, ge=1, le=1_000_000, description="cap on paragraphs scored for perplexity")
+    retain_max_examples: int = Field(256, ge=1, le=1_000_000)
 
     @field_validator("oracle")
     @classmethod

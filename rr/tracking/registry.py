@@ -4,14 +4,70 @@ from __future__ import annotations
 
 import getpass
 import json
+import os
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 
-from rr.errors import RRError
+from rr.errors import RegistryError, RRError
 
 CANDIDATE, CHAMPION = "candidate", "champion"
 # Tags every rr version carries; the gates read the three scores.
 FORGET_SCORE, UTILITY_SCORE, BASE_UTILITY_SCORE = "rr.forget_score", "rr.utility_score", "rr.base_utility_score"
+
+# `rr promote` and `rr models` are interactive: MLflow's defaults (7 retries with exponential backoff from 2 s, 120 s
+# per request) wait minutes on a registry that is down. Here: one retry, 4 s per attempt (connect or read), no
+# backoff, so a request to an unreachable registry gives up within 8 s. Variables the user set are kept.
+REGISTRY_HTTP_BOUNDS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "4",
+                        "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "0", "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "0"}
+
+
+@contextmanager
+def bounded_http():
+    """MLflow HTTP requests inside this block give up on an unreachable registry within seconds."""
+    saved = {key: os.environ.get(key) for key in REGISTRY_HTTP_BOUNDS}
+    for key, value in REGISTRY_HTTP_BOUNDS.items():
+        os.environ.setdefault(key, value)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def _first_line(error: Exception, limit: int = 200) -> str:
+    line = (getattr(error, "message", None) or str(error)).splitlines()[0] if str(error) else type(error).__name__
+    return line if len(line) <= limit else line[: limit - 1] + "…"
+
+
+def _unreachable(client, error: Exception) -> RegistryError:
+    return RegistryError(f"the registry at {client.tracking_uri} is unreachable ({_first_line(error)}); check "
+                         "--tracking-uri (or MLFLOW_TRACKING_URI) and that the MLflow server is up")
+
+
+def _is_connection_failure(error: Exception) -> bool:
+    """An MLflow HTTP call that never got an answer (refused, timed out, DNS), rather than an answer saying no."""
+    text = str(error)
+    return any(marker in text for marker in ("Max retries exceeded", "ConnectionError", "ConnectTimeout",
+                                             "ReadTimeout", "NewConnectionError", "Connection refused"))
+
+
+@contextmanager
+def registry_errors(client, what: str):
+    """Errors of registry calls as RegistryError: unreachable, or the registry's own refusal (first line)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        yield
+    except MlflowException as error:
+        if _is_connection_failure(error):
+            raise _unreachable(client, error) from None
+        raise RegistryError(f"{what}: the registry at {client.tracking_uri} answered {_first_line(error)}") from None
+    except OSError as error:  # a sqlite file or a socket the client opened itself
+        raise _unreachable(client, error) from None
 
 
 def register_version(client, run_id: str, name: str, model_dir: str, tags: dict) -> str:
@@ -73,7 +129,9 @@ def _version(client, name: str, version: str):
     try:
         return client.get_model_version(name, str(version))
     except MlflowException as error:
-        raise RRError(f"model {name!r} version {version}: not in the registry at {client.tracking_uri} "
+        if _is_connection_failure(error):
+            raise _unreachable(client, error) from None
+        raise RegistryError(f"model {name!r} version {version}: not in the registry at {client.tracking_uri} "
                       f"({error.message.splitlines()[0]}); list versions with `rr models {name}`") from None
 
 
@@ -94,9 +152,10 @@ def promote(client, name: str, version: str, max_forget_score: float | None, min
     if not check.passed:
         stamp.update({"rr.promotion_forced": "true", "rr.promotion_reason": reason.strip(),
                       "rr.promotion_failed_gates": "; ".join(line for line in check.lines if "FAIL" in line)})
-    for key, value in stamp.items():
-        client.set_model_version_tag(name, str(version), key, value)
-    client.set_registered_model_alias(name, CHAMPION, str(version))
+    with registry_errors(client, f"promoting {name} version {version}"):
+        for key, value in stamp.items():
+            client.set_model_version_tag(name, str(version), key, value)
+        client.set_registered_model_alias(name, CHAMPION, str(version))
     return check.lines
 
 
@@ -106,14 +165,18 @@ def list_versions(client, name: str) -> list[dict]:
 
     try:
         aliases = client.get_registered_model(name).aliases or {}
-    except MlflowException:
-        raise RRError(f"no registered model {name!r} at {client.tracking_uri}; a finished job with tracking.enabled "
+    except MlflowException as error:
+        if _is_connection_failure(error):
+            raise _unreachable(client, error) from None
+        raise RegistryError(f"no registered model {name!r} at {client.tracking_uri}; a finished job with tracking.enabled "
                       "registers one (the name is tracking.registered_model_name, default the job's name)") from None
     by_version: dict[str, list[str]] = {}
     for alias, version in aliases.items():
         by_version.setdefault(str(version), []).append(alias)
     rows = []
-    for mv in client.search_model_versions(f"name = '{name}'"):
+    with registry_errors(client, f"listing the versions of {name}"):
+        versions = client.search_model_versions(f"name = '{name}'")
+    for mv in versions:
         rows.append({"version": str(mv.version), "aliases": sorted(by_version.get(str(mv.version), [])),
                      "forget_score": mv.tags.get(FORGET_SCORE), "utility_score": mv.tags.get(UTILITY_SCORE),
                      "base_utility_score": mv.tags.get(BASE_UTILITY_SCORE), "run_id": mv.run_id,
