@@ -137,7 +137,7 @@ def test_a_larger_forget_set_requests_more_workers_and_they_are_added(cluster, t
     from rr.job import Job
 
     data = yaml.safe_load((ROOT / "configs" / "ci.yaml").read_text())
-    data.update(output_dir=str(tmp_path / "job"), tracking={"enabled": False})
+    data["output_dir"] = str(tmp_path / "job")  # tracking as ci.yaml has it: on, a sqlite store in the job dir
     data["compute"] = {"executor": "ray", "generator_replicas": 1, "trainer_workers": 1, "max_trainer_workers": 3,
                        "examples_per_trainer": 10, "replica_num_cpus": 1, "threads_per_replica": 1, "threads": 1}
     job = Job(JobConfig.model_validate(data))

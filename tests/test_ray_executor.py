@@ -1,10 +1,10 @@
 """The Ray executor against the in-process one on the real embedded model: same answers from 2 replicas (greedy,
-sampled, composed), a replica killed mid-call loses and duplicates nothing, the weight search runs as Tune
-trials on the shared pool and stops once decided, and a PEM trained on Ray Train equals the in-process one."""
+sampled, composed), a replica killed mid-call loses and duplicates nothing, the release loop's weight search
+(the real loop and code task, tracking on) runs as Tune trials on the shared pool, scores as in-process and stops
+once decided, and a PEM trained on Ray Train equals the in-process one."""
 
 import os
 import signal
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -18,7 +18,8 @@ ray = pytest.importorskip("ray")
 from rr.config import JobConfig  # noqa: E402
 from rr.execution.local import LocalExecutor  # noqa: E402
 from rr.release.ledger import Pem, WeightedPem  # noqa: E402
-from rr.tasks.base import Evaluation, Example, SamplingParams  # noqa: E402
+from rr.release.loop import ReleaseLoop, ReleaseState  # noqa: E402
+from rr.tasks.base import Example, SamplingParams  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -30,9 +31,10 @@ PROMPTS = ["Write a Python function that adds two numbers.", "What is 17 + 25?",
 
 def ci_config(tmp_path, **compute) -> JobConfig:
     data = yaml.safe_load((ROOT / "configs" / "ci.yaml").read_text())
-    data["output_dir"] = str(tmp_path / "job")
-    data["tracking"] = {"enabled": False}
+    data["output_dir"] = str(tmp_path / "job")  # tracking as ci.yaml has it: on, a sqlite store in the job dir
     data["generation"] = {"batch_size": 3}  # several batches per call, so both replicas take some
+    # Smaller validation split than ci.yaml's: each searched weight is scored on Ray and again in-process.
+    data["task"].update(n_validation=2, n_arithmetic_validation=3, max_new_tokens=64)
     data["compute"] = {"threads": 2, **compute}
     return JobConfig.model_validate(data)
 
@@ -45,8 +47,6 @@ def ray_job(tmp_path_factory):
     os.environ["RAY_worker_niceness"] = "0"  # Ray nices workers by default; these are the test's compute
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
              _temp_dir=tempfile.mkdtemp(prefix="rr-ray-", dir="/tmp"))
-    # The test module's classes (FakeTask) travel to Tune trials by value: workers cannot import tests/.
-    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
     # Replicas use the in-process run's thread count: CPU kernels may sum in another order with other counts,
     # which can flip a sampled token at a near-tie (seen with 1 vs 2 threads).
     job = Job(ci_config(tmp_path, executor="ray", generator_replicas=2, replica_num_cpus=0.5, threads_per_replica=2,
@@ -115,29 +115,24 @@ def test_a_killed_replica_is_restarted_and_every_request_answered_once(ray_job, 
     assert after[1]["pid"] == before[1]["pid"]
 
 
-class FakeTask:
-    """Scores a composition by how often its greedy answers mention `def` (a cheap stand-in for pass@1)."""
-
-    def evaluate(self, model, split):
-        answers = model.generate(PROMPTS[:3], SamplingParams(max_new_tokens=10))
-        forget = sum("def" in a[0] for a in answers) / 3
-        return Evaluation(forget, 1.0, {"answers": float(len(answers))})
-
-
-def test_weight_search_is_a_tune_experiment_on_the_shared_pool_that_stops_once_decided(ray_job, local):
+def test_release_loop_weight_search_runs_as_tune_trials_scores_as_in_process_and_stops_once_decided(ray_job, local):
     pem = random_pem(ray_job.model, "search-forget", 1)
     weights = [-0.5, -1.0, -2.0, -4.0, -8.0]
-    seen: dict[float, Evaluation] = {}
+    # The loop as run_release builds it: its callbacks close over the job (tracker, models, Ray executor).
+    loop = ReleaseLoop(ray_job, [], progress=lambda message: None, on_step=ray_job.tracker.release_step)
+    loop.state = ReleaseState.load(loop.state_path)
+    cached = loop.state.pending_candidates.setdefault("1", {})
     ray_job.config.compute.parallel_candidates = 2  # two trials at a time: the later ones wait
     try:
-        ray_job.executor.search_weights(FakeTask(), "validation", [], pem, weights,
-                                        lambda w, e: seen.__setitem__(w, e), lambda: len(seen) >= 2)
+        chosen = loop.evaluate_candidates(pem, weights, cached, lambda prefix: len(prefix) >= 2)
     finally:
         ray_job.config.compute.parallel_candidates = None
-    assert 2 <= len(seen) < len(weights), "the experiment did not stop once decided"
-    assert set(seen) <= set(weights[:4])
-    for weight, evaluation in seen.items():  # each trial scored its own composition on the replicas
-        assert evaluation.forget_score == FakeTask().evaluate(local._handle([WeightedPem(pem, weight)]), "x").forget_score
+    assert [c.weight for c in chosen] == [0.5, 1.0]
+    assert 2 <= len(cached) < len(weights), "the experiment did not stop once decided"
+    assert ReleaseState.load(loop.state_path).pending_candidates["1"] == cached, "results were not checkpointed"
+    for weight in (-0.5, -1.0):  # each trial scored its own composition, as the in-process executor does
+        evaluation = local.evaluate(ray_job.task, "validation", [WeightedPem(pem, weight)])
+        assert cached[repr(weight)] == [evaluation.forget_score, evaluation.utility_score]
     trials = list((ray_job.dir / "ray" / "tune").glob("search-forget-*/*"))
     assert trials, "no Tune experiment was written under the job dir"
 

@@ -1,6 +1,8 @@
-"""CI's Ray job: a local Ray head, `ray job submit` of ray_jobs/release.py on configs/ci.yaml with 2 generator
-replicas, SUCCEEDED, its outputs checked, and the same forget set and chosen weights as the in-process executor
-(same seed, same results: per-request seeds, greedy scoring, batches identical on any replica)."""
+"""CI's Ray job, run as README "On Ray" says: a token-authenticated head on loopback, then `ray job submit` of
+ray_jobs/reveal.py, release.py and evaluate.py on configs/ci.yaml unchanged but for --output. Each SUCCEEDED; the
+job wrote its ledger, one MLflow run and a registered model in its sqlite store; the Ray evaluation of the ledger
+equals the in-process one; and the finished job, resubmitted with MLFLOW_TRACKING_URI in its runtime env,
+records to an `mlflow server`."""
 
 import json
 import os
@@ -16,13 +18,14 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-import yaml
 
 pytest.importorskip("ray")
 
 ROOT = Path(__file__).resolve().parents[1]
+CONFIG = "configs/ci.yaml"  # the shipped file, as a user passes it from the checkout (--working-dir .)
 pytestmark = pytest.mark.slow
 TOLERANCE = 1e-9  # scores are counts over the same greedy answers: no batching differences are expected
+TOKEN = secrets.token_hex(16)
 
 
 def free_port() -> int:
@@ -31,34 +34,27 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def write_config(path: Path, **compute) -> Path:
-    data = yaml.safe_load((ROOT / "configs" / "ci.yaml").read_text())
-    data["tracking"] = {"enabled": False}
-    data["release"]["baseline_single_negation"] = False  # driver-side work, the same under both executors
-    data["compute"] = {"threads": 2, **compute}
-    path.write_text(yaml.safe_dump(data))
-    return path
-
-
-TOKEN = secrets.token_hex(16)
-
-
 def auth_env() -> dict:
-    return dict(os.environ, RAY_worker_niceness="0", RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=TOKEN)
+    # README: `export RAY_AUTH_MODE=token RAY_AUTH_TOKEN=...` for the head and every client.
+    return dict(os.environ, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=TOKEN)
+
+
+def _json(path: Path):
+    return json.loads(path.read_text())
 
 
 @pytest.fixture(scope="module")
 def ray_head():
-    """`ray start --head --block` on loopback; SIGTERM to it stops exactly this head's processes."""
+    """README's `ray start --head --node-ip-address 127.0.0.1 --dashboard-host 127.0.0.1 --num-cpus 2`, with its
+    own ports and temp dir (other Ray heads and local Rays, which take the job agent's default port 52365, may run
+    on this machine) and --block, so SIGTERM stops exactly it."""
     port, dashboard = free_port(), free_port()
     temp_dir = tempfile.mkdtemp(prefix="rr-ray-", dir="/tmp")
-    # Ray ≥ 2.59 turns token authentication on for local clusters: give this head its own token, and every
-    # client below (the probe, `ray job submit`, `ray job status`) the same one.
-    env = auth_env()
-    head = subprocess.Popen(["ray", "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(port),
-                             "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard), "--num-cpus", "2",
-                             "--temp-dir", temp_dir, "--disable-usage-stats"],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    head = subprocess.Popen(["ray", "start", "--head", "--node-ip-address", "127.0.0.1", "--dashboard-host",
+                             "127.0.0.1", "--num-cpus", "2", "--block", "--port", str(port), "--dashboard-port",
+                             str(dashboard), "--dashboard-agent-listen-port", str(free_port()), "--ray-client-server-port",
+                             str(free_port()), "--temp-dir", temp_dir, "--disable-usage-stats"],
+                            env=auth_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     address = f"http://127.0.0.1:{dashboard}"
     deadline = time.time() + 180
     while True:
@@ -82,58 +78,141 @@ def ray_head():
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-@pytest.fixture(scope="module")
-def two_jobs(ray_head, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("submit")
-    local_dir, ray_dir = tmp / "local", tmp / "ray"
-    local = subprocess.run([sys.executable, "-m", "rr.cli", "run", "--config",
-                            str(write_config(tmp / "local.yaml")), "--output", str(local_dir)],
-                           cwd=ROOT, capture_output=True, text=True, timeout=2400)
-    assert local.returncode == 0, local.stderr[-3000:]
-    # Arms are decoded on the driver under either executor (the same code): reuse them, not the executor's work.
-    (ray_dir / "reveal").mkdir(parents=True)
-    shutil.copy(local_dir / "reveal" / "arms.npz", ray_dir / "reveal" / "arms.npz")
-    # threads_per_replica as the in-process run's threads: CPU kernels sum in the same order
-    config = write_config(tmp / "ray.yaml", executor="ray", generator_replicas=2, replica_num_cpus=0.5,
-                          threads_per_replica=2, trainer_num_cpus=1)
-    submission = f"rr-ci-{os.getpid()}"
-    submit = subprocess.run(["ray", "job", "submit", "--address", ray_head, "--working-dir", str(ROOT),
-                             "--submission-id", submission, "--", "python", "ray_jobs/release.py",
-                             "--config", str(config), "--output", str(ray_dir)],
-                            cwd=ROOT, capture_output=True, text=True, timeout=2400, env=auth_env())
-    status = subprocess.run(["ray", "job", "status", "--address", ray_head, submission],
+def submit(address: str, script: str, job_dir: Path, *extra: str, runtime_env: dict | None = None) -> dict:
+    """`ray job submit --address … --working-dir . -- python ray_jobs/SCRIPT --config configs/ci.yaml --output
+    DIR`, then `ray job status` of that submission."""
+    submission = f"rr-ci-{Path(script).stem}-{secrets.token_hex(4)}"
+    command = ["ray", "job", "submit", "--address", address, "--working-dir", ".", "--submission-id", submission]
+    if runtime_env:
+        command += ["--runtime-env-json", json.dumps(runtime_env)]
+    command += ["--", "python", script, "--config", CONFIG, "--output", str(job_dir), *extra]
+    for _ in range(60):
+        result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=2400, env=auth_env())
+        # A fresh head answers before its job agent is up; nothing was submitted then: submit again.
+        if "No available agent to submit job" not in result.stderr:
+            break
+        time.sleep(2)
+    status = subprocess.run(["ray", "job", "status", "--address", address, submission],
                             capture_output=True, text=True, timeout=120, env=auth_env())
-    return {"local": local_dir, "ray": ray_dir, "submit": submit, "status": status}
+    return {"submit": result, "status": status, "log": (result.stdout + result.stderr)[-6000:]}
 
 
-def _json(path: Path):
-    return json.loads(path.read_text())
-
-
-def test_submitted_release_job_succeeds_and_writes_its_outputs(two_jobs):
-    submit, status = two_jobs["submit"], two_jobs["status"]
-    assert submit.returncode == 0, (submit.stdout + submit.stderr)[-4000:]
+def assert_succeeded(run: dict) -> None:
+    assert run["submit"].returncode == 0, run["log"]
     # Ray 2.60's CLI prints "Job '<id>' succeeded" (older ones printed the SUCCEEDED state name)
-    assert "succeeded" in status.stdout.lower(), status.stdout + status.stderr
-    job_dir = two_jobs["ray"]
+    assert "succeeded" in run["status"].stdout.lower(), run["status"].stdout + run["status"].stderr
+
+
+@pytest.fixture(scope="module")
+def ray_job(ray_head, tmp_path_factory):
+    job_dir = tmp_path_factory.mktemp("submit") / "ci-ray"
+    runs = {"reveal": submit(ray_head, "ray_jobs/reveal.py", job_dir)}
+    assert_succeeded(runs["reveal"])
+    runs["release"] = submit(ray_head, "ray_jobs/release.py", job_dir)
+    assert_succeeded(runs["release"])
+    runs["evaluate"] = submit(ray_head, "ray_jobs/evaluate.py", job_dir, "--split", "test")
+    return {"dir": job_dir, "address": ray_head, **runs}
+
+
+def test_submitted_stages_on_the_shipped_config_succeed_and_write_the_ledger(ray_job):
+    job_dir = ray_job["dir"]
+    assert_succeeded(ray_job["evaluate"])
+    assert all("executor: ray" in ray_job[stage]["submit"].stdout for stage in ("reveal", "release", "evaluate"))
     assert _json(job_dir / "reveal" / "manifest.json")["size"] > 0
     state = _json(job_dir / "release" / "state.json")
     assert state["finished"] and [s["kind"] for s in state["steps"]][:2] == ["base", "forget"]
-    assert (job_dir / "release" / "summary.md").exists() and (job_dir / "release" / "ledger.json").exists()
+    ledger = _json(job_dir / "release" / "ledger.json")
+    assert [e["merge_weight"] for e in ledger["entries"]] == [s["merge_weight"] for s in state["steps"][1:]]
+    assert (job_dir / "release" / "summary.md").exists()
     assert list((job_dir / "ray" / "tune").iterdir()), "the weight search did not run as a Tune experiment"
     assert list((job_dir / "ray" / "train").iterdir()), "no PEM was trained on Ray Train"
-    assert "executor: ray" in submit.stdout
+    evaluation = _json(job_dir / "evaluation" / "test.json")
+    assert evaluation["ledger_entries"] == len(ledger["entries"])
+    final = state["steps"][-1]["test"]
+    for score in ("forget_score", "utility_score"):
+        assert abs(evaluation[score] - final[score]) <= TOLERANCE
 
 
-def test_ray_and_in_process_executors_give_the_same_forget_set_and_weights(two_jobs):
-    local, on_ray = two_jobs["local"], two_jobs["ray"]
-    records = lambda d: [json.loads(line) for line in (d / "reveal" / "forget_set.jsonl").read_text().splitlines()]
-    assert records(on_ray) == records(local)
-    assert _json(on_ray / "reveal" / "manifest.json")["sha256"] == _json(local / "reveal" / "manifest.json")["sha256"]
-    steps = lambda d: _json(d / "release" / "state.json")["steps"]
-    assert [(s["kind"], s["merge_weight"], s["rule"]) for s in steps(on_ray)] == \
-        [(s["kind"], s["merge_weight"], s["rule"]) for s in steps(local)]
-    for mine, theirs in zip(steps(on_ray), steps(local)):
-        for split in ("validation", "test"):
-            for score in ("forget_score", "utility_score"):
-                assert abs(mine[split][score] - theirs[split][score]) <= TOLERANCE
+def test_submitted_job_records_one_mlflow_run_and_a_registered_model_in_its_sqlite_store(ray_job):
+    from mlflow import MlflowClient
+
+    job_dir = ray_job["dir"]
+    uri = f"sqlite:///{job_dir / 'mlflow.db'}"
+    assert all(not p.read_text() for p in (job_dir / "tracking").glob("store-*/outbox.jsonl")), "records left unsent"
+    client = MlflowClient(uri, registry_uri=uri)
+    runs = client.search_runs([client.get_experiment_by_name("rr").experiment_id])
+    top = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert len(top) == 1 and top[0].info.status == "FINISHED", "reveal.py and release.py must make one run"
+    steps = _json(job_dir / "release" / "state.json")["steps"]
+    curve = sorted((m.step, m.value) for m in client.get_metric_history(top[0].info.run_id, "test/forget_score"))
+    assert curve == [(s["step"], s["test"]["forget_score"]) for s in steps]
+    assert top[0].data.params["compute.executor"] == "ray"
+    version = client.get_model_version_by_alias("ci-code", "candidate")
+    assert float(version.tags["rr.forget_score"]) == steps[-1]["test"]["forget_score"]
+
+
+def test_ray_evaluation_of_the_ledger_equals_the_in_process_one(ray_job, tmp_path):
+    job_dir = ray_job["dir"]
+    local = subprocess.run([sys.executable, "-m", "rr.cli", "eval", "--config", CONFIG, "--output",
+                            str(tmp_path / "local"), "--ledger", str(job_dir / "release" / "ledger.json"),
+                            "--split", "test"], cwd=ROOT, capture_output=True, text=True, timeout=1200)
+    assert local.returncode == 0, local.stderr[-3000:]
+    in_process, on_ray = json.loads(local.stdout), _json(job_dir / "evaluation" / "test.json")
+    for score in ("forget_score", "utility_score"):
+        assert abs(on_ray[score] - in_process[score]) <= TOLERANCE, (score, on_ray, in_process)
+
+
+class MlflowServer:
+    """`mlflow server --host 127.0.0.1 --port P --backend-store-uri sqlite:///…` in a session of its own."""
+
+    def __init__(self, root: Path):
+        self.root, self.port = root, free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.log = open(root / "mlflow-server.log", "ab")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port),
+             "--backend-store-uri", f"sqlite:///{root / 'server.db'}", "--artifacts-destination",
+             str(root / "artifacts"), "--workers", "1"],
+            stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.time() + 180
+        while True:
+            try:
+                with urllib.request.urlopen(f"{self.uri}/health", timeout=2):
+                    return
+            except OSError:
+                if self.process.poll() is not None or time.time() > deadline:
+                    self.stop()
+                    raise RuntimeError(f"mlflow server: {(root / 'mlflow-server.log').read_text()[-3000:]}")
+                time.sleep(0.5)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)  # the server and its workers
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+        self.log.close()
+
+
+def test_finished_job_resubmitted_with_a_tracking_server_records_its_run_there(ray_job, tmp_path):
+    from mlflow import MlflowClient
+
+    server = MlflowServer(tmp_path)
+    try:
+        # README: the driver of `ray job submit` gets its environment from the runtime env, not the client's shell.
+        run = submit(ray_job["address"], "ray_jobs/release.py", ray_job["dir"],
+                     runtime_env={"env_vars": {"MLFLOW_TRACKING_URI": server.uri}})
+        assert_succeeded(run)
+        client = MlflowClient(server.uri)
+        runs = client.search_runs([client.get_experiment_by_name("rr").experiment_id])
+        top = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+        assert len(top) == 1 and top[0].info.status == "FINISHED"
+        steps = _json(ray_job["dir"] / "release" / "state.json")["steps"]
+        curve = sorted((m.step, m.value) for m in client.get_metric_history(top[0].info.run_id, "test/forget_score"))
+        assert curve == [(s["step"], s["test"]["forget_score"]) for s in steps]
+        version = client.get_model_version_by_alias("ci-code", "candidate")
+        assert float(version.tags["rr.forget_score"]) == steps[-1]["test"]["forget_score"]
+    finally:
+        server.stop()

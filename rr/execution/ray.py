@@ -18,10 +18,12 @@ import logging
 import os
 import tempfile
 import time
+import uuid
 from pathlib import Path
 from typing import Callable, Sequence
 
 import ray
+import ray.util.client
 
 from rr.errors import RRError
 from rr.execution.base import Composition, sized
@@ -341,7 +343,7 @@ def _train_worker(config: dict) -> None:
 
 
 class _CandidateStopper:
-    """Tune's experiment stopper: hands each trial's result to the loop as it arrives and stops the
+    """Tune's experiment stopper, driver side: hands each trial's result to the loop as it arrives and stops the
     experiment once the weight rule is decided (larger weights cannot change the choice)."""
 
     def __init__(self, on_result: Callable[[float, Evaluation], None], decided: Callable[[], bool]):
@@ -358,17 +360,36 @@ class _CandidateStopper:
         return self.decided()
 
 
-def _as_tune_stopper(stopper: _CandidateStopper):
+# The weight searches running in this driver, by id. Tune pickles its stopper (tuner.pkl, the experiment state),
+# and the loop's callbacks close over the job (its tracker, models, executor): so the stopper Tune holds carries
+# only the id, and the callbacks stay here, in the process whose Tune controller calls them.
+_SEARCHES: dict[str, _CandidateStopper] = {}
+
+
+def _search(search_id: str) -> _CandidateStopper:
+    try:
+        return _SEARCHES[search_id]
+    except KeyError:
+        raise RRError(f"weight search {search_id}: its Tune controller runs in another process than the driver "
+                      "that started it; run the job with `ray job submit` or compute.ray_address 'auto' "
+                      "(not a ray:// client address)") from None
+
+
+def _as_tune_stopper(search_id: str):
+    """A ray.tune Stopper that holds nothing but `search_id` (ray.tune is imported only when a search runs)."""
     from ray.tune import Stopper
 
     class CandidateStopper(Stopper):
+        def __init__(self, search_id: str):
+            self.search_id = search_id
+
         def __call__(self, trial_id, result):
-            return stopper(trial_id, result)
+            return _search(self.search_id)(trial_id, result)
 
         def stop_all(self):
-            return stopper.stop_all()
+            return _search(self.search_id).stop_all()
 
-    return CandidateStopper()
+    return CandidateStopper(search_id)
 
 
 # ---- the executor (driver side) ------------------------------------------------------------------------------
@@ -497,6 +518,10 @@ class RayExecutor:
         """A Tune experiment, one trial per candidate weight (smallest magnitude first), in parallel."""
         from ray import tune
 
+        if ray.util.client.ray.is_connected():  # Tune would run its controller in an actor, away from the loop
+            raise RRError(f"compute.ray_address={self.compute.ray_address!r}: the weight search cannot run through "
+                          "a Ray client (ray://) connection; submit the job with `ray job submit`, or use 'auto' "
+                          "on a cluster node")
         base_key = self._key(composition)
         self._key([*composition, WeightedPem(pem, 0.0)])  # the pool learns the new PEM once
         ordered = sorted(signed_weights, key=abs)
@@ -505,14 +530,19 @@ class RayExecutor:
         # Trials wait on the shared pool: they hold a little memory, not the replicas' CPUs or GPUs.
         resources = {"cpu": self.compute.candidate_num_cpus} if self.compute.candidate_num_cpus else \
             {"cpu": 0, "memory": 2**28}
-        tuner = tune.Tuner(
-            tune.with_resources(trainable, resources),
-            param_space={"weight": tune.grid_search(ordered)},
-            tune_config=tune.TuneConfig(max_concurrent_trials=self.compute.parallel_candidates or len(ordered)),
-            run_config=tune.RunConfig(name=f"{pem.name}-{time.strftime('%Y%m%d-%H%M%S')}", verbose=0,
-                                      storage_path=str(self.job.dir / "ray" / "tune"),
-                                      stop=_as_tune_stopper(_CandidateStopper(on_result, decided))))
-        results = tuner.fit()
+        name = f"{pem.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        search_id = f"{name}-{uuid.uuid4().hex[:8]}"
+        _SEARCHES[search_id] = _CandidateStopper(on_result, decided)
+        try:
+            tuner = tune.Tuner(
+                tune.with_resources(trainable, resources),
+                param_space={"weight": tune.grid_search(ordered)},
+                tune_config=tune.TuneConfig(max_concurrent_trials=self.compute.parallel_candidates or len(ordered)),
+                run_config=tune.RunConfig(name=name, verbose=0, storage_path=str(self.job.dir / "ray" / "tune"),
+                                          stop=_as_tune_stopper(search_id)))
+            results = tuner.fit()
+        finally:
+            _SEARCHES.pop(search_id, None)
         failed = [r.error for r in results if r.error is not None and not decided()]
         if failed:
             raise RRError(f"weight search {pem.name}: {len(failed)} trial(s) failed; the first: {failed[0]}")
