@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import json
+import shutil
 from dataclasses import asdict
 from typing import Callable
 
@@ -63,6 +64,16 @@ def method_settings(job, config: CompareConfig, family: str) -> dict:
     return blocks.get(family, job.config.release).model_dump(mode="json")
 
 
+def start_method_dir(job, name: str, inputs: dict) -> None:
+    """compare/<method>/ before a method (re)starts: what a killed run of it left (a trained PEM, scored
+    candidates) is resumed only when it was made from the same data and settings; otherwise it is removed,
+    so a method never reuses a PEM trained on another forget set. inputs.json says what the folder is for."""
+    out_dir = job.dir / "compare" / name
+    if job.read_json(f"compare/{name}/inputs.json") != inputs and out_dir.exists():
+        shutil.rmtree(out_dir)  # rr made it (compare/<method>/ of this job)
+    job.write_json(f"compare/{name}/inputs.json", inputs)
+
+
 def run_compare(job, progress: Callable[[str], None] = print) -> dict:
     """Runs (or resumes) every configured method; returns the summary written to compare/summary.json."""
     from rr.evaluation.report import plot_tradeoff, write_compare_table
@@ -70,6 +81,10 @@ def run_compare(job, progress: Callable[[str], None] = print) -> dict:
     config = job.config.compare or CompareConfig()
     data = comparison_data(job, config, progress)
     fingerprint = data_fingerprint(data)
+    if any(get_method(name).family == "rmu" for name in config.methods):
+        from rr.methods.rmu import check_layers
+
+        check_layers(job.model, config.rmu)  # at the start: RMU may run last, after hours of other methods
     rows = []
     for name in config.methods:
         method = get_method(name)
@@ -77,6 +92,7 @@ def run_compare(job, progress: Callable[[str], None] = print) -> dict:
         settings = method_settings(job, config, method.family)
         done = job.read_json(f"compare/{name}/result.json")
         if done is None or done.get("data") != fingerprint or done.get("settings") != settings:
+            start_method_dir(job, name, {"data": fingerprint, "settings": settings})
             progress(f"compare: {name} — {method.summary}")
             module = importlib.import_module(f"rr.methods.{method.family}")
             run: MethodRun = module.run_method(job, method, data, out_dir, progress)

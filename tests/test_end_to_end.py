@@ -1,4 +1,5 @@
-"""The whole job on the real embedded model with configs/ci.yaml, killed twice and resumed (CLI, subprocesses)."""
+"""The whole job on the real embedded model with configs/ci.yaml, killed twice (in a Reveal round, inside the first
+weight search) and resumed (CLI, subprocesses)."""
 
 import json
 import os
@@ -52,9 +53,10 @@ def reveal_round_done(job_dir: Path) -> bool:
     return bool(state) and len(state["evaluations"]) > 0
 
 
-def first_release_step_done(job_dir: Path) -> bool:
+def inside_first_weight_search(job_dir: Path) -> bool:
+    """Step 1's PEM is saved and at least one of its candidate weights is scored, not all."""
     state = _json(job_dir / "release" / "state.json")
-    return bool(state) and len(state["steps"]) >= 2
+    return bool(state) and len(state["steps"]) == 1 and len(state["pending_candidates"].get("1", {})) >= 1
 
 
 @pytest.fixture(scope="module")
@@ -62,9 +64,9 @@ def finished_job(tmp_path_factory):
     job_dir = tmp_path_factory.mktemp("job") / "ci"
     run_until(job_dir, reveal_round_done)
     reveal_before = _json(job_dir / "reveal" / "state.json")
-    run_until(job_dir, first_release_step_done)
+    run_until(job_dir, inside_first_weight_search)
     release_before = _json(job_dir / "release" / "state.json")
-    pem_dir = job_dir / "release" / "pems" / release_before["steps"][1]["pem"]
+    pem_dir = job_dir / "release" / "pems" / "step1-forget"
     pem_mtime = (pem_dir / "adapter_model.safetensors").stat().st_mtime
     result = rr("run", "--config", str(CI_CONFIG), "--output", str(job_dir))
     assert result.returncode == 0, result.stderr[-4000:]
@@ -99,12 +101,34 @@ def test_reveal_resumed_and_wrote_forget_set(finished_job):
         assert some_response not in finished_job["stdout"] + finished_job["stderr"]
 
 
-def test_release_resumed_without_losing_a_step(finished_job):
+def test_release_resumed_inside_the_weight_search_without_rescoring(finished_job):
     job_dir = finished_job["dir"]
     state = _json(job_dir / "release" / "state.json")
-    before = finished_job["release_before"]["steps"]
-    assert state["steps"][:len(before)] == before, "a step finished before the kill changed or was lost"
+    before = finished_job["release_before"]
+    assert state["steps"][:len(before["steps"])] == before["steps"], "a step finished before the kill changed"
+    # The PEM saved before the kill is reused, and the candidates scored before it keep their scores.
     assert (finished_job["pem_dir"] / "adapter_model.safetensors").stat().st_mtime == finished_job["pem_mtime"]
+    scored = {c["weight"]: [c["forget_score"], c["utility_score"]] for c in state["steps"][1]["candidates"]}
+    for weight, scores in before["pending_candidates"]["1"].items():
+        assert scored[abs(float(weight))] == scores
+    assert state["pending_candidates"] == {}
+
+
+def test_release_took_the_quickstarts_control_flow(finished_job):
+    """ci.yaml's forget grid is too small to forget anything, so step 1 widened it (the quickstart's
+    on_no_candidate: widen), and the loop ended on met targets (stop_when_forget_below) before its last step."""
+    import yaml
+
+    job_dir = finished_job["dir"]
+    grid = yaml.safe_load(CI_CONFIG.read_text())["release"]["forget_weights"]
+    steps = _json(job_dir / "release" / "state.json")["steps"]
+    widened = [c["weight"] for c in steps[1]["candidates"] if c["weight"] not in grid]
+    assert widened and abs(steps[1]["merge_weight"]) in widened, steps[1]["candidates"]
+    summary = _json(job_dir / "release" / "summary.json")
+    assert summary["stopped_reason"].startswith("targets met"), summary["stopped_reason"]
+    assert len(steps) - 1 < 3  # the plan has 3 steps (forget, retain, forget): the last was not needed
+    rows = (job_dir / "release" / "steps.csv").read_text().splitlines()
+    assert len(rows) == 1 + len(steps)
     assert state["finished"]
     kinds = [s["kind"] for s in state["steps"]]
     assert kinds[0] == "base" and kinds[1] == "forget"

@@ -59,7 +59,7 @@ def run_method(job, method: Method, data: ReleaseData, out_dir: Path, progress: 
     pems = {}
     for kind, examples, name in (("retain", data.retain, "expert"), ("forget", data.forget, "anti_expert")):
         pem_dir = out_dir / name
-        if (pem_dir / "adapter_model.safetensors").exists():
+        if Pem.is_saved(pem_dir):  # its marker, not its weights: a kill mid-save retrains
             pems[name] = Pem.load(pem_dir)
         else:
             progress(f"ext-sub: training the {name.replace('_', '-')} LoRA on {len(examples)} {kind} examples")

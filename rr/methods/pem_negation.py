@@ -5,6 +5,7 @@ Training, the weight search and scoring go through the job's executor, as the re
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -16,21 +17,25 @@ from rr.methods import Method, MethodRun, ReleaseData
 
 def run_method(job, method: Method, data: ReleaseData, out_dir: Path, progress: Callable[[str], None]) -> MethodRun:
     from rr.compare import base_scores
-    from rr.release.ledger import Pem, WeightedPem
+    from rr.release.ledger import Pem, WeightedPem, atomic_write
     from rr.release.loop import evaluation_dict
     from rr.release.weights import RULE_FORGET_TARGET, CandidateResult, candidate_grid, choose_forget_weight
 
     config, executor = job.config.release, job.executor
     started = time.perf_counter()
     pem_dir = out_dir / "pem"
-    if (pem_dir / "adapter_model.safetensors").exists():
+    if Pem.is_saved(pem_dir):  # its marker, not its weights: a kill mid-save retrains
         pem = Pem.load(pem_dir)
     else:
         progress(f"pem-negation: training a forget LoRA on {len(data.forget)} {data.source} examples")
         pem = executor.train_pem((), data.forget, config.lora, "pem-negation-forget", "forget", pem_dir,
                                  seed=job.config.seed + 1)  # the seed of the release stage's first forget PEM
     base = base_scores(job, "validation")
-    results: dict[float, CandidateResult] = {}
+    # Scores kept as they are made, so a killed compare resumes the search (compare clears the folder when
+    # the data or settings change).
+    scored_path = out_dir / "candidates.json"
+    results: dict[float, CandidateResult] = {
+        r["weight"]: CandidateResult(**r) for r in (json.loads(scored_path.read_text()) if scored_path.exists() else [])}
 
     def choose():
         return choose_forget_weight(sorted(results.values(), key=lambda r: r.weight), base["forget_score"],
@@ -39,6 +44,8 @@ def run_method(job, method: Method, data: ReleaseData, out_dir: Path, progress: 
     def on_result(signed_weight: float, evaluation) -> None:
         results[abs(signed_weight)] = CandidateResult(abs(signed_weight), evaluation.forget_score,
                                                       evaluation.utility_score)
+        atomic_write(scored_path, lambda tmp: Path(tmp).write_text(
+            json.dumps([asdict(r) for _, r in sorted(results.items())])))
         progress(f"  pem-negation {signed_weight:+g}: forget {evaluation.forget_score:.3f}, "
                  f"utility {evaluation.utility_score:.3f}")
 

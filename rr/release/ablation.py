@@ -37,13 +37,17 @@ def external_examples(job) -> list[Example]:
 
 def matched_negation(job, pem: Pem, target_forget_score: float, progress: Callable[[str], None],
                      known: dict[float, tuple[float, float]] | None = None,
-                     known_test: dict[float, dict] | None = None) -> dict:
+                     known_test: dict[float, dict] | None = None, checkpoint: str | None = None) -> dict:
     """Smallest weight magnitude (grid widened once) whose validation forget score reaches the target.
 
     `known` maps magnitudes already scored for this PEM on the base model (validation forget and
     utility scores) so they are not evaluated again; `known_test` likewise maps magnitudes to test-split
-    evaluations already made (Release step 1 scored base − μ0·F0 on the test split)."""
+    evaluations already made (Release step 1 scored base − μ0·F0 on the test split). With `checkpoint`
+    (a path in the job directory) every new score is kept there as it is made, so a killed search resumes
+    with the next candidate."""
     known = dict(known or {})
+    if checkpoint is not None:
+        known.update({float(m): (f, u) for m, f, u in (job.read_json(checkpoint) or [])})
     composed = ComposedModel(job.model)
     composed.append(pem, 0.0)
     tried, chosen = [], None
@@ -56,6 +60,8 @@ def matched_negation(job, pem: Pem, target_forget_score: float, progress: Callab
                 composed.set_weight(-1, -magnitude)
                 evaluation = job.task.evaluate(job.generator, "validation")
                 known[magnitude] = (evaluation.forget_score, evaluation.utility_score)
+                if checkpoint is not None:
+                    job.write_json(checkpoint, [[m, f, u] for m, (f, u) in sorted(known.items())])
                 progress(f"  {pem.name} −{magnitude:g}: forget {evaluation.forget_score:.3f}, "
                          f"utility {evaluation.utility_score:.3f}")
             forget_score, utility_score = known[magnitude]
@@ -87,7 +93,7 @@ def run_ablation(job, progress: Callable[[str], None] = print) -> dict:
     first = state["steps"][1]
     target = first["validation"]["forget_score"]
     out_dir = job.dir / "release" / "pems" / "external-forget"
-    if (out_dir / "adapter_model.safetensors").exists():
+    if Pem.is_saved(out_dir):  # its marker, not its weights: a kill mid-save retrains
         external_pem = Pem.load(out_dir)
     else:
         examples = external_examples(job)

@@ -107,11 +107,16 @@ class Pem:
         return sum(a.numel() * a.element_size() + b.numel() * b.element_size() for a, b in self.tensors.values())
 
     def save(self, path: str | Path, base_model_name: str | None = None) -> Path:
-        """Write a standard PEFT adapter directory (loadable by PeftModel.from_pretrained and vLLM)."""
+        """Write a standard PEFT adapter directory (loadable by PeftModel.from_pretrained and vLLM).
+
+        pem.json is the completion marker a resume trusts (`is_saved`): it is removed first and written
+        last, after the config and the weights, so a kill anywhere in between leaves a directory that is
+        retrained, never one that is reused half-written."""
         from peft import LoraConfig
 
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
+        (path / PEM_SIDECAR).unlink(missing_ok=True)
         config = LoraConfig(r=self.rank, lora_alpha=self.alpha, lora_dropout=0.0, bias="none",
                             target_modules=sorted(self.target_modules), task_type="CAUSAL_LM",
                             base_model_name_or_path=base_model_name)
@@ -124,6 +129,13 @@ class Pem:
         sidecar = json.dumps({"name": self.name, "kind": self.kind}, indent=1)
         atomic_write(path / PEM_SIDECAR, lambda tmp: Path(tmp).write_text(sidecar))
         return path
+
+    @staticmethod
+    def is_saved(path: str | Path) -> bool:
+        """Whether `save` finished writing this directory (its marker, pem.json, is written last)."""
+        path = Path(path)
+        return (path / PEM_SIDECAR).is_file() and (path / ADAPTER_WEIGHTS).is_file() and \
+            (path / ADAPTER_CONFIG).is_file()
 
     @classmethod
     def load(cls, path: str | Path, kind: str | None = None) -> "Pem":

@@ -243,7 +243,7 @@ class ReleaseLoop:
 
     def _train_or_load(self, name: str, kind: str) -> Pem:
         out_dir = self.dir / "pems" / name
-        if (out_dir / "adapter_model.safetensors").exists():
+        if Pem.is_saved(out_dir):  # its marker, not its weights: a kill mid-save retrains
             self.progress(f"{name}: reusing the trained adapter in {out_dir}")
             return Pem.load(out_dir)
         if kind == "forget":

@@ -147,10 +147,10 @@ def train_pem(model: nn.Module, tokenizer, examples: Sequence[Example], config: 
     finally:
         # unload puts the original Linears (and their hooks) back
         restore_after_lora(model, train_model, peft_model, requires_grad, was_training, merge=False)
-    pem.save(out_dir)
     log = {"name": name, "kind": kind, "seed": seed, "examples": len(examples), "trained_on": len(encoded),
            "epoch_losses": epoch_losses, "config": config.model_dump()}
     atomic_write(Path(out_dir) / "training.json", lambda tmp: Path(tmp).write_text(json.dumps(log, indent=1)))
+    pem.save(out_dir)  # last: its pem.json marks the directory complete for a resume (Pem.is_saved)
     return pem
 
 

@@ -39,7 +39,7 @@ def single_negation_baseline(job, loop: ReleaseLoop, target_forget_score: float,
     known = {c["weight"]: (c["forget_score"], c["utility_score"]) for c in first.candidates}
     # Step 1's own weight is this very model too, already scored on the test split.
     result = matched_negation(job, Pem.load(loop.dir / "pems" / first.pem), target_forget_score, progress, known,
-                              {abs(first.merge_weight): first.test})
+                              {abs(first.merge_weight): first.test}, checkpoint="release/baseline_candidates.json")
     result["target_forget_score"] = target_forget_score
     job.write_json("release/baseline.json", result)
     return result

@@ -19,6 +19,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from rr.errors import RRError
 from rr.generation.base import request_seed
 from rr.reveal.bandit import NeuralUCB
 from rr.reveal.diversity import RunningGram, vendi_score
@@ -65,26 +66,43 @@ class RevealState:
     best_instructions: list[str] = field(default_factory=list)
     finished: bool = False
     finals: list[ArmEvaluation] = field(default_factory=list)  # finalists scored on every context (finalists > 1)
+    n_records: int | None = None  # how many forget_set.jsonl lines this state covers (None: a job saved before it)
 
 
 class RevealCheckpoint:
-    """The reveal/ folder of a job: state.json, gram.npz, forget_set.jsonl (owner-only)."""
+    """The reveal/ folder of a job: state.json, forget_set.jsonl, the Gram matrix and the bandit (owner-only).
+
+    state.json is the marker a resume trusts, written last. The records it covers are its first
+    `n_records` lines of forget_set.jsonl; the Gram matrix and the bandit it goes with are named by what
+    they hold (gram-<records>.npz, bandit-<loop>-<round>.json), so a kill after they are written but before
+    the state leaves the state's own files in place, not newer ones it would mix with an older state."""
 
     def __init__(self, directory: Path):
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         os.chmod(self.directory, 0o700)
         self.state_path = self.directory / "state.json"
-        self.gram_path = self.directory / "gram.npz"
         self.records_path = self.directory / "forget_set.jsonl"
-        self.bandit_path = self.directory / "bandit.json"
+        # A job saved before the files were named by content: one Gram and one bandit file, trusted as they are.
+        self.legacy_gram_path = self.directory / "gram.npz"
+        self.legacy_bandit_path = self.directory / "bandit.json"
 
-    def load_bandit(self, outer_loop: int) -> dict | None:
-        """The bandit's state (observations and U) if it belongs to this outer loop."""
-        if not self.bandit_path.exists():
-            return None
-        saved = json.loads(self.bandit_path.read_text())
-        if saved["outer_loop"] != outer_loop:
+    def gram_path(self, n_records: int) -> Path:
+        return self.directory / f"gram-{n_records}.npz"
+
+    def bandit_path(self, outer_loop: int, round_index: int) -> Path:
+        return self.directory / f"bandit-{outer_loop}-{round_index}.json"
+
+    def load_bandit(self, outer_loop: int, round_index: int) -> dict | None:
+        """The bandit's state (observations and U) after `round_index` rounds of this outer loop, if saved."""
+        path = self.bandit_path(outer_loop, round_index)
+        if path.exists():
+            saved = json.loads(path.read_text())
+        elif self.legacy_bandit_path.exists():
+            saved = json.loads(self.legacy_bandit_path.read_text())
+            if saved["outer_loop"] != outer_loop:
+                return None
+        else:
             return None
         saved["state"]["design_diagonal"] = np.asarray(saved["state"]["design_diagonal"])
         return saved["state"]
@@ -95,23 +113,49 @@ class RevealCheckpoint:
         raw = json.loads(self.state_path.read_text())
         state = RevealState(raw["outer_loop"], raw["round"], [ArmEvaluation(**e) for e in raw["evaluations"]],
                             raw["best_instructions"], raw["finished"],
-                            [ArmEvaluation(**e) for e in raw.get("finals", [])])
-        gram = RunningGram.from_state_dict(dict(np.load(self.gram_path))) if self.gram_path.exists() else RunningGram(dim)
+                            [ArmEvaluation(**e) for e in raw.get("finals", [])], raw.get("n_records"))
         records = [json.loads(line) for line in self.records_path.read_text().splitlines()] \
             if self.records_path.exists() else []
+        if state.n_records is None:  # saved before n_records existed: its files were trusted as they are
+            gram_path = self.legacy_gram_path
+        else:
+            if len(records) < state.n_records:
+                raise RRError(f"{self.records_path} has {len(records)} records but {self.state_path} covers "
+                              f"{state.n_records}: the reveal checkpoint was edited; delete {self.directory} to redo Reveal")
+            records = records[:state.n_records]  # lines a killed save wrote after its state are redone
+            gram_path = self.gram_path(state.n_records)
+        if gram_path.exists():
+            gram = RunningGram.from_state_dict(dict(np.load(gram_path)))
+        elif not records:
+            gram = RunningGram(dim)
+        else:
+            raise RRError(f"{gram_path} is missing for the {len(records)} forget records of {self.state_path}: "
+                          f"delete {self.directory} to redo Reveal")
         return state, gram, records
 
     def save(self, state: RevealState, gram: RunningGram, records: list[dict], bandit: NeuralUCB | None = None) -> None:
-        """Write records, Gram and bandit first, state last, each atomically: a kill leaves a consistent set."""
+        """Records, Gram and bandit first, state last, each atomically: a kill leaves the last saved state
+        with the files it names (see the class docstring)."""
+        state.n_records = len(records)
         _atomic_write(self.records_path, "".join(json.dumps(r) + "\n" for r in records))
+        keep = {self.state_path, self.records_path, self.gram_path(len(records))}
         if bandit is not None:
             bandit_state = bandit.state_dict()
             bandit_state["design_diagonal"] = bandit_state["design_diagonal"].tolist()
-            _atomic_write(self.bandit_path, json.dumps({"outer_loop": state.outer_loop, "state": bandit_state}))
-        tmp = self.gram_path.with_suffix(".tmp.npz")
+            bandit_path = self.bandit_path(state.outer_loop, state.round)
+            _atomic_write(bandit_path, json.dumps({"outer_loop": state.outer_loop, "round": state.round,
+                                                   "state": bandit_state}))
+            keep.add(bandit_path)
+        gram_path = self.gram_path(len(records))
+        tmp = gram_path.with_suffix(".tmp.npz")
         np.savez(tmp, **gram.state_dict())
-        os.replace(tmp, self.gram_path)
+        os.replace(tmp, gram_path)
         _atomic_write(self.state_path, json.dumps(asdict(state), indent=1))
+        # Only now are older Gram and bandit files unreachable from the state.
+        for stale in [*self.directory.glob("gram-*.npz"), *self.directory.glob("bandit-*.json"),
+                      self.legacy_gram_path, self.legacy_bandit_path]:
+            if stale not in keep and stale.exists():
+                stale.unlink()
 
 
 def _atomic_write(path: Path, text: str) -> None:
@@ -218,7 +262,7 @@ class RevealSearch:
         cfg = self.config
         bandit = NeuralUCB(self.arms.features, hidden=cfg.ucb_hidden, reg_lambda=cfg.ucb_lambda, nu=cfg.ucb_nu,
                            train_steps=cfg.ucb_train_steps, seed=self.seed + state.outer_loop)
-        saved = self.checkpoint.load_bandit(state.outer_loop)
+        saved = self.checkpoint.load_bandit(state.outer_loop, state.round)
         if saved is not None:  # resume: observations and the exploration matrix U exactly as they were
             bandit.load_state_dict(saved)
             return bandit
