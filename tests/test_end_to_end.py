@@ -121,7 +121,8 @@ def test_release_took_the_quickstarts_control_flow(finished_job):
 
     job_dir = finished_job["dir"]
     grid = yaml.safe_load(CI_CONFIG.read_text())["release"]["forget_weights"]
-    steps = _json(job_dir / "release" / "state.json")["steps"]
+    state = _json(job_dir / "release" / "state.json")
+    steps = state["steps"]
     widened = [c["weight"] for c in steps[1]["candidates"] if c["weight"] not in grid]
     assert widened and abs(steps[1]["merge_weight"]) in widened, steps[1]["candidates"]
     summary = _json(job_dir / "release" / "summary.json")

@@ -35,8 +35,11 @@ def free_port() -> int:
 
 
 def auth_env() -> dict:
-    # README: `export RAY_AUTH_MODE=token RAY_AUTH_TOKEN=...` for the head and every client.
-    return dict(os.environ, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=TOKEN)
+    # README: `export RAY_AUTH_MODE=token RAY_AUTH_TOKEN=...` for the head and every client. A user's fresh shell has
+    # no MLFLOW_* variables; earlier tests in this process may have left some (MLflow's set_tracking_uri exports
+    # MLFLOW_TRACKING_URI), and the head would hand them to the job, which would then record elsewhere.
+    env = {key: value for key, value in os.environ.items() if not key.startswith("MLFLOW_")}
+    return dict(env, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=TOKEN)
 
 
 def _json(path: Path):
