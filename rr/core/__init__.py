@@ -1,0 +1,1 @@
+"""rr's leaf layer: shared primitives (the prompt type, ...) that import no other rr module."""
