@@ -34,11 +34,12 @@ def is_transient(error: Exception) -> bool:
 
 
 @contextmanager
-def fail_fast_http():
-    """MLflow's own HTTP retries wait minutes before giving up; the outbox has its own backoff, so fail at once."""
-    saved = {k: os.environ.get(k) for k in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")}
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
+def mlflow_http_defaults(defaults: dict[str, str]):
+    """MLflow's HTTP settings (MLFLOW_HTTP_REQUEST_* variables) inside the block, where the user set none; the
+    environment is restored after."""
+    saved = {key: os.environ.get(key) for key in defaults}
+    for key, value in defaults.items():
+        os.environ.setdefault(key, value)
     try:
         yield
     finally:
@@ -47,6 +48,11 @@ def fail_fast_http():
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+def fail_fast_http():
+    """MLflow's own HTTP retries wait minutes before giving up; the outbox has its own backoff, so fail at once."""
+    return mlflow_http_defaults({"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"})
 
 
 class Outbox:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import getpass
 import json
-import os
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -22,20 +21,11 @@ REGISTRY_HTTP_BOUNDS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQ
                         "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "0", "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "0"}
 
 
-@contextmanager
 def bounded_http():
     """MLflow HTTP requests inside this block give up on an unreachable registry within seconds."""
-    saved = {key: os.environ.get(key) for key in REGISTRY_HTTP_BOUNDS}
-    for key, value in REGISTRY_HTTP_BOUNDS.items():
-        os.environ.setdefault(key, value)
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+    from rr.tracking.outbox import mlflow_http_defaults
+
+    return mlflow_http_defaults(REGISTRY_HTTP_BOUNDS)
 
 
 def _first_line(error: Exception, limit: int = 200) -> str:
