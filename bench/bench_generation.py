@@ -32,7 +32,8 @@ def main() -> None:
     from rr.generation.hf import HFGenerator
     from rr.models import load_model_and_tokenizer
     from rr.tasks.base import SamplingParams
-    from rr.tasks.code import CODE_STOP, CodeTask, CodeTaskConfig
+    from rr.tasks.code import CodeTask, CodeTaskConfig
+    from rr.tasks.code_problems import CODE_STOP
 
     model, tokenizer = load_model_and_tokenizer("embedded:smollm2")
     task = CodeTask(CodeTaskConfig(), seed=0)

@@ -170,6 +170,7 @@ def evaluate(config: Optional[Path] = ConfigOption, output: Optional[Path] = Out
     """Score the base model, or base + a ledger, on the config's task."""
     import json
 
+    from rr.evaluation.forms import with_form_report
     from rr.release.ledger import ComposedModel, Ledger
     from rr.release.loop import evaluation_dict
     from rr.tasks.base import SPLITS
@@ -178,6 +179,7 @@ def evaluate(config: Optional[Path] = ConfigOption, output: Optional[Path] = Out
         if split not in SPLITS:
             raise RRError(f"--split {split!r}: choose one of {', '.join(SPLITS)}")
         job = _job(config, output)
+        base = None
         if ledger is not None:
             if not ledger.is_file():
                 raise RRError(f"--ledger {ledger}: no such file; pass JOB_DIR/release/ledger.json")
@@ -185,8 +187,14 @@ def evaluate(config: Optional[Path] = ConfigOption, output: Optional[Path] = Out
             for weighted in Ledger.load(ledger).resolve(ledger.parent):
                 composed.append(weighted.pem, weighted.merge_weight)
         result = evaluation_dict(job.task.evaluate(job.generator, split))
+        if ledger is not None and result.get("forms"):  # per form, against the base model
+            composed.detach()
+            base = evaluation_dict(job.task.evaluate(job.generator, split))
+        result, table = with_form_report(result, base, job.task)
     except RRError as exc:
         _fail(exc)
+    if table:
+        _show(table)  # stderr: stdout is the JSON
     print(json.dumps(result, indent=2))
 
 
@@ -267,7 +275,7 @@ def promote(name: str = typer.Argument(..., help="registered model name"),
         with bounded_http():
             client, gates = _registry(config, tracking_uri)
             lines = promote_version(client, name, version, gates.max_forget_score, gates.min_utility_ratio, force,
-                                    reason)
+                                    reason, gates.max_worst_form_forget_score)
     except RRError as exc:
         _fail(exc)
     for line in lines:

@@ -108,7 +108,8 @@ def run_compare(job, progress: Callable[[str], None] = print) -> dict:
     rows.insert(0, {"method": "base", "test": base_scores(job, "test"), "wall_time_s": None, "details": {}})
     compare_dir = job.dir / "compare"
     title = f"{job.config.task.name}: {job.config.model.name_or_path}"
-    write_compare_table(rows, compare_dir, title, fingerprint)
+    write_compare_table(rows, compare_dir, title, fingerprint, getattr(job.task, "held_out_forms", ()),
+                        getattr(job.task, "form_metric", "hit rate"))
     plot_tradeoff(rows, compare_dir / "tradeoff.png", title)
     summary = {"data": fingerprint, "methods": [r["method"] for r in rows[1:]],
                "rows": [{k: r[k] for k in ("method", "test", "wall_time_s", "details")} for r in rows]}

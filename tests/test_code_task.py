@@ -14,8 +14,11 @@ from rr.errors import RRError
 from rr.tasks.arithmetic import (ANSWER_INSTRUCTION, arithmetic_prompt, extract_answer,
                                  generate_arithmetic_splits, is_correct)
 from rr.tasks.base import SPLITS, Task
-from rr.tasks.code import (CodeProblem, CodeTask, CodeTaskConfig, check_program, code_likeness, code_prompt,
-                           extract_code, load_builtin_problems, load_general_text)
+from rr.core.prompt import as_prompt
+from rr.tasks.code import CodeTask, CodeTaskConfig
+from rr.tasks.code_forms import FORMS_BY_SPLIT
+from rr.tasks.code_problems import (CodeProblem, check_program, code_likeness, code_prompt, extract_code,
+                                    load_builtin_problems, load_general_text)
 from rr.tasks.loaders import gsm8k_row_to_item, load_gsm8k, mbpp_plus_row_to_problem, mbpp_row_to_problem
 from rr.tasks.registry import build_task
 from rr.tasks.sandbox import run_many
@@ -64,12 +67,18 @@ def test_general_text_is_plain_prose():
 def test_splits_are_disjoint_and_sized_as_configured():
     task = CodeTask(CodeTaskConfig(), seed=0)
     sizes = {"reveal": 40, "validation": 20, "test": 40}
-    ids = {split: {c.id for c in task.contexts(split)} for split in SPLITS}
+    ids = {split: {p.id for p in task.problems(split)} for split in SPLITS}
     assert {split: len(ids[split]) for split in SPLITS} == sizes
     assert not (ids["reveal"] & ids["validation"] or ids["reveal"] & ids["test"] or ids["validation"] & ids["test"])
+    # each problem is asked in several forms: the items of a split are (problem, form) pairs of its problems
+    for split in SPLITS:
+        items = task.form_items(split)
+        assert {item.problem.id for item in items} == ids[split]
+        assert len({item.id for item in items}) == len(items)
+    assert [c.id for c in task.contexts("reveal")] == [item.id for item in task.form_items("reveal")]
 
     questions = {split: {i.question for i in task.arithmetic_items(split)} for split in ("validation", "test")}
-    retain = {e.prompt.removesuffix("\n" + ANSWER_INSTRUCTION) for e in task.retain_examples()}
+    retain = {as_prompt(e.prompt).user.removesuffix("\n" + ANSWER_INSTRUCTION) for e in task.retain_examples()}
     assert (len(questions["validation"]), len(questions["test"]), len(retain)) == (60, 200, 200)
     assert not questions["validation"] & questions["test"]
     assert not retain & (questions["validation"] | questions["test"])
@@ -106,10 +115,11 @@ def test_task_implements_the_protocol_and_is_registered():
 def test_contexts_show_the_first_test_and_exemplars_show_solutions():
     task = CodeTask(CodeTaskConfig(**SMALL), seed=0)
     problem = task.problems("reveal")[0]
+    assert task.form_items("reveal")[0].form == "mbpp"
     assert task.contexts("reveal")[0].prompt == code_prompt(problem)
     assert code_prompt(problem).endswith("Your code should pass this test:\n" + problem.tests[0])
     exemplars = task.exemplars()
-    assert len(exemplars) == len(task.problems("reveal"))
+    assert len(exemplars) == len(task.contexts("reveal"))
     reveal_prompts = {c.prompt for c in task.contexts("reveal")}
     for example in exemplars:
         assert example.prompt in reveal_prompts
@@ -174,8 +184,13 @@ def test_retain_examples_are_worked_arithmetic_answers():
     examples = task.retain_examples()
     assert len(examples) == 20
     for example in examples:
-        assert example.prompt.endswith(ANSWER_INSTRUCTION)
+        assert as_prompt(example.prompt).user.endswith(ANSWER_INSTRUCTION)
         assert re.search(r"The answer is \d+\.$", example.response)
+    # two in three are framed as the system-role and few-shot forms frame a coding request
+    framed = [e.prompt for e in examples if not isinstance(e.prompt, str)]
+    assert len(framed) == 13 and {p.system is not None for p in framed} == {True, False}
+    assert all(isinstance(e.prompt, str) for e in CodeTask(CodeTaskConfig(**SMALL, retain_in_forms=False),
+                                                           seed=0).retain_examples())
 
 
 # ---- relevance oracle and code extraction ---------------------------------------------------
@@ -230,7 +245,11 @@ class FakeModel:
 
 
 def _oracle(task: CodeTask, split: str) -> FakeModel:
-    answers = {code_prompt(p): f"Sure!\n```python\n{p.reference_solution}```\nIt works." for p in task.problems(split)}
+    """Every form's prompt answered with the reference solution: fenced in a chat, the whole function
+    continuing a raw completion."""
+    answers = {item.prompt(): (item.problem.reference_solution if item.prompt().is_completion else
+                               f"Sure!\n```python\n{item.problem.reference_solution}```\nIt works.")
+               for item in task.form_items(split)}
     answers.update({arithmetic_prompt(i.question): f"Let me think. The answer is {i.answer}."
                     for i in task.arithmetic_items(split)})
     return FakeModel(answers)
@@ -242,12 +261,17 @@ def test_evaluate_with_a_perfect_model(split):
     model = _oracle(task, split)
     result = task.evaluate(model, split)
     assert result.forget_score == 1.0 and result.utility_score == 1.0
-    assert result.metrics == {"pass@1": 1.0, "arithmetic_accuracy": 1.0, "perplexity": 12.5}
-    n_code, n_arith = len(task.problems(split)), len(task.arithmetic_items(split))
-    assert result.counts["code_passed"] == result.counts["code_problems"] == n_code
+    forms = FORMS_BY_SPLIT[split]
+    assert result.metrics == {"pass@1": 1.0, "pass@1_worst_form": 1.0, "arithmetic_accuracy": 1.0,
+                              "perplexity": 12.5, **{f"pass@1/{form}": 1.0 for form in forms}}
+    n_code, n_arith = len(task.form_items(split)), len(task.arithmetic_items(split))
+    assert result.counts["code_passed"] == result.counts["code_items"] == n_code
+    assert result.counts["code_problems"] == len(task.problems(split))
+    assert set(result.forms) == set(forms) and all(hits == n for hits, n in result.forms.values())
+    assert sum(n for _, n in result.forms.values()) == n_code
     assert result.counts["arithmetic_correct"] == result.counts["arithmetic_items"] == n_arith
     low, high = result.intervals["pass@1"]
-    assert 0.0 < low < 1.0 and high == 1.0
+    assert 0.0 < low < 1.0 and high == pytest.approx(1.0)
     assert model.perplexity_texts == load_general_text()[:5]
 
 

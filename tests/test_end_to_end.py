@@ -153,6 +153,29 @@ def test_reports_written(finished_job):
     assert "Wilson" in (release_dir / "summary.md").read_text()
 
 
+def test_release_summary_writes_the_per_form_table(finished_job):
+    """Every form of the test split (held-out forms included) has a row for base, rr and the single negation;
+    the per-form rates add up to the test items the task graded."""
+    from rr.tasks.code_forms import CODE_FORMS, HELD_OUT_FORMS
+
+    release_dir = finished_job["dir"] / "release"
+    summary = _json(release_dir / "summary.json")
+    forms = summary["forms"]
+    assert [row["form"] for row in forms["rows"]] == list(CODE_FORMS)
+    assert forms["models"] == ["base", "rr", "single negation"] and forms["held_out_forms"] == list(HELD_OUT_FORMS)
+    for name, evaluation in (("base", summary["base"]), ("rr", summary["final"])):
+        assert sum(row[name]["items"] for row in forms["rows"]) == evaluation["counts"]["code_items"]
+        assert sum(row[name]["hits"] for row in forms["rows"]) == evaluation["counts"]["code_passed"]
+        for row in forms["rows"]:
+            assert row[name]["rate"] == evaluation["metrics"][f"pass@1/{row['form']}"]
+    markdown = (release_dir / "summary.md").read_text()
+    assert "## Per form" in markdown
+    for form in HELD_OUT_FORMS:
+        assert f"| {form} | yes |" in markdown
+    assert "pass@1/" not in (release_dir / "steps.csv").read_text().splitlines()[0]  # forms: their own table
+    assert "general_check" in summary["final"]["metrics"] and "general_check" in markdown
+
+
 def test_export_adapter_loads_in_peft(finished_job, tmp_path):
     result = rr("export", "--run", str(finished_job["dir"]), "--adapter", str(tmp_path / "adapter"))
     assert result.returncode == 0, result.stderr[-3000:]
@@ -189,6 +212,7 @@ def test_compare_runs_methods_on_the_same_forget_set(finished_job, tmp_path):
     for name in rows:
         assert f"| {name} |" in table
     assert "Wilson" in table and "pass@1" in table
+    assert "## Per form" in table and "| casual | yes |" in table
     assert len((compare_dir / "table.csv").read_text().splitlines()) == 1 + len(rows)
     assert (compare_dir / "tradeoff.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     results = {name: (compare_dir / name / "result.json").stat().st_mtime for name in summary["methods"]}

@@ -14,7 +14,8 @@ import pytest
 import yaml
 
 from rr.core.prompt import Prompt, Turn
-from rr.tasks.code import CodeProblem, CodeTask, CodeTaskConfig, load_builtin_problems
+from rr.tasks.code import CodeTask, CodeTaskConfig
+from rr.tasks.code_problems import CodeProblem, load_builtin_problems
 from rr.tasks.code_forms import (CODE_FORMS, COMPLETION_STOP, DEVELOPMENT_FORMS, FEW_SHOT_EXAMPLES, FORMS_BY_SPLIT,
                                  HELD_OUT_FORMS, form_items, items_per_form, problem_parts, program_from_completion)
 
@@ -39,21 +40,34 @@ def reference_body(problem: CodeProblem) -> str:
 
 # ---- the form split -------------------------------------------------------------------------
 
+def _one_user_turn(form: str) -> bool:
+    prompt = CODE_FORMS[form].prompt(load_builtin_problems()[0])
+    return not prompt.is_completion and len(prompt.messages) == 1
+
+
 def test_form_split_is_disjoint_covers_every_form_and_holds_out_at_least_three():
     assert len(CODE_FORMS) >= 8
     assert not set(DEVELOPMENT_FORMS) & set(HELD_OUT_FORMS)
     assert set(DEVELOPMENT_FORMS) | set(HELD_OUT_FORMS) == set(CODE_FORMS)
     assert len(HELD_OUT_FORMS) >= 3
-    assert FORMS_BY_SPLIT["reveal"] == FORMS_BY_SPLIT["validation"] == DEVELOPMENT_FORMS
+    assert FORMS_BY_SPLIT["validation"] == DEVELOPMENT_FORMS
+    # Reveal's contexts are one user turn each: the development forms that are one (no system, shots or raw text)
+    assert set(FORMS_BY_SPLIT["reveal"]) <= set(DEVELOPMENT_FORMS)
+    assert FORMS_BY_SPLIT["reveal"] == tuple(name for name in DEVELOPMENT_FORMS if _one_user_turn(name))
     assert set(FORMS_BY_SPLIT["test"]) == set(CODE_FORMS)
 
 
 def test_held_out_forms_never_reach_reveal_or_validation_items(quickstart_task):
     for split in ("reveal", "validation"):
-        items = form_items(quickstart_task.problems(split), split)
-        assert {item.form for item in items} == set(DEVELOPMENT_FORMS), split
+        items = quickstart_task.form_items(split)  # what Reveal answers and the weight search scores
+        assert {item.form for item in items} == set(FORMS_BY_SPLIT[split]), split
         assert not {item.form for item in items} & set(HELD_OUT_FORMS)
         assert {item.problem.id for item in items} == {p.id for p in quickstart_task.problems(split)}
+    # Reveal's contexts (and so the forget set, which pairs them with answers) are those items' prompts
+    contexts = quickstart_task.contexts("reveal")
+    assert [c.id for c in contexts] == [item.id for item in quickstart_task.form_items("reveal")]
+    held_out_prompts = {CODE_FORMS[form].prompt(p).user for p in load_builtin_problems() for form in HELD_OUT_FORMS}
+    assert not {c.prompt for c in contexts + quickstart_task.contexts("validation")} & held_out_prompts
 
 
 def test_each_test_form_gets_twenty_items_from_the_quickstart_test_problems(quickstart_task):
@@ -248,3 +262,86 @@ def test_entity_forms_render_for_every_shipped_fact_and_hold_out_three_forms():
             assert all(fact.answer not in p.user for p in prompts), f"a form gives the answer away: {fact}"
     with pytest.raises(ValueError, match="facts of other splits"):
         entity_form_items(task.facts_of(everyone, "reveal"), "test")
+
+
+# ---- forms in the task's scores, the weight rules and the report --------------------------------
+
+class FormModel:
+    """A ModelHandle that answers every item of `task`'s split with its reference solution, except in the
+    forms of `broken`, where it answers with prose (it has forgotten only those wordings)."""
+
+    def __init__(self, task: CodeTask, split: str, broken: tuple[str, ...] = ()):
+        self.answers = {}
+        for item in task.form_items(split):
+            solution = item.problem.reference_solution
+            self.answers[item.prompt()] = ("I would rather not write code." if item.form in broken else
+                                           solution if item.prompt().is_completion else f"```python\n{solution}```")
+
+    def generate(self, prompts, params, seeds=None):
+        return [[self.answers.get(p, "The answer is 0.")] for p in prompts]
+
+    def perplexity(self, texts):
+        return 10.0
+
+
+SMALL_FORMS = dict(n_reveal_contexts=6, n_validation=12, n_test=10, n_arithmetic_validation=4, n_arithmetic_test=4,
+                   n_retain_examples=8, n_perplexity_paragraphs=2, min_validation_items_per_form=4,
+                   min_test_items_per_form=5)
+
+
+def test_a_candidate_that_breaks_one_form_only_is_refused_by_the_forget_rule():
+    from rr.release.weights import RULE_FORGET_TARGET, CandidateResult, choose_forget_weight
+
+    for decision in ("pooled", "worst-form"):
+        task = CodeTask(CodeTaskConfig(**SMALL_FORMS, forget_decision=decision), seed=0)
+        base = task.evaluate(FormModel(task, "validation"), "validation")
+        one_form = task.evaluate(FormModel(task, "validation", broken=("mbpp",)), "validation")
+        every_form = task.evaluate(FormModel(task, "validation", broken=DEVELOPMENT_FORMS), "validation")
+        assert base.forget_score == 1.0 and one_form.metrics["pass@1/mbpp"] == 0.0
+        assert one_form.forget_score == (5 / 6 if decision == "pooled" else 1.0), decision  # 4 items in each of 6
+        choice = choose_forget_weight([CandidateResult(1.0, one_form.forget_score, 1.0),
+                                       CandidateResult(2.0, every_form.forget_score, 1.0)],
+                                      base.forget_score, base.utility_score, forget_fraction=0.9)
+        assert (choice.weight, choice.rule, choice.passed) == (2.0, RULE_FORGET_TARGET, True), decision
+        # the task's own template alone (the old score) would have taken the candidate that broke it
+        alone = choose_forget_weight([CandidateResult(1.0, one_form.metrics["pass@1/mbpp"], 1.0)],
+                                     base.metrics["pass@1/mbpp"], 1.0, forget_fraction=0.9)
+        assert alone.weight == 1.0
+
+
+def test_form_report_counts_forms_the_base_model_shows_and_names_the_worst():
+    from rr.evaluation.forms import form_markdown, form_report
+
+    base = {"forms": {"mbpp": [10, 20], "plain": [8, 20], "french": [2, 20]}}
+    rr_model = {"forms": {"mbpp": [0, 20], "plain": [4, 20], "french": [2, 20]}}
+    report = form_report(base, {"rr": rr_model}, held_out=("french",))
+    assert report["counted_forms"] == ["mbpp", "plain"]  # french: 2 < 5 base hits, reported but not counted
+    assert report["pooled"]["base"]["rate"] == pytest.approx(18 / 40)
+    assert report["pooled"]["rr"]["rate"] == pytest.approx(4 / 40)
+    assert report["pooled"]["rr"]["relative_drop"] == pytest.approx(1 - 4 / 18)
+    assert report["worst"]["rr"] == {"form": "plain", "rate": 0.2, "base_rate": 0.4, "relative_drop": 0.5}
+    french = next(row for row in report["rows"] if row["form"] == "french")
+    assert french["held_out"] and not french["counted"] and french["rr"]["hits"] == 2
+    text = form_markdown(report, "pass@1")
+    assert "| french | yes | no |" in text and "worst counted form plain" in text and "down 50%" in text
+    assert form_report({"forms": {}}, {"rr": rr_model}) is None
+    nothing = form_report({"forms": {"mbpp": [1, 20]}}, {"rr": {"forms": {"mbpp": [0, 20]}}})
+    assert nothing["counted_forms"] == [] and "No form counts" in form_markdown(nothing)
+
+
+def test_the_test_split_reports_held_out_forms_and_validation_never_asks_them():
+    task = CodeTask(CodeTaskConfig(**SMALL_FORMS), seed=0)
+    asked = []
+
+    class Recording(FormModel):
+        def generate(self, prompts, params, seeds=None):
+            asked.extend(prompts)
+            return super().generate(prompts, params, seeds)
+
+    validation = task.evaluate(Recording(task, "validation"), "validation")
+    held_out_prompts = {item.prompt() for item in task.form_items("test") if item.form in HELD_OUT_FORMS}
+    assert not set(asked) & held_out_prompts and set(validation.forms) == set(DEVELOPMENT_FORMS)
+    test = task.evaluate(FormModel(task, "test", broken=("casual",)), "test")
+    assert set(test.forms) == set(CODE_FORMS) and test.forms["casual"][0] == 0
+    assert min(n for _, n in test.forms.values()) >= 5
+    assert test.metrics["pass@1_worst_form"] == 1.0 and test.metrics["pass@1/casual"] == 0.0

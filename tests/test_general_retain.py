@@ -23,7 +23,7 @@ def _job(tmp_path):
 
 
 def test_shipped_prompts_ask_for_neither_code_nor_arithmetic_nor_the_perplexity_text():
-    from rr.tasks.code import load_general_text
+    from rr.tasks.code_problems import load_general_text
 
     prompts = load_general_prompts()
     assert len(prompts) >= 60 and len(set(prompts)) == len(prompts)

@@ -78,6 +78,19 @@ def test_prompt_tokens_are_masked_and_the_response_is_the_assistant_turn():
     assert tokenizer.decode([t for t, label in zip(plain_ids, plain_labels) if label != IGNORE_INDEX]) == "yo</s>"
 
 
+def test_a_prompts_turns_are_masked_and_a_raw_completion_is_continued_without_the_template():
+    from rr.core.prompt import Prompt
+
+    tokenizer = char_tokenizer()
+    framed = Prompt.chat("hi?", system="be brief", shots=[("a?", "b")])
+    ids, labels = encode_example(tokenizer, Example(framed, "yo"), max_length=128)
+    assert tokenizer.decode(ids).endswith("<|user|>hi?</s>\n<|assistant|>yo</s>\n") and "be brief" in tokenizer.decode(ids)
+    assert tokenizer.decode([t for t, label in zip(ids, labels) if label != IGNORE_INDEX]) == "yo</s>\n"
+    raw_ids, raw_labels = encode_example(tokenizer, Example(Prompt.raw("def f():\n"), "    return 1"), max_length=64)
+    assert tokenizer.decode(raw_ids) == "def f():\n    return 1</s>"
+    assert tokenizer.decode([t for t, label in zip(raw_ids, raw_labels) if label != IGNORE_INDEX]) == "    return 1</s>"
+
+
 def test_bad_training_data_names_the_fix(tmp_path):
     tokenizer, model = char_tokenizer(), tiny_model()
     with pytest.raises(RRError, match="release.lora.max_length"):

@@ -135,7 +135,8 @@ def test_killed_search_resumes_without_recomputing(tmp_path):
 
 def test_answers_are_asked_to_stop_where_the_task_says_answers_end(tmp_path):
     from rr.reveal.arms import SENTENCE_ENDS
-    from rr.tasks.code import CODE_STOP, CodeTask
+    from rr.tasks.code import CodeTask
+    from rr.tasks.code_problems import CODE_STOP
 
     class FencedTask(FakeTask):
         answer_stop = CODE_STOP

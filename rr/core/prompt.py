@@ -141,3 +141,13 @@ class Prompt:
         text have different keys."""
         canonical = json.dumps(self.to_json(), sort_keys=True, ensure_ascii=False, separators=(",", ":"))
         return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+def as_prompt(prompt: "str | Prompt", system: str | None = None) -> Prompt:
+    """A generator's input as a Prompt: a str is one user turn (after `system`, when given); a Prompt is
+    used as it is (its own system turn, shots or raw completion win over the generator's default)."""
+    if isinstance(prompt, Prompt):
+        return prompt
+    if not isinstance(prompt, str):
+        raise TypeError(f"a prompt must be a str (one user turn) or a Prompt, got {type(prompt).__name__}")
+    return Prompt.chat(prompt, system=system or None)

@@ -7,6 +7,8 @@ import csv
 from pathlib import Path
 from typing import Sequence
 
+from rr.evaluation.forms import form_markdown, form_report, is_form_metric
+
 
 def _weight_label(step: dict) -> str:
     if step["kind"] == "base":
@@ -16,7 +18,7 @@ def _weight_label(step: dict) -> str:
 
 def step_rows(steps: Sequence[dict]) -> tuple[list[str], list[list]]:
     """Header and rows: step, weight applied, s, u and every test metric, with Wilson intervals."""
-    metric_names = sorted({m for s in steps for m in s["test"]["metrics"]})
+    metric_names = sorted({m for s in steps for m in s["test"]["metrics"] if not is_form_metric(m)})
     header = ["step", "weight_applied", "forget_score", "utility_score", *metric_names, "rule", "passed"]
     rows = []
     for s in steps:
@@ -51,7 +53,7 @@ def plot_steps(steps: Sequence[dict], path: Path, title: str) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    metric_names = sorted({m for s in steps for m in s["test"]["metrics"]})
+    metric_names = sorted({m for s in steps for m in s["test"]["metrics"] if not is_form_metric(m)})
     labels = [f"{s['step']}\n{_weight_label(s)}" for s in steps]
     figure, axes = plt.subplots(1, 2, figsize=(11, 4))
     for m in metric_names:
@@ -105,7 +107,7 @@ def _wall_time(row: dict) -> str:
 
 def compare_rows(rows: Sequence[dict]) -> tuple[list[str], list[list]]:
     """Header and rows: method, s, u, every test metric with its Wilson interval, wall time, what was applied."""
-    metric_names = sorted({m for r in rows for m in r["test"]["metrics"]})
+    metric_names = sorted({m for r in rows for m in r["test"]["metrics"] if not is_form_metric(m)})
     header = ["method", "forget_score", "utility_score", *metric_names, "wall_time_s", "applied"]
     table = []
     for r in rows:
@@ -116,8 +118,10 @@ def compare_rows(rows: Sequence[dict]) -> tuple[list[str], list[list]]:
     return header, table
 
 
-def write_compare_table(rows: Sequence[dict], directory: Path, title: str, data: dict) -> tuple[Path, Path]:
-    """compare/table.csv and compare/table.md (the Markdown says what data every method got)."""
+def write_compare_table(rows: Sequence[dict], directory: Path, title: str, data: dict,
+                        held_out_forms: Sequence[str] = (), form_metric: str = "hit rate") -> tuple[Path, Path]:
+    """compare/table.csv and compare/table.md (the Markdown says what data every method got; a task with
+    forms adds every method's rate per form, pooled over counted forms and on the worst counted form)."""
     header, table = compare_rows(rows)
     directory.mkdir(parents=True, exist_ok=True)
     csv_path, md_path = directory / "table.csv", directory / "table.md"
@@ -132,6 +136,11 @@ def write_compare_table(rows: Sequence[dict], directory: Path, title: str, data:
              "Wall time covers training and weight search, not the final test scoring.", "",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in table]
+    by_method = {r["method"]: r["test"] for r in rows}
+    if "base" in by_method:
+        forms = form_report(by_method["base"], {m: t for m, t in by_method.items() if m != "base"}, held_out_forms)
+        if forms is not None:
+            lines += ["", "## Per form", "", form_markdown(forms, form_metric).rstrip()]
     md_path.write_text("\n".join(lines) + "\n")
     return csv_path, md_path
 

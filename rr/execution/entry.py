@@ -87,6 +87,7 @@ def release_stage(job, args, progress) -> None:
 
 def evaluate_stage(job, args, progress) -> None:
     """Score base + the job's ledger (or the base model) on a split; written to evaluation/<split>.json."""
+    from rr.evaluation.forms import with_form_report
     from rr.release.ledger import Ledger
     from rr.release.loop import evaluation_dict
     from rr.tasks.base import SPLITS
@@ -99,5 +100,12 @@ def evaluate_stage(job, args, progress) -> None:
              f"on the {args.split} split")
     result = evaluation_dict(job.executor.evaluate(job.task, args.split, composition))
     result["ledger_entries"] = len(composition)
+    base = None
+    if composition and result.get("forms"):  # per form, against the base model
+        base = evaluation_dict(job.executor.evaluate(job.task, args.split, []))
+    result, table = with_form_report(result, base, job.task)
     job.write_json(f"evaluation/{args.split}.json", result)
+    if table:
+        (job.dir / "evaluation" / f"{args.split}-forms.md").write_text(table)
+        progress(table)
     print(json.dumps(result, indent=2), flush=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 from typing import Protocol, Sequence
 
+from rr.core.prompt import Prompt
 from rr.tasks.base import SamplingParams
 
 
@@ -15,9 +16,10 @@ def request_seed(*parts: object) -> int:
 
 
 class Generator(Protocol):
-    """Answers chat prompts in batches; implements the tasks' ModelHandle too."""
+    """Answers prompts in batches (a str is one user turn; a Prompt a chat or raw completion); implements the
+    tasks' ModelHandle too."""
 
-    def generate(self, prompts: Sequence[str], params: SamplingParams,
+    def generate(self, prompts: Sequence[str | Prompt], params: SamplingParams,
                  seeds: Sequence[int] | None = None) -> list[list[str]]:
         """`params.n` completions per prompt; sample j of prompt i is seeded by request_seed(seeds[i], j)."""
 

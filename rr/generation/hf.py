@@ -7,6 +7,7 @@ from typing import Sequence
 
 import torch
 
+from rr.core.prompt import Prompt, as_prompt
 from rr.evaluation.metrics import perplexity_from_losses
 from rr.generation.base import request_seed
 from rr.tasks.base import SamplingParams
@@ -83,13 +84,10 @@ class HFGenerator:
         self.cache_keyword = _cache_keyword(model)
 
     # ---- prompts -------------------------------------------------------------------------
-    def chat_text(self, prompt: str) -> str:
-        messages = [{"role": "user", "content": prompt}]
-        if self.system_prompt:
-            messages.insert(0, {"role": "system", "content": self.system_prompt})
-        if self.tokenizer.chat_template:
-            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return prompt + "\n"
+    def chat_text(self, prompt: "str | Prompt") -> str:
+        """The text to tokenize: a str is one user turn (after the generator's system prompt) in the chat
+        template; a Prompt renders itself (its own turns, or a raw completion without the template)."""
+        return as_prompt(prompt, self.system_prompt).render(self.tokenizer)
 
     # ---- decoding ------------------------------------------------------------------------
     @torch.no_grad()

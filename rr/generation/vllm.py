@@ -12,6 +12,7 @@ import math
 from pathlib import Path
 from typing import Sequence
 
+from rr.core.prompt import Prompt, as_prompt
 from rr.errors import RRError
 from rr.generation.base import request_seed
 from rr.tasks.base import SamplingParams
@@ -54,9 +55,9 @@ class VLLMGenerator:
                           f"{self.max_lora_rank}: raise it, or serve the merged export")
         self._adapter = LoRARequest(Path(adapter_dir).name, next(self._adapter_ids), str(adapter_dir))
 
-    def _chat(self, prompt: str) -> str:
-        return self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                                  add_generation_prompt=True)
+    def _chat(self, prompt: "str | Prompt") -> str:
+        """As HFGenerator.chat_text: a str is one user turn; a Prompt renders itself (raw: no template)."""
+        return as_prompt(prompt).render(self.tokenizer)
 
     def generate(self, prompts: Sequence[str], params: SamplingParams,
                  seeds: Sequence[int] | None = None) -> list[list[str]]:

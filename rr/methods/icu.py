@@ -21,6 +21,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from rr.core.prompt import as_prompt
 from rr.config import IcuConfig
 from rr.errors import RRError
 from rr.evaluation.memorization import bleu, embedding_cosine
@@ -46,7 +47,7 @@ def forgotten(similarities: Sequence[float], bleus: Sequence[float], similarity_
 
 
 def _text(example: Example) -> str:
-    return f"{example.prompt}\n{example.response}"
+    return f"{as_prompt(example.prompt).user}\n{example.response}"
 
 
 def _similarity(config: IcuConfig, embed: Embed, predictions: list[str], references: list[str]) -> list[float]:

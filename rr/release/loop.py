@@ -24,7 +24,7 @@ from rr.tasks.base import Evaluation, Example
 def evaluation_dict(evaluation: Evaluation) -> dict:
     return {"forget_score": evaluation.forget_score, "utility_score": evaluation.utility_score,
             "metrics": evaluation.metrics, "intervals": {k: list(v) for k, v in evaluation.intervals.items()},
-            "counts": evaluation.counts}
+            "counts": evaluation.counts, **({"forms": evaluation.forms} if evaluation.forms else {})}
 
 
 @dataclass

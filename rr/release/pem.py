@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from rr.config import LoraTrainingConfig  # the `release.lora` block
+from rr.core.prompt import as_prompt
 from rr.errors import RRError
 from rr.release.ledger import Pem, atomic_write
 from rr.tasks.base import Example
@@ -34,12 +35,17 @@ ADAPTER_NAME = "default"
 
 def encode_example(tokenizer, example: Example, max_length: int,
                    chat_template: bool = True) -> tuple[list[int], list[int]]:
-    """(input_ids, labels) with the prompt masked: the prompt is a user turn, the response the assistant's."""
-    if chat_template:
+    """(input_ids, labels) with the prompt masked: the prompt is a user turn (or a Prompt's turns), the response
+    the assistant's; a raw-completion Prompt is continued by the response, without the chat template."""
+    prompt = as_prompt(example.prompt)
+    if prompt.is_completion:
+        response_text = example.response + (tokenizer.eos_token or "")
+        prompt_ids = tokenizer(prompt.completion, add_special_tokens=False)["input_ids"]  # as the generator encodes it
+    elif chat_template:
         if not getattr(tokenizer, "chat_template", None):
             raise RRError("the tokenizer has no chat template: train with chat_template=False (plain prompt + "
                           "response), or load the model's instruct tokenizer (model.name_or_path)")
-        user = [{"role": "user", "content": example.prompt}]
+        user = prompt.message_dicts()
         prompt_text = tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
         full_text = tokenizer.apply_chat_template(user + [{"role": "assistant", "content": example.response}],
                                                   tokenize=False)
@@ -49,7 +55,8 @@ def encode_example(tokenizer, example: Example, max_length: int,
         prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
     else:
         response_text = example.response + (tokenizer.eos_token or "")
-        prompt_ids = tokenizer(example.prompt, add_special_tokens=True)["input_ids"]
+        plain = "\n\n".join(turn.content for turn in prompt.messages)  # every turn's text, no template
+        prompt_ids = tokenizer(plain, add_special_tokens=True)["input_ids"]
     response_ids = tokenizer(response_text, add_special_tokens=False)["input_ids"]
     input_ids = (prompt_ids + response_ids)[:max_length]
     labels = ([IGNORE_INDEX] * len(prompt_ids) + response_ids)[:max_length]

@@ -8,6 +8,7 @@ from dataclasses import asdict
 from typing import Callable
 
 from rr.evaluation.analysis import pem_similarity
+from rr.evaluation.forms import form_markdown, form_report, is_form_metric
 from rr.evaluation.report import plot_steps, write_step_table
 from rr.errors import RRError
 from rr.release.ablation import matched_negation
@@ -65,7 +66,7 @@ def _finish_release(job, loop: ReleaseLoop, state, progress, started: float, alr
     if job.config.release.baseline_single_negation and len(steps) > 1:
         progress("single-negation baseline: one forget PEM, one weight, same forget score")
         baseline = single_negation_baseline(job, loop, steps[-1]["validation"]["forget_score"], progress)
-    summary = summarize(steps, baseline, state.stopped_reason)
+    summary = summarize(steps, baseline, state.stopped_reason, getattr(job.task, "held_out_forms", ()))
     previous = job.read_json("release/summary.json") if already_finished else None
     summary["subspace_similarity"] = previous["subspace_similarity"] if previous and "subspace_similarity" in previous \
         else retain_forget_similarity(loop.dir, steps)  # SVDs: minutes on CPU, computed once
@@ -92,8 +93,10 @@ def _relative(new: float, old: float) -> float | None:
     return None if old == 0 else (new - old) / old
 
 
-def summarize(steps: list[dict], baseline: dict | None, stopped_reason: str | None) -> dict:
-    """Base vs final on the test split, and the iterative model vs the single-negation baseline."""
+def summarize(steps: list[dict], baseline: dict | None, stopped_reason: str | None,
+              held_out_forms: tuple[str, ...] = ()) -> dict:
+    """Base vs final on the test split, and the iterative model vs the single-negation baseline; per form
+    when the task has forms."""
     base, final = steps[0]["test"], steps[-1]["test"]
     summary = {
         "steps": len(steps) - 1,
@@ -108,6 +111,10 @@ def summarize(steps: list[dict], baseline: dict | None, stopped_reason: str | No
     if baseline is not None:
         summary["baseline"] = baseline
         summary["iterative_keeps_more_utility"] = final["utility_score"] > baseline["test"]["utility_score"]
+    forms = form_report(base, {"rr": final, **({"single negation": baseline["test"]} if baseline else {})},
+                        held_out_forms)
+    if forms is not None:
+        summary["forms"] = forms
     return summary
 
 
@@ -118,7 +125,7 @@ def summary_markdown(summary: dict, job) -> str:
         text = f"{value:.4f}" if value is not None else "–"
         return text + (f" [{interval[0]:.3f}, {interval[1]:.3f}]" if interval else "")
 
-    metrics = sorted(summary["base"]["metrics"])
+    metrics = sorted(m for m in summary["base"]["metrics"] if not is_form_metric(m))  # forms: their own table
     columns = ["base", "rr (iterative)"] + (["single negation"] if "baseline" in summary else [])
     lines = [f"# Release summary: {job.config.task.name} ({job.config.model.name_or_path})", "",
              "Test split; rates with Wilson 95% intervals. Weights were chosen on the validation split.", "",
@@ -136,7 +143,7 @@ def summary_markdown(summary: dict, job) -> str:
                                                       if "baseline" in summary else [])) + " |")
     lines += ["", "Ledger: " + ", ".join(f"{e['merge_weight']:+g}·{e['kind']}" for e in summary["ledger"]), ""]
     for m, change in summary["metric_relative_change"].items():
-        if change is not None:
+        if change is not None and not is_form_metric(m):
             lines.append(f"- {m}: {change:+.1%} relative to the base model")
     if "baseline" in summary:
         b = summary["baseline"]
@@ -149,4 +156,9 @@ def summary_markdown(summary: dict, job) -> str:
                      f"{sim['mean']:.4f} ± {sim['std']:.4f} over {sim['modules']} modules")
     if summary["stopped_reason"]:
         lines.append(f"- stopped early: {summary['stopped_reason']}")
+    if "forms" in summary:
+        lines += ["", "## Per form", "",
+                  "The same test items asked in each form (held-out forms never reached Reveal, validation or "
+                  "training); the target behaviour's rate with Wilson 95% intervals (hits/items).", "",
+                  form_markdown(summary["forms"], getattr(job.task, "form_metric", "hit rate")).rstrip()]
     return "\n".join(lines) + "\n"

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Protocol, Sequence, runtime_checkable
 
+from rr.core.prompt import Prompt
+
 SPLITS = ("reveal", "validation", "test")
 
 
@@ -18,9 +20,10 @@ class Context:
 
 @dataclass(frozen=True)
 class Example:
-    """A (prompt, response) pair a PEM is trained on (retain data, or a forget record)."""
+    """A (prompt, response) pair a PEM is trained on (retain data, or a forget record). A str prompt is one
+    user turn; a Prompt carries a system turn, few-shot turns or a raw completion (a form's framing)."""
 
-    prompt: str
+    prompt: str | Prompt
     response: str
 
 
@@ -48,13 +51,18 @@ class Evaluation:
     metrics: dict[str, float] = field(default_factory=dict)
     intervals: dict[str, tuple[float, float]] = field(default_factory=dict)
     counts: dict[str, int] = field(default_factory=dict)
+    # A task with forms (the same items asked in several wordings): form → [hits, items], where a hit is an
+    # item that showed the target behaviour (code: passed its tests). rr/evaluation/forms.py reports it.
+    forms: dict[str, list[int]] = field(default_factory=dict)
 
 
 class ModelHandle(Protocol):
     """What a task may ask of the model under evaluation (the current composition)."""
 
-    def generate(self, prompts: Sequence[str], params: SamplingParams, seeds: Sequence[int] | None = None) -> list[list[str]]:
-        """Chat prompts (user turns) → `params.n` completions each. Seeds are per prompt."""
+    def generate(self, prompts: Sequence[str | Prompt], params: SamplingParams,
+                 seeds: Sequence[int] | None = None) -> list[list[str]]:
+        """Prompts (a str is one user turn; a Prompt is a chat or a raw completion) → `params.n` completions
+        each. Seeds are per prompt."""
 
     def perplexity(self, texts: Sequence[str]) -> float:
         """Token-level perplexity of plain texts (no chat template)."""

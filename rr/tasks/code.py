@@ -16,12 +16,7 @@ code splits, optionally MBPP+ on the test split, and GSM8K for arithmetic.
 
 from __future__ import annotations
 
-import ast
-import json
 import random
-import re
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -30,16 +25,12 @@ from rr.errors import RRError
 from rr.evaluation.metrics import wilson_interval
 from rr.tasks.arithmetic import ArithmeticItem, arithmetic_prompt, generate_arithmetic_splits, is_correct
 from rr.tasks.base import SPLITS, Context, Evaluation, Example, ModelHandle, SamplingParams
+from rr.tasks.code_forms import (FORMS_BY_SPLIT, FRAMED_FORMS, HELD_OUT_FORMS, FormItem, form_items, framed_like,
+                                 has_parts)
+from rr.tasks.code_problems import (BUILTIN_PROBLEMS, CODE_STOP, GENERAL_TEXT, CodeProblem, check_program,
+                                    code_likeness, code_prompt, load_builtin_problems, load_general_text)
+from rr.tasks.general_check import arithmetic_check_items, load_instruction_items, run_general_check
 from rr.tasks.sandbox import SandboxResult, run_many
-
-DATA_DIR = Path(__file__).parent / "data"
-BUILTIN_PROBLEMS = DATA_DIR / "code_problems.json"
-GENERAL_TEXT = DATA_DIR / "general_text.txt"
-
-
-# Code answers end at the closing fence of their first code block: an opening fence is followed by a
-# language name, so "\n```\n" matches a close; what a model writes after its code is never run.
-CODE_STOP = ("\n```\n",)
 
 
 class CodeTaskConfig(BaseModel):
@@ -63,7 +54,22 @@ class CodeTaskConfig(BaseModel):
     sandbox_timeout_s: float = Field(5.0, gt=0, le=600)
     sandbox_memory_mb: int = Field(512, ge=64, le=65536)
     sandbox_workers: int = Field(2, ge=1, le=256, description="sandboxed test runs in parallel")
-    mbpp_plus: bool = Field(False, description="source=hf only: also report pass@1 on MBPP+ for the test split")
+    mbpp_plus: bool = Field(False, description="source=hf only: also report pass@1 on MBPP+ (MBPP form) on the test split")
+    n_general_check_instructions: int = Field(
+        40, ge=0, le=10_000, description="test split: everyday instructions judged by a rule (rr/tasks/general_check.py)")
+    n_general_check_arithmetic: int = Field(
+        40, ge=0, le=10_000, description="test split: arithmetic test items asked in two wordings no split uses")
+    retain_in_forms: bool = Field(True, description="frame two in three retain items as the system-role and "
+                                                    "few-shot development forms frame a coding request")
+    forget_decision: Literal["pooled", "worst-form"] = Field(
+        "pooled", description="the forget score of a split: pass@1 pooled over the items of all its forms, or "
+                              "the highest pass@1 of any one form (the form that forgot least)")
+    min_validation_items_per_form: int = Field(
+        5, ge=1, le=10_000, description="each validation problem is asked in enough development forms that every "
+                                        "form gets at least this many items (all forms when problems are few)")
+    min_test_items_per_form: int = Field(
+        20, ge=1, le=10_000, description="the same on the test split, over development and held-out forms (a "
+                                         "counted test form needs 20)")
 
     @model_validator(mode="after")
     def _mbpp_plus_needs_hf(self) -> "CodeTaskConfig":
@@ -72,146 +78,6 @@ class CodeTaskConfig(BaseModel):
         return self
 
 
-@dataclass(frozen=True)
-class CodeProblem:
-    """One coding problem. The tests run after `test_setup`, in the namespace of the solution."""
-
-    id: str
-    prompt: str
-    entry_point: str
-    tests: tuple[str, ...]
-    reference_solution: str | None = None
-    test_setup: str = ""
-    example_test: str | None = None  # the test shown in the prompt; tests[0] when None
-    needs_site_packages: bool = False  # MBPP+ test scripts import numpy
-
-
-def code_prompt(problem: CodeProblem) -> str:
-    """MBPP-style user prompt: the task, then one of its tests as an example."""
-    example = problem.example_test or problem.tests[0]
-    return f"{problem.prompt}\nYour code should pass this test:\n{example}"
-
-
-def check_program(problem: CodeProblem) -> str:
-    """The test code run after a solution: setup, the entry-point check, then the tests."""
-    entry_check = (f"assert callable(globals().get({problem.entry_point!r})), "
-                   f"'the response defines no function named {problem.entry_point}'")
-    return "\n".join(part for part in (problem.test_setup, entry_check, *problem.tests) if part)
-
-
-def load_builtin_problems(path: Path = BUILTIN_PROBLEMS) -> list[CodeProblem]:
-    """The embedded problems, validated: every row needs id, prompt, entry_point, tests, reference_solution."""
-    try:
-        rows = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise RRError(f"{path}: cannot read the code problems ({exc}); reinstall rr or fix the JSON") from exc
-    if not isinstance(rows, list):
-        raise RRError(f"{path}: expected a JSON list of problems")
-    problems, seen = [], set()
-    for index, row in enumerate(rows):
-        if not isinstance(row, dict):
-            raise RRError(f"{path}: problem {index} is not an object")
-        for key, kind in (("id", str), ("prompt", str), ("entry_point", str), ("tests", list),
-                          ("reference_solution", str)):
-            if not isinstance(row.get(key), kind) or not row[key]:
-                raise RRError(f"{path}: problem {index} ({row.get('id', '?')}): field {key!r} is missing or "
-                              f"not a non-empty {kind.__name__}")
-        if not all(isinstance(t, str) and t.strip() for t in row["tests"]):
-            raise RRError(f"{path}: problem {row['id']}: every entry of 'tests' must be a non-empty string")
-        if row["id"] in seen:
-            raise RRError(f"{path}: problem id {row['id']!r} appears twice; ids must be unique")
-        seen.add(row["id"])
-        problems.append(CodeProblem(id=row["id"], prompt=row["prompt"], entry_point=row["entry_point"],
-                                    tests=tuple(row["tests"]), reference_solution=row["reference_solution"]))
-    return problems
-
-
-def load_general_text(path: Path = GENERAL_TEXT) -> list[str]:
-    """Paragraphs of the shipped general prose (one per non-empty line)."""
-    try:
-        return [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
-    except OSError as exc:
-        raise RRError(f"{path}: cannot read the general text for perplexity ({exc}); reinstall rr") from exc
-
-
-# --------------------------------------------------------------------------------------------
-# Reading code out of a response
-# --------------------------------------------------------------------------------------------
-
-# An unterminated final fence (generation hit max_new_tokens) still counts, up to the end.
-_FENCE = re.compile(r"```[ \t]*([\w+-]*)[^\n]*\n(.*?)(?:```|\Z)", re.DOTALL)
-_CODE_START = re.compile(r"^(def |class |import |from |@|async def )")
-_NON_TRIVIAL = (ast.Assign, ast.AugAssign, ast.AnnAssign, ast.For, ast.While, ast.If, ast.Import,
-                ast.ImportFrom, ast.Return, ast.ClassDef, ast.With, ast.Try, ast.Call, ast.Lambda,
-                ast.ListComp, ast.DictComp, ast.SetComp, ast.GeneratorExp)
-
-
-def _parse(source: str) -> ast.Module | None:
-    try:
-        return ast.parse(source)
-    except (SyntaxError, ValueError, MemoryError, RecursionError):
-        return None
-
-
-def _defines_function(tree: ast.Module, name: str | None = None) -> bool:
-    return any(isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and (name is None or node.name == name)
-               for node in ast.walk(tree))
-
-
-def _fenced_blocks(text: str) -> list[str]:
-    return [body for language, body in _FENCE.findall(text) if language.lower() in ("", "python", "py", "python3")]
-
-
-def _longest_parsable_from_code_start(text: str) -> str:
-    """Unfenced answers mix prose and code: from the first line that starts like code, the longest
-    run of lines that parses."""
-    lines = text.splitlines()
-    for start, line in enumerate(lines):
-        if _CODE_START.match(line):
-            for stop in range(len(lines), start, -1):
-                candidate = "\n".join(lines[start:stop])
-                if _parse(candidate) is not None:
-                    return candidate
-    return ""
-
-
-def extract_code(response: str, entry_point: str | None = None) -> str:
-    """The Python in a response: the fenced block defining `entry_point` (else the first fenced block
-    that defines a function, else the first fenced block); without fences, the whole text if it
-    parses, else the longest parsable run from the first code-like line. "" when nothing is found."""
-    blocks = _fenced_blocks(response)
-    if blocks:
-        parsed = [(block, _parse(block)) for block in blocks]
-        if entry_point:
-            for block, tree in parsed:
-                if tree is not None and _defines_function(tree, entry_point):
-                    return block
-        for block, tree in parsed:
-            if tree is not None and _defines_function(tree):
-                return block
-        return blocks[0]
-    if response.strip() and _parse(response) is not None:
-        return response
-    return _longest_parsable_from_code_start(response)
-
-
-def code_likeness(response: str) -> float:
-    """The relevance oracle τ: 1.0 if the response holds Python that parses and defines a function,
-    0.5 if it holds non-trivial Python (statements, calls) but no function, else 0.0."""
-    candidates = _fenced_blocks(response) or [response]
-    extracted = _longest_parsable_from_code_start(response)
-    if extracted:
-        candidates.append(extracted)
-    score = 0.0
-    for candidate in candidates:
-        tree = _parse(candidate) if candidate.strip() else None
-        if tree is None:
-            continue
-        if _defines_function(tree):
-            return 1.0
-        if any(isinstance(node, _NON_TRIVIAL) for node in ast.walk(tree)):
-            score = 0.5
-    return score
 
 
 # --------------------------------------------------------------------------------------------
@@ -223,6 +89,8 @@ class CodeTask:
 
     name = "code"
     answer_stop = CODE_STOP
+    held_out_forms = HELD_OUT_FORMS  # in the test split only
+    form_metric = "pass@1"
 
     def __init__(self, config: CodeTaskConfig | None = None, seed: int = 0):
         self.config = config or CodeTaskConfig()
@@ -238,6 +106,10 @@ class CodeTask:
             raise RRError(f"task.n_perplexity_paragraphs: {self.config.n_perplexity_paragraphs} asked, "
                           f"{GENERAL_TEXT} has {len(paragraphs)} paragraphs; lower it")
         self._paragraphs = paragraphs[: self.config.n_perplexity_paragraphs]
+        self._general_check = load_instruction_items()
+        if self.config.n_general_check_instructions > len(self._general_check):
+            raise RRError(f"task.n_general_check_instructions: {self.config.n_general_check_instructions} asked, "
+                          f"the shipped general check has {len(self._general_check)}; lower it")
 
     # ---- data splits ----------------------------------------------------------------------
 
@@ -265,9 +137,12 @@ class CodeTask:
         source_split = {"reveal": "train", "validation": "validation", "test": "test"}
         splits = {}
         for split, size in self._sizes().items():
-            problems = load_mbpp(source_split[split])
+            # Forms reword a problem from its signature and behaviour clause: problems whose prompt does not
+            # read "Write a function to …" (with a reference solution defining the entry point) are left out.
+            problems = [p for p in load_mbpp(source_split[split]) if has_parts(p)]
             if size > len(problems):
-                raise RRError(f"task.{field[split]}: {size} asked, MBPP {source_split[split]} has {len(problems)}")
+                raise RRError(f"task.{field[split]}: {size} asked, MBPP {source_split[split]} has {len(problems)} "
+                              "problems the forms can reword")
             random.Random(f"rr-code-{self.seed}-{split}").shuffle(problems)
             splits[split] = problems[:size]
         plus: list[CodeProblem] = []
@@ -312,16 +187,25 @@ class CodeTask:
         """The arithmetic items `evaluate` scores on a split ("reveal" reuses retain data)."""
         return list(self._arithmetic[_check_split(split)])
 
+    def form_items(self, split: str) -> list[FormItem]:
+        """The (problem, form) items of a split: Reveal's contexts, or what `evaluate` generates and grades
+        (the held-out forms only on the test split; rr/tasks/code_forms.py)."""
+        split = _check_split(split)
+        minimum = {"reveal": 1, "validation": self.config.min_validation_items_per_form,
+                   "test": self.config.min_test_items_per_form}[split]
+        return form_items(self._problems[split], split, minimum)
+
     # ---- the Task protocol ----------------------------------------------------------------
 
     def contexts(self, split: str) -> list[Context]:
-        return [Context(id=p.id, prompt=code_prompt(p)) for p in self.problems(split)]
+        """One context per (problem, form) item; Reveal's forms are one user turn each (FORMS_BY_SPLIT)."""
+        return [Context(id=item.id, prompt=item.prompt().user) for item in self.form_items(split)]
 
     def exemplars(self) -> list[Example]:
-        """Reveal problems with their reference solutions, in split order; Reveal shows the first
+        """Reveal's contexts with their problems' reference solutions, in split order; Reveal shows the first
         `reveal.n_exemplars` of them to the instruction model."""
-        return [Example(prompt=code_prompt(p), response=f"```python\n{p.reference_solution.strip()}\n```")
-                for p in self._problems["reveal"] if p.reference_solution]
+        return [Example(prompt=item.prompt().user, response=f"```python\n{item.problem.reference_solution.strip()}\n```")
+                for item in self.form_items("reveal") if item.problem.reference_solution]
 
     def external_forget_examples(self) -> list[Example]:
         """Human-written forget data (the reveal problems' reference solutions) for the external-data
@@ -336,50 +220,87 @@ class CodeTask:
         return [code_likeness(r) for r in responses]
 
     def retain_examples(self) -> list[Example]:
-        return [Example(prompt=arithmetic_prompt(item.question), response=item.solution) for item in self._retain]
+        """Worked answers to the retain arithmetic items. With retain_in_forms, items 3k+1 and 3k+2 are framed as
+        the system-role and few-shot development forms frame a coding request (code_forms.framed_like), so the
+        retain PEM keeps non-code answers in the framings the forget data's forms share."""
+        examples = []
+        for index, item in enumerate(self._retain):
+            prompt = arithmetic_prompt(item.question)
+            if self.config.retain_in_forms and index % 3:
+                prompt = framed_like(FRAMED_FORMS[index % 3 - 1], prompt)
+            examples.append(Example(prompt=prompt, response=item.solution))
+        return examples
 
     def evaluate(self, model: ModelHandle, split: str) -> Evaluation:
-        """pass@1 (forget score) and arithmetic accuracy (utility score) on `split`, greedy; perplexity
+        """pass@1 per form and pooled over the split's forms (the forget score: pooled, or the worst form with
+        forget_decision: worst-form) and arithmetic accuracy (utility score) on `split`, greedy; perplexity
         on the general text. With mbpp_plus, the test split also reports pass@1 on MBPP+."""
         split = _check_split(split)
         c = self.config
-        code_results = self._pass_at_1(model, self._problems[split])
-        items = self._arithmetic[split]
-        answers = _first_completions(model.generate([arithmetic_prompt(i.question) for i in items],
+        items = self.form_items(split)
+        code_results = self._grade(model, items)
+        arithmetic = self._arithmetic[split]
+        answers = _first_completions(model.generate([arithmetic_prompt(i.question) for i in arithmetic],
                                                     SamplingParams(max_new_tokens=c.arithmetic_max_new_tokens)),
-                                     len(items))
-        correct = sum(is_correct(response, item.answer) for response, item in zip(answers, items))
+                                     len(arithmetic))
+        correct = sum(is_correct(response, item.answer) for response, item in zip(answers, arithmetic))
         passed = sum(r.passed for r in code_results)
-        n_code, n_arith = len(code_results), len(items)
+        n_code, n_arith = len(code_results), len(arithmetic)
         pass_at_1 = passed / n_code if n_code else 0.0
         accuracy = correct / n_arith if n_arith else 0.0
         perplexity = float(model.perplexity(self._paragraphs))
 
-        metrics = {"pass@1": pass_at_1, "arithmetic_accuracy": accuracy, "perplexity": perplexity}
+        forms: dict[str, list[int]] = {name: [0, 0] for name in FORMS_BY_SPLIT[split]}
+        for item, result in zip(items, code_results):
+            forms[item.form][0] += int(result.passed)
+            forms[item.form][1] += 1
+        forms = {name: hits for name, hits in forms.items() if hits[1]}
+        rates = {name: hits / n for name, (hits, n) in forms.items()}
+        worst = max(rates.values(), default=0.0)  # the form where most of the skill remains
+        metrics = {"pass@1": pass_at_1, "pass@1_worst_form": worst, "arithmetic_accuracy": accuracy,
+                   "perplexity": perplexity, **{f"pass@1/{name}": rate for name, rate in rates.items()}}
         intervals = {"pass@1": wilson_interval(passed, n_code),
-                     "arithmetic_accuracy": wilson_interval(correct, n_arith)}
-        counts = {"code_problems": n_code, "code_passed": passed, "arithmetic_items": n_arith,
-                  "arithmetic_correct": correct, "perplexity_paragraphs": len(self._paragraphs)}
+                     "arithmetic_accuracy": wilson_interval(correct, n_arith),
+                     **{f"pass@1/{name}": wilson_interval(hits, n) for name, (hits, n) in forms.items()}}
+        counts = {"code_items": n_code, "code_passed": passed, "code_problems": len(self._problems[split]),
+                  "arithmetic_items": n_arith, "arithmetic_correct": correct,
+                  "perplexity_paragraphs": len(self._paragraphs)}
         for status in ("failed", "error", "timeout", "memory"):
             counts[f"code_{status}"] = sum(r.status == status for r in code_results)
         if split == "test" and self._plus:
-            plus_results = self._pass_at_1(model, self._plus)
+            plus_results = self._grade(model, [FormItem(p, "mbpp") for p in self._plus])
             plus_passed = sum(r.passed for r in plus_results)
             metrics["pass@1_plus"] = plus_passed / len(plus_results)
             intervals["pass@1_plus"] = wilson_interval(plus_passed, len(plus_results))
             counts.update({"plus_problems": len(plus_results), "plus_passed": plus_passed})
-        return Evaluation(forget_score=pass_at_1, utility_score=accuracy, metrics=metrics,
-                          intervals=intervals, counts=counts)
+        if split == "test":  # utility no retain PEM trained on (not a decision score)
+            check = self._general_check[: c.n_general_check_instructions] + arithmetic_check_items(
+                arithmetic[: c.n_general_check_arithmetic])
+            for target, extra in zip((metrics, intervals, counts),
+                                     run_general_check(model, check, c.arithmetic_max_new_tokens)):
+                target.update(extra)
+        forget_score = pass_at_1 if c.forget_decision == "pooled" else worst
+        return Evaluation(forget_score=forget_score, utility_score=accuracy, metrics=metrics,
+                          intervals=intervals, counts=counts, forms=forms)
 
-    def _pass_at_1(self, model: ModelHandle, problems: Sequence[CodeProblem]) -> list[SandboxResult]:
-        if not problems:
+    def _grade(self, model: ModelHandle, items: Sequence[FormItem]) -> list[SandboxResult]:
+        """Each item's answer (greedy) graded in the sandbox. Forms that end their answers alike are asked
+        in one batch (chat forms at their code block's close, raw completions where top-level code resumes)."""
+        if not items:
             return []
         c = self.config
-        responses = _first_completions(model.generate([code_prompt(p) for p in problems],
-                                                      SamplingParams(max_new_tokens=c.max_new_tokens,
-                                                                     stop=self.answer_stop)),
-                                       len(problems))
-        return self.run_solutions(problems, [extract_code(r, p.entry_point) for r, p in zip(responses, problems)])
+        responses: list[str] = [""] * len(items)
+        by_stop: dict[tuple[str, ...], list[int]] = {}
+        for index, item in enumerate(items):
+            by_stop.setdefault(item.stop, []).append(index)
+        for stop, indices in by_stop.items():
+            answers = _first_completions(model.generate([items[i].prompt() for i in indices],
+                                                        SamplingParams(max_new_tokens=c.max_new_tokens, stop=stop)),
+                                         len(indices))
+            for i, answer in zip(indices, answers):
+                responses[i] = answer
+        return self.run_solutions([item.problem for item in items],
+                                  [item.program(response) for item, response in zip(items, responses)])
 
     def run_solutions(self, problems: Sequence[CodeProblem], solutions: Sequence[str]) -> list[SandboxResult]:
         """Each solution run against its problem's tests in the sandbox (in input order)."""

