@@ -28,14 +28,6 @@ from rr.tasks.code_forms import CODE_FORMS, HELD_OUT_FORMS, FormItem, form_items
 COUNTED_MIN_PASSES = 5
 
 
-class RenderedTextGenerator(HFGenerator):
-    """The HF generator fed text already rendered by Prompt.render (chat template or raw completion),
-    so system turns, few-shot pairs and raw completions reach the model as the forms built them."""
-
-    def chat_text(self, prompt: str) -> str:
-        return prompt
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--config", default="configs/quickstart.yaml")
@@ -50,7 +42,7 @@ def main() -> None:
     task = CodeTask(CodeTaskConfig(**job["task"]), seed=job.get("seed", 0))
     problems = task.problems("test")
     model, tokenizer = load_model_and_tokenizer(job["model"]["name_or_path"])
-    generator = RenderedTextGenerator(model, tokenizer, batch_size=args.batch_size)
+    generator = HFGenerator(model, tokenizer, batch_size=args.batch_size)  # renders each form's Prompt itself
 
     items = [FormItem(problem, form) for form in CODE_FORMS for problem in problems]
     responses: dict[str, str] = {}
@@ -58,8 +50,7 @@ def main() -> None:
     # One generate call per stop set: chat forms end at their code fence, completions where top-level code resumes.
     for stop in sorted({form.stop for form in CODE_FORMS.values()}):
         group = [item for item in items if CODE_FORMS[item.form].stop == stop]
-        texts = [item.prompt().render(tokenizer) for item in group]
-        outputs = generator.generate(texts, SamplingParams(max_new_tokens=args.max_new_tokens, stop=stop))
+        outputs = generator.generate([item.prompt() for item in group], SamplingParams(max_new_tokens=args.max_new_tokens, stop=stop))
         responses.update({item.id: completions[0] for item, completions in zip(group, outputs)})
     generation_s = time.perf_counter() - started
 

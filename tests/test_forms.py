@@ -237,6 +237,16 @@ def test_prompts_render_through_the_embedded_chat_template(smollm2_tokenizer):
     assert "SmolLM" not in text  # the given system turn replaces the template's default one
     raw = CODE_FORMS["raw-docstring"].prompt(load_builtin_problems()[0])
     assert raw.render(tokenizer) == raw.completion and "<|im_start|>" not in raw.render(tokenizer)
+    # the generators send what the prompt renders: a str as one user turn, a Prompt as itself
+    from rr.generation.hf import HFGenerator
+
+    generator = HFGenerator.__new__(HFGenerator)  # chat_text needs only the tokenizer and system prompt
+    generator.tokenizer, generator.system_prompt = tokenizer, None
+    assert generator.chat_text(plain.user) == plain.render(tokenizer)
+    assert generator.chat_text(few_shot) == text and generator.chat_text(raw) == raw.completion
+    generator.system_prompt = "Be brief."
+    assert generator.chat_text("hi") == Prompt.chat("hi", system="Be brief.").render(tokenizer)
+    assert generator.chat_text(few_shot) == text  # a Prompt's own turns win over the generator's default
 
 
 # ---- entity forms ---------------------------------------------------------------------------
