@@ -275,7 +275,7 @@ def promote(name: str = typer.Argument(..., help="registered model name"),
         with bounded_http():
             client, gates = _registry(config, tracking_uri)
             lines = promote_version(client, name, version, gates.max_forget_score, gates.min_utility_ratio, force,
-                                    reason, gates.max_worst_form_forget_score)
+                                    reason, gates.max_form_forget_score)
     except RRError as exc:
         _fail(exc)
     for line in lines:

@@ -290,9 +290,9 @@ class PromotionGates(_Strict):
     max_forget_score: float | None = Field(0.1, ge=0, le=MAX_SCORE, description="final forget score at most this; null: no limit")
     min_utility_ratio: float | None = Field(0.9, ge=0, le=100, description="final utility at least this × the base "
                                             "model's utility; null: no limit")
-    max_worst_form_forget_score: float | None = Field(
-        0.2, ge=0, le=MAX_SCORE, description="a task with forms: the forget score of the worst counted form (the one "
-                                             "that forgot least) at most this; null: no limit")
+    max_form_forget_score: float | None = Field(
+        0.2, ge=0, le=MAX_SCORE, description="a task with forms: every counted form's forget score at most this "
+                                             "(fails when no form counted); null: no limit")
 
 
 def check_tracking_uri(uri: str) -> str:

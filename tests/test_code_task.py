@@ -114,9 +114,9 @@ def test_task_implements_the_protocol_and_is_registered():
 
 def test_contexts_show_the_first_test_and_exemplars_show_solutions():
     task = CodeTask(CodeTaskConfig(**SMALL), seed=0)
-    problem = task.problems("reveal")[0]
-    assert task.form_items("reveal")[0].form == "mbpp"
-    assert task.contexts("reveal")[0].prompt == code_prompt(problem)
+    index = next(i for i, item in enumerate(task.form_items("reveal")) if item.form == "mbpp")
+    problem = task.form_items("reveal")[index].problem
+    assert task.contexts("reveal")[index].prompt == code_prompt(problem)
     assert code_prompt(problem).endswith("Your code should pass this test:\n" + problem.tests[0])
     exemplars = task.exemplars()
     assert len(exemplars) == len(task.contexts("reveal"))

@@ -322,21 +322,29 @@ def test_a_candidate_that_breaks_one_form_only_is_refused_by_the_forget_rule():
 def test_form_report_counts_forms_the_base_model_shows_and_names_the_worst():
     from rr.evaluation.forms import form_markdown, form_report
 
-    base = {"forms": {"mbpp": [10, 20], "plain": [8, 20], "french": [2, 20]}}
-    rr_model = {"forms": {"mbpp": [0, 20], "plain": [4, 20], "french": [2, 20]}}
+    base = {"forms": {"mbpp": [12, 20], "plain": [5, 20], "french": [2, 20]}}
+    rr_model = {"forms": {"mbpp": [5, 20], "plain": [3, 20], "french": [2, 20]}}
     report = form_report(base, {"rr": rr_model}, held_out=("french",))
     assert report["counted_forms"] == ["mbpp", "plain"]  # french: 2 < 5 base hits, reported but not counted
-    assert report["pooled"]["base"]["rate"] == pytest.approx(18 / 40)
-    assert report["pooled"]["rr"]["rate"] == pytest.approx(4 / 40)
-    assert report["pooled"]["rr"]["relative_drop"] == pytest.approx(1 - 4 / 18)
-    assert report["worst"]["rr"] == {"form": "plain", "rate": 0.2, "base_rate": 0.4, "relative_drop": 0.5}
+    assert report["pooled"]["base"]["rate"] == pytest.approx(17 / 40)
+    assert report["pooled"]["rr"]["rate"] == pytest.approx(8 / 40)
+    assert report["pooled"]["rr"]["relative_drop"] == pytest.approx(1 - 8 / 17)
+    # worst: the highest rate left (mbpp 0.25), as decisions and gates read it; plain fell least (0.25 → 0.15)
+    assert report["worst"]["rr"] == {"form": "mbpp", "rate": 0.25, "base_rate": 0.6,
+                                     "relative_drop": pytest.approx(1 - 0.25 / 0.6)}
+    assert report["least_dropped"]["rr"]["form"] == "plain"
     french = next(row for row in report["rows"] if row["form"] == "french")
     assert french["held_out"] and not french["counted"] and french["rr"]["hits"] == 2
     text = form_markdown(report, "pass@1")
-    assert "| french | yes | no |" in text and "worst counted form plain" in text and "down 50%" in text
+    assert "| french | yes | no |" in text and "worst form mbpp 0.250" in text and "smallest drop: plain, down 40%" in text
     assert form_report({"forms": {}}, {"rr": rr_model}) is None
     nothing = form_report({"forms": {"mbpp": [1, 20]}}, {"rr": {"forms": {"mbpp": [0, 20]}}})
     assert nothing["counted_forms"] == [] and "No form counts" in form_markdown(nothing)
+    # an evaluation without forms (an older result) is missing there, never "forgotten"
+    old = form_report(base, {"rr": {"metrics": {}}})
+    assert old["rows"][0]["rr"] is None and "rr" not in old["pooled"] and "not scored" in form_markdown(old)
+    with pytest.raises(ValueError, match="min_base_hits"):
+        form_report(base, {}, min_base_hits=0)
 
 
 def test_the_test_split_reports_held_out_forms_and_validation_never_asks_them():
@@ -355,3 +363,48 @@ def test_the_test_split_reports_held_out_forms_and_validation_never_asks_them():
     assert set(test.forms) == set(CODE_FORMS) and test.forms["casual"][0] == 0
     assert min(n for _, n in test.forms.values()) >= 5
     assert test.metrics["pass@1_worst_form"] == 1.0 and test.metrics["pass@1/casual"] == 0.0
+
+
+def test_completion_answers_keep_their_indentation_and_a_stripped_first_line_is_reindented(quickstart_task):
+    from rr.generation.base import tidy_answer
+
+    raw = Prompt.raw("def f(n):\n")
+    assert tidy_answer("    return 2 * n\n\n", raw) == "    return 2 * n"  # a raw completion keeps its indent
+    assert tidy_answer("  Sure.  ", "a chat turn") == "Sure."
+    # an answer that lost its first line's indentation (any backend, or a model writing flush left) still grades
+    for problem in load_builtin_problems()[:20]:
+        for form in COMPLETION_FORMS:
+            item_prompt = CODE_FORMS[form].prompt(problem)
+            body = reference_body(problem)
+            stripped = body.lstrip()
+            program = CODE_FORMS[form].program(problem, stripped)
+            assert program.startswith(item_prompt.completion), (problem.id, form)
+            result, = quickstart_task.run_solutions([problem], [program])
+            assert result.passed, (problem.id, form, result)
+
+
+def test_raw_completions_start_with_bos_where_the_tokenizer_starts_plain_text_with_it():
+    class Tokenizer:
+        bos_token, bos_token_id, chat_template = "<s>", 1, None
+
+        def __init__(self, adds_bos):
+            self.adds_bos = adds_bos
+
+        def __call__(self, text, add_special_tokens=True):
+            return {"input_ids": ([1] if add_special_tokens and self.adds_bos else []) + [ord(c) for c in text]}
+
+    raw = Prompt.raw("def f():\n")
+    assert raw.render(Tokenizer(adds_bos=True)) == "<s>def f():\n"  # Llama, Mistral
+    assert raw.render(Tokenizer(adds_bos=False)) == "def f():\n"    # SmolLM2 (tested above with its tokenizer)
+    assert Prompt.raw("<s>x").render(Tokenizer(adds_bos=True)) == "<s>x"
+
+
+def test_forms_are_not_dealt_to_fixed_groups_of_problems(quickstart_task):
+    items = quickstart_task.form_items("test")
+    by_problem: dict[str, set] = {}
+    for item in items:
+        by_problem.setdefault(item.problem.id, set()).add(item.form)
+    # every pair of forms is asked together of some problem: no two forms are compared on disjoint problems
+    for first in CODE_FORMS:
+        for second in CODE_FORMS:
+            assert any({first, second} <= forms for forms in by_problem.values()), (first, second)

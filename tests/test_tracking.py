@@ -125,23 +125,29 @@ def test_gates_report_the_numbers():
         check_gates({}, 0.1, None)
 
 
-def test_the_worst_form_gate_refuses_a_model_that_still_answers_one_form():
+def test_the_form_gate_refuses_a_model_that_still_answers_one_form():
     from rr.tracking.recorder import form_tags
 
     report = {"counted_forms": ["mbpp", "casual"], "pooled": {"rr": {"rate": 0.05}},
-              "worst": {"rr": {"form": "casual", "rate": 0.3, "base_rate": 0.4, "relative_drop": 0.25}}}
+              "worst": {"rr": {"form": "casual", "rate": 0.3, "base_rate": 0.4, "relative_drop": 0.25}},
+              "least_dropped": {"rr": {"form": "casual"}}}
     tags = {"rr.forget_score": "0.05", "rr.utility_score": "0.5", "rr.base_utility_score": "0.5",
             **{k: str(v) for k, v in form_tags(report).items()}}
     assert tags["rr.forms.worst_form"] == "casual" and tags["rr.forms.counted"] == "mbpp,casual"
-    check = check_gates(tags, 0.1, 0.9, max_worst_form_forget_score=0.2)
-    assert not check.passed and "worst counted form casual: forget score 0.3000 > max_worst_form_forget_score 0.2: FAIL" \
+    check = check_gates(tags, 0.1, 0.9, max_form_forget_score=0.2)
+    assert not check.passed and "worst counted form casual: forget score 0.3000 > max_form_forget_score 0.2: FAIL" \
         in check.lines[-1]
-    assert check_gates(tags, 0.1, 0.9, max_worst_form_forget_score=0.5).passed
+    assert check_gates(tags, 0.1, 0.9, max_form_forget_score=0.5).passed
     # a task without forms registers no form tags: the gate says it does not apply, and decides nothing
     plain = {k: v for k, v in tags.items() if not k.startswith("rr.forms.")}
-    check = check_gates(plain, 0.1, 0.9, max_worst_form_forget_score=0.2)
+    check = check_gates(plain, 0.1, 0.9, max_form_forget_score=0.2)
     assert check.passed and "not applied" in check.lines[-1]
-    assert form_tags(None) == {} and form_tags({"worst": {}}) == {}
+    # a task with forms where no form counted cannot show forgetting per form: refused
+    none_counted = {**plain, **form_tags({"counted_forms": [], "pooled": {}, "worst": {}})}
+    assert none_counted["rr.forms.counted"] == ""
+    check = check_gates(none_counted, 0.1, 0.9, max_form_forget_score=0.2)
+    assert not check.passed and "no form counted" in check.lines[-1]
+    assert form_tags(None) == {}
 
 
 def test_bad_tracking_settings_name_the_field(tmp_path):

@@ -100,10 +100,13 @@ class Prompt:
 
     def render(self, tokenizer) -> str:
         """The text to tokenize: the chat template with the generation prompt for a chat, the text
-        itself for a completion. A tokenizer without a chat template gets the turns' texts joined by
+        itself for a completion (after the BOS token where the tokenizer puts one before plain text, as
+        Llama and Mistral do and chat templates write themselves; rr tokenizes rendered text without
+        adding special tokens). A tokenizer without a chat template gets the turns' texts joined by
         blank lines and a newline, which for a single user turn is what rr's HF generator sends."""
         if self.completion is not None:
-            return self.completion
+            bos = _plain_text_bos(tokenizer)
+            return self.completion if self.completion.startswith(bos) else bos + self.completion
         if getattr(tokenizer, "chat_template", None):
             return tokenizer.apply_chat_template(self.message_dicts(), tokenize=False, add_generation_prompt=True)
         return "\n\n".join(t.content for t in self.messages) + "\n"
@@ -141,6 +144,15 @@ class Prompt:
         text have different keys."""
         canonical = json.dumps(self.to_json(), sort_keys=True, ensure_ascii=False, separators=(",", ":"))
         return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+def _plain_text_bos(tokenizer) -> str:
+    """The BOS token's text if `tokenizer` starts plain text with it by default, else ""."""
+    bos, bos_id = getattr(tokenizer, "bos_token", None), getattr(tokenizer, "bos_token_id", None)
+    if not bos or bos_id is None:
+        return ""
+    ids = tokenizer("a", add_special_tokens=True)["input_ids"]
+    return bos if ids and ids[0] == bos_id else ""
 
 
 def as_prompt(prompt: "str | Prompt", system: str | None = None) -> Prompt:

@@ -31,35 +31,52 @@ def form_report(base: Mapping, models: Mapping[str, Mapping], held_out: Sequence
                 min_base_hits: int = MIN_BASE_HITS) -> dict | None:
     """The per-form report of evaluation dicts (rr.release.loop.evaluation_dict) of one split: `base` and
     each of `models` (name → evaluation, e.g. {"rr": …, "single negation": …}). None when the task has no
-    forms. The worst counted form of a model is the counted form whose rate fell least relative to the base."""
+    forms. Per model, over the counted forms: the pooled rate; the worst form, the one with the highest rate
+    (what remains most; decisions and gates use the same definition); and the form whose rate fell least
+    relative to the base. A model whose evaluation lacks a form (an older result) has None there and no
+    pooled or worst entry: a missing form never reads as forgotten."""
+    if min_base_hits < 1:
+        raise ValueError(f"form_report: min_base_hits must be ≥ 1, got {min_base_hits}")
     base_forms = base.get("forms") or {}
     if not base_forms:
         return None
     counted = [form for form, (hits, _) in base_forms.items() if hits >= min_base_hits]
     evaluations = {"base": base, **models}
     rows = []
-    for form, (hits, items) in base_forms.items():
+    for form in base_forms:
         row = {"form": form, "held_out": form in held_out, "counted": form in counted}
         for name, evaluation in evaluations.items():
-            row[name] = _rate(*(evaluation.get("forms") or {}).get(form, [0, 0]))
+            found = (evaluation.get("forms") or {}).get(form)
+            row[name] = _rate(*found) if found is not None else None
         rows.append(row)
-    pooled, worst = {}, {}
-    for name, evaluation in evaluations.items():
-        forms = evaluation.get("forms") or {}
-        pooled[name] = _rate(sum(forms.get(f, [0, 0])[0] for f in counted),
-                             sum(forms.get(f, [0, 0])[1] for f in counted))
-        pooled[name]["relative_drop"] = _drop(pooled[name]["rate"], pooled["base"]["rate"]) if name != "base" else None
-        if name == "base" or not counted:
+    by_form = {row["form"]: row for row in rows}
+    pooled, worst, least_dropped = {}, {}, {}
+    for name in evaluations:
+        if not counted or any(by_form[f][name] is None for f in counted):
             continue
-        by_form = {row["form"]: row for row in rows}
+        pooled[name] = _rate(sum(by_form[f][name]["hits"] for f in counted),
+                             sum(by_form[f][name]["items"] for f in counted))
+        highest = max(counted, key=lambda f: (by_form[f][name]["rate"], f))
+        worst[name] = _form_entry(by_form[highest], name)
+        if name == "base":
+            continue
+        pooled[name]["relative_drop"] = _drop(pooled[name]["rate"], pooled["base"]["rate"])
         least = max(counted, key=lambda f: (by_form[f][name]["rate"] / by_form[f]["base"]["rate"], f))
-        worst[name] = {"form": least, "rate": by_form[least][name]["rate"], "base_rate": by_form[least]["base"]["rate"],
-                       "relative_drop": _drop(by_form[least][name]["rate"], by_form[least]["base"]["rate"])}
+        least_dropped[name] = _form_entry(by_form[least], name)
     return {"min_base_hits": min_base_hits, "counted_forms": counted, "held_out_forms": list(held_out),
-            "models": list(evaluations), "rows": rows, "pooled": pooled, "worst": worst}
+            "models": list(evaluations), "rows": rows, "pooled": pooled, "worst": worst,
+            "least_dropped": least_dropped}
 
 
-def _cell(entry: Mapping) -> str:
+def _form_entry(row: Mapping, name: str) -> dict:
+    rate, base_rate = row[name]["rate"], row["base"]["rate"]
+    return {"form": row["form"], "rate": rate, "base_rate": base_rate,
+            "relative_drop": None if name == "base" else _drop(rate, base_rate)}
+
+
+def _cell(entry: Mapping | None) -> str:
+    if entry is None:
+        return "–"
     low, high = entry["interval"]
     return f"{entry['rate']:.3f} [{low:.2f}, {high:.2f}] ({entry['hits']}/{entry['items']})"
 
@@ -82,14 +99,20 @@ def form_markdown(report: Mapping, metric: str = "hit rate") -> str:
                      "so no drop can be shown.")
         return "\n".join(lines) + "\n"
     lines.append(f"Counted forms (the base model hits ≥ {report['min_base_hits']} of their items): "
-                 f"{', '.join(counted)}.")
+                 f"{', '.join(counted)}. Worst form: the counted form with the highest {metric}.")
     for name in names:
-        pooled = report["pooled"][name]
+        if name not in report["pooled"]:
+            lines.append(f"- {name}: not scored on every counted form")
+            continue
+        pooled, worst = report["pooled"][name], report["worst"][name]
         text = f"- {name}: pooled {metric} over counted forms {_cell(pooled)}"
-        if name in report["worst"]:
-            worst = report["worst"][name]
-            text += (f", down {_percent(pooled['relative_drop'])}; worst counted form {worst['form']} "
-                     f"{worst['rate']:.3f} (base {worst['base_rate']:.3f}), down {_percent(worst['relative_drop'])}")
+        if name == "base":
+            text += f"; worst form {worst['form']} {worst['rate']:.3f}"
+        else:
+            least = report["least_dropped"][name]
+            text += (f", down {_percent(pooled['relative_drop'])}; worst form {worst['form']} {worst['rate']:.3f} "
+                     f"(base {worst['base_rate']:.3f}, down {_percent(worst['relative_drop'])}); smallest drop: "
+                     f"{least['form']}, down {_percent(least['relative_drop'])}")
         lines.append(text)
     return "\n".join(lines) + "\n"
 

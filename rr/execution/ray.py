@@ -27,6 +27,7 @@ import ray.util.client
 
 from rr.errors import RRError
 from rr.execution.base import Composition, sized
+from rr.generation.base import tidy_answer
 from rr.release.ledger import Pem, WeightedPem
 from rr.tasks.base import Evaluation, Example, SamplingParams
 
@@ -117,7 +118,8 @@ class GeneratorReplica:
         width, pad = max(len(e) for e in encoded), g.tokenizer.pad_token_id
         input_ids = torch.tensor([[pad] * (width - len(e)) + e for e in encoded], device=g.device)
         mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded], device=g.device)
-        return [g._text(ids, params.stop) for ids in g.decode(input_ids, mask, params, list(request_seeds))]
+        return [g._text(ids, prompt, params.stop)
+                for ids, prompt in zip(g.decode(input_ids, mask, params, list(request_seeds)), prompts)]
 
     def _run_vllm(self, groups: list[tuple]) -> list:
         """Several compositions in one vLLM batch: one LoRARequest (adapter copy) per composition, up to
@@ -139,11 +141,11 @@ class GeneratorReplica:
                                                    max_tokens=params.max_new_tokens, seed=seed % (2**31),
                                                    stop=list(params.stop) or None, include_stop_str_in_output=True))
                 loras.append(self._lora(key))
-            spans.append((index, start, len(texts)))
+            spans.append((index, start, len(texts), prompts))
         if texts:
             outputs = g.llm.generate(texts, sampling, lora_request=loras, use_tqdm=False)
-            for index, start, end in spans:
-                out[index] = [o.outputs[0].text.strip() for o in outputs[start:end]]
+            for index, start, end, prompts in spans:
+                out[index] = [tidy_answer(o.outputs[0].text, prompt) for o, prompt in zip(outputs[start:end], prompts)]
         return out
 
     def _lora(self, key: CompositionKey):

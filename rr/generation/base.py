@@ -15,6 +15,14 @@ def request_seed(*parts: object) -> int:
     return int.from_bytes(digest, "big") & 0x7FFF_FFFF_FFFF_FFFF
 
 
+def tidy_answer(text: str, prompt: "str | Prompt") -> str:
+    """An answer as the tasks receive it: stripped, except that a raw completion keeps its leading
+    whitespace (it continues the prompt's text, e.g. the indented body under a `def` line)."""
+    if isinstance(prompt, Prompt) and prompt.is_completion:
+        return text.rstrip()
+    return text.strip()
+
+
 class Generator(Protocol):
     """Answers prompts in batches (a str is one user turn; a Prompt a chat or raw completion); implements the
     tasks' ModelHandle too."""

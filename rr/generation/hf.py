@@ -9,7 +9,7 @@ import torch
 
 from rr.core.prompt import Prompt, as_prompt
 from rr.evaluation.metrics import perplexity_from_losses
-from rr.generation.base import request_seed
+from rr.generation.base import request_seed, tidy_answer
 from rr.tasks.base import SamplingParams
 
 
@@ -138,12 +138,12 @@ class HFGenerator:
             next_position = next_position + 1
         return (tokens, last_hidden) if return_last_hidden else tokens
 
-    def _text(self, token_ids: list[int], stop: tuple[str, ...] = ()) -> str:
+    def _text(self, token_ids: list[int], prompt: "str | Prompt", stop: tuple[str, ...] = ()) -> str:
         ids = [t for t in token_ids if t not in self.stop_ids]
         text = self.tokenizer.decode(ids, skip_special_tokens=True)
         # Cut right after the first stop string, as vLLM does with include_stop_str_in_output.
         ends = [text.find(s) + len(s) for s in stop if s in text]
-        return (text[:min(ends)] if ends else text).strip()
+        return tidy_answer(text[:min(ends)] if ends else text, prompt)
 
     def generate(self, prompts: Sequence[str], params: SamplingParams,
                  seeds: Sequence[int] | None = None) -> list[list[str]]:
@@ -166,7 +166,7 @@ class HFGenerator:
             token_lists = self.decode(input_ids, mask, params, [requests[k][3] for k in chunk])
             for k, token_ids in zip(chunk, token_lists):
                 i, j = requests[k][0], requests[k][1]
-                results[i][j] = self._text(token_ids, params.stop)
+                results[i][j] = self._text(token_ids, prompts[i], params.stop)
         return results
 
     @torch.no_grad()

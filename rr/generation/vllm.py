@@ -14,7 +14,7 @@ from typing import Sequence
 
 from rr.core.prompt import Prompt, as_prompt
 from rr.errors import RRError
-from rr.generation.base import request_seed
+from rr.generation.base import request_seed, tidy_answer
 from rr.tasks.base import SamplingParams
 
 
@@ -73,7 +73,7 @@ class VLLMGenerator:
                     seed=request_seed(seeds[i], j) % (2**31), stop=list(params.stop) or None,
                     include_stop_str_in_output=True))
         outputs = self.llm.generate(texts, per_request, lora_request=self._adapter, use_tqdm=False)
-        flat = [o.outputs[0].text.strip() for o in outputs]
+        flat = [tidy_answer(o.outputs[0].text, prompts[k // params.n]) for k, o in enumerate(outputs)]
         return [flat[i * params.n:(i + 1) * params.n] for i in range(len(prompts))]
 
     def perplexity(self, texts: Sequence[str]) -> float:

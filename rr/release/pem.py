@@ -40,7 +40,7 @@ def encode_example(tokenizer, example: Example, max_length: int,
     prompt = as_prompt(example.prompt)
     if prompt.is_completion:
         response_text = example.response + (tokenizer.eos_token or "")
-        prompt_ids = tokenizer(prompt.completion, add_special_tokens=False)["input_ids"]  # as the generator encodes it
+        prompt_ids = tokenizer(prompt.render(tokenizer), add_special_tokens=False)["input_ids"]  # as generators do
     elif chat_template:
         if not getattr(tokenizer, "chat_template", None):
             raise RRError("the tokenizer has no chat template: train with chat_template=False (plain prompt + "

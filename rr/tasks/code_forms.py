@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ast
 import math
+import random
 import re
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -123,6 +124,16 @@ def _defines(source: str, name: str) -> bool:
     return any(isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.name == name for n in ast.walk(tree))
 
 
+def _reindent_first_line(lines: list[str]) -> list[str]:
+    """A body whose first line lost its indentation (an answer stripped on its way here, or a model that
+    wrote it flush left) gets the headers' own body indentation, four spaces. A first line that starts a
+    definition is left as it is (it may be a helper written after the header)."""
+    first = next((i for i, line in enumerate(lines) if line.strip()), None)
+    if first is None or lines[first][0].isspace() or _PROGRAM_LINE.match(lines[first]):
+        return lines
+    return lines[:first] + ["    " + lines[first]] + lines[first + 1:]
+
+
 def program_from_completion(header: str, response: str, entry_point: str) -> str:
     """The program a completion-form answer stands for: the given `header` (which ends with the
     entry point's `def` line or docstring) followed by the answer's body.
@@ -144,7 +155,7 @@ def program_from_completion(header: str, response: str, entry_point: str) -> str
         if block and not block.startswith((" ", "\t")):
             block = "\n".join(("    " + line) if line.strip() else line for line in block.splitlines())
         body = block
-    lines = body.splitlines()
+    lines = _reindent_first_line(body.splitlines())
     kept: list[str] = []
     for index, line in enumerate(lines):
         if index > 0 and line.strip() and not line[0].isspace() and not _PROGRAM_LINE.match(line):
@@ -412,9 +423,10 @@ def forms_per_problem(n_problems: int, n_forms: int, min_items_per_form: int) ->
 def form_items(problems: Sequence[CodeProblem], split: str, min_items_per_form: int | None = None) -> list[FormItem]:
     """The (problem, form) items of a split, in problem order.
 
-    Only the split's forms are used (held-out forms only on "test"). Forms are dealt in rotation: item
-    slot s = problem index × k + j gets form s mod F, so each problem is asked in k distinct forms and
-    the forms' item counts differ by at most one. k is the least that gives every form
+    Only the split's forms are used (held-out forms only on "test"). Each problem is asked in k distinct
+    forms: those with the fewest items so far, ties broken by a generator seeded with the split's name, so
+    the forms' item counts differ by at most one and forms are not dealt to fixed groups of problems (a
+    plain rotation with k dividing F would ask even problems the first five forms and odd ones the rest). k is the least that gives every form
     `min_items_per_form` items (MIN_ITEMS_PER_FORM by default), at most every form. With the
     quickstart's 40 test problems and 10 forms: k = 5, 20 items per form.
     """
@@ -425,8 +437,16 @@ def form_items(problems: Sequence[CodeProblem], split: str, min_items_per_form: 
     if minimum < 1:
         raise ValueError(f"form_items: min_items_per_form must be ≥ 1, got {minimum}")
     k = forms_per_problem(len(problems), len(forms), minimum)
-    return [FormItem(problem, forms[(index * k + j) % len(forms)])
-            for index, problem in enumerate(problems) for j in range(k)]
+    counts, order = [0] * len(forms), random.Random(f"rr-forms-{split}")
+    items = []
+    for problem in problems:
+        # the k forms with the fewest items so far, ties broken at random: counts stay within one of each
+        # other and every pair of forms is asked of some problem together
+        ranked = sorted(range(len(forms)), key=lambda f, keys=[order.random() for _ in forms]: (counts[f], keys[f]))
+        for f in sorted(ranked[:k]):
+            counts[f] += 1
+            items.append(FormItem(problem, forms[f]))
+    return items
 
 
 def items_per_form(items: Sequence[FormItem]) -> dict[str, int]:

@@ -15,8 +15,8 @@ from pathlib import Path
 import rr
 from rr.errors import RRError
 from rr.tracking.outbox import Outbox
-from rr.tracking.registry import (BASE_UTILITY_SCORE, CANDIDATE, FORGET_SCORE, POOLED_FORMS_SCORE, UTILITY_SCORE,
-                                 WORST_FORM, WORST_FORM_SCORE)
+from rr.tracking.registry import (BASE_UTILITY_SCORE, CANDIDATE, COUNTED_FORMS, FORGET_SCORE, POOLED_FORMS_SCORE,
+                                 UTILITY_SCORE, WORST_FORM, WORST_FORM_SCORE)
 from rr.tracking.store import MlflowSender, flatten, metric_key, resolve_tracking_uri, store_dirname, ui_hint
 
 
@@ -65,13 +65,16 @@ def _never_fails(method):
 
 
 def form_tags(report: dict | None) -> dict:
-    """The registered version's per-form tags (rr/evaluation/forms.py): pooled over counted forms and the
-    worst counted form of the unlearned model; none for a task without forms or when no form counted."""
-    if not report or "rr" not in report.get("worst", {}):
+    """The registered version's per-form tags (rr/evaluation/forms.py): the counted forms (always, for a
+    task with forms), and the unlearned model's pooled score and worst form over them; none without forms."""
+    if not report:
         return {}
-    pooled, worst = report["pooled"]["rr"], report["worst"]["rr"]
-    return {POOLED_FORMS_SCORE: pooled["rate"], WORST_FORM: worst["form"], WORST_FORM_SCORE: worst["rate"],
-            "rr.forms.counted": ",".join(report["counted_forms"])}
+    tags = {COUNTED_FORMS: ",".join(report["counted_forms"])}
+    if "rr" in report["pooled"]:
+        pooled, worst = report["pooled"]["rr"], report["worst"]["rr"]
+        tags.update({POOLED_FORMS_SCORE: pooled["rate"], WORST_FORM: worst["form"], WORST_FORM_SCORE: worst["rate"],
+                     "rr.forms.least_dropped_form": report["least_dropped"]["rr"]["form"]})
+    return tags
 
 
 class Recorder:

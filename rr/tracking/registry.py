@@ -13,9 +13,10 @@ from rr.errors import RegistryError, RRError
 CANDIDATE, CHAMPION = "candidate", "champion"
 # Tags every rr version carries; the gates read the three scores.
 FORGET_SCORE, UTILITY_SCORE, BASE_UTILITY_SCORE = "rr.forget_score", "rr.utility_score", "rr.base_utility_score"
-# A task with forms (rr/evaluation/forms.py): the pooled score over counted forms and the worst counted form.
-POOLED_FORMS_SCORE, WORST_FORM, WORST_FORM_SCORE = ("rr.forms.pooled_forget_score", "rr.forms.worst_form",
-                                                    "rr.forms.worst_form_forget_score")
+# A task with forms (rr/evaluation/forms.py): which forms counted, the pooled score over them and the worst
+# counted form (the highest forget score of any counted form).
+COUNTED_FORMS, POOLED_FORMS_SCORE = "rr.forms.counted", "rr.forms.pooled_forget_score"
+WORST_FORM, WORST_FORM_SCORE = "rr.forms.worst_form", "rr.forms.worst_form_forget_score"
 
 # `rr promote` and `rr models` are interactive: MLflow's defaults (7 retries with exponential backoff from 2 s, 120 s
 # per request) wait minutes on a registry that is down. Here: one retry, 4 s per attempt (connect or read), no
@@ -92,9 +93,10 @@ class GateCheck:
 
 
 def check_gates(tags: dict, max_forget_score: float | None, min_utility_ratio: float | None,
-                max_worst_form_forget_score: float | None = None) -> GateCheck:
-    """Pure: do a version's recorded test-split scores pass the gates? The worst-form gate applies to a
-    version whose task has forms (it has the rr.forms.* tags); for another it is reported as not applying."""
+                max_form_forget_score: float | None = None) -> GateCheck:
+    """Pure: do a version's recorded test-split scores pass the gates? The form gate applies to a version
+    whose task has forms (it has the rr.forms.* tags): every counted form's forget score at most the limit,
+    and it fails when no form counted; for a task without forms it is reported as not applying."""
     def score(tag):
         if tag not in tags:
             raise RRError(f"this version has no {tag} tag: it was not registered by rr, so its scores are unknown; "
@@ -115,15 +117,19 @@ def check_gates(tags: dict, max_forget_score: float | None, min_utility_ratio: f
         passed &= ok
         lines.append(f"utility {utility:.4f} = {ratio:.3f} × base {base:.4f} {'≥' if ok else '<'} min_utility_ratio "
                      f"{min_utility_ratio:g}: {'pass' if ok else 'FAIL'}")
-    if max_worst_form_forget_score is not None:
-        if WORST_FORM_SCORE not in tags:
-            lines.append("worst-form gate: this version's task has no forms (or no form counted): not applied")
+    if max_form_forget_score is not None:
+        if COUNTED_FORMS not in tags:
+            lines.append("max_form_forget_score: this version's task has no forms: not applied")
+        elif not tags[COUNTED_FORMS]:
+            passed = False
+            lines.append("max_form_forget_score: no form counted (the base model passed too few items of every "
+                         "form), so forgetting per form is not shown: FAIL")
         else:
             worst = score(WORST_FORM_SCORE)
-            ok = worst <= max_worst_form_forget_score
+            ok = worst <= max_form_forget_score
             passed &= ok
             lines.append(f"worst counted form {tags.get(WORST_FORM, '?')}: forget score {worst:.4f} "
-                         f"{'≤' if ok else '>'} max_worst_form_forget_score {max_worst_form_forget_score:g}: "
+                         f"{'≤' if ok else '>'} max_form_forget_score {max_form_forget_score:g}: "
                          f"{'pass' if ok else 'FAIL'}")
     return GateCheck(passed, lines)
 
@@ -142,20 +148,20 @@ def _version(client, name: str, version: str):
 
 def promote(client, name: str, version: str, max_forget_score: float | None, min_utility_ratio: float | None,
             force: bool = False, reason: str | None = None,
-            max_worst_form_forget_score: float | None = None) -> list[str]:
+            max_form_forget_score: float | None = None) -> list[str]:
     """Move `champion` to the version if its scores pass the gates; refuse with the numbers otherwise.
     A forced promotion records who (the OS user) and why as tags on the version."""
     if force and not (reason and reason.strip()):
         raise RRError("--force needs --reason \"...\": a forced promotion records why it bypassed the gates")
     model_version = _version(client, name, version)
-    check = check_gates(model_version.tags, max_forget_score, min_utility_ratio, max_worst_form_forget_score)
+    check = check_gates(model_version.tags, max_forget_score, min_utility_ratio, max_form_forget_score)
     if not check.passed and not force:
         raise RRError(f"{name} version {version} is refused as {CHAMPION}:\n  " + "\n  ".join(check.lines)
                       + "\n(fix the model, change tracking.gates, or --force --reason \"...\")")
     now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     stamp = {"rr.promoted_by": getpass.getuser(), "rr.promoted_at": now, "rr.promotion_gates":
              json.dumps({"max_forget_score": max_forget_score, "min_utility_ratio": min_utility_ratio,
-                         "max_worst_form_forget_score": max_worst_form_forget_score})}
+                         "max_form_forget_score": max_form_forget_score})}
     if not check.passed:
         stamp.update({"rr.promotion_forced": "true", "rr.promotion_reason": reason.strip(),
                       "rr.promotion_failed_gates": "; ".join(line for line in check.lines if "FAIL" in line)})
