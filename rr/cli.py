@@ -187,7 +187,7 @@ def evaluate(config: Optional[Path] = ConfigOption, output: Optional[Path] = Out
             for weighted in Ledger.load(ledger).resolve(ledger.parent):
                 composed.append(weighted.pem, weighted.merge_weight)
         result = evaluation_dict(job.task.evaluate(job.generator, split))
-        if ledger is not None and result.get("forms"):  # per form, against the base model
+        if ledger is not None and composed.entries and result.get("forms"):  # per form, against the base model
             composed.detach()
             base = evaluation_dict(job.task.evaluate(job.generator, split))
         result, table = with_form_report(result, base, job.task)

@@ -118,7 +118,7 @@ class GeneratorReplica:
         width, pad = max(len(e) for e in encoded), g.tokenizer.pad_token_id
         input_ids = torch.tensor([[pad] * (width - len(e)) + e for e in encoded], device=g.device)
         mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded], device=g.device)
-        return [g._text(ids, prompt, params.stop)
+        return [g._text(ids, params.stop, prompt)
                 for ids, prompt in zip(g.decode(input_ids, mask, params, list(request_seeds)), prompts)]
 
     def _run_vllm(self, groups: list[tuple]) -> list:

@@ -138,7 +138,8 @@ class HFGenerator:
             next_position = next_position + 1
         return (tokens, last_hidden) if return_last_hidden else tokens
 
-    def _text(self, token_ids: list[int], prompt: "str | Prompt", stop: tuple[str, ...] = ()) -> str:
+    def _text(self, token_ids: list[int], stop: tuple[str, ...] = (), prompt: "str | Prompt" = "") -> str:
+        """The answer's text: cut after the first stop string and tidied for its prompt (tidy_answer)."""
         ids = [t for t in token_ids if t not in self.stop_ids]
         text = self.tokenizer.decode(ids, skip_special_tokens=True)
         # Cut right after the first stop string, as vLLM does with include_stop_str_in_output.
@@ -166,7 +167,7 @@ class HFGenerator:
             token_lists = self.decode(input_ids, mask, params, [requests[k][3] for k in chunk])
             for k, token_ids in zip(chunk, token_lists):
                 i, j = requests[k][0], requests[k][1]
-                results[i][j] = self._text(token_ids, prompts[i], params.stop)
+                results[i][j] = self._text(token_ids, params.stop, prompts[i])
         return results
 
     @torch.no_grad()

@@ -73,13 +73,15 @@ def save_pyfunc(model_config, adapter_dir: Path, out_dir: Path, max_new_tokens: 
     shutil.rmtree(package.parent, ignore_errors=True)
     shutil.copytree(Path(rr.__file__).parent, package, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     signature = infer_signature(["a prompt"], ["an answer"], params={"max_new_tokens": max_new_tokens})
-    with warnings.catch_warnings():  # an input example would make MLflow load the base model just to save this
-        warnings.filterwarnings("ignore", message=".*An input example was not provided")  # (colored)
-        mlflow.pyfunc.save_model(str(out_dir), python_model=str(code), artifacts={"adapter": str(adapter_dir)},
-                                 model_config={k: v for k, v in spec.items() if v is not None},
-                                 code_paths=[str(package)], pip_requirements=requirements,
-                                 signature=signature, metadata={"rr_version": rr.__version__})
-    shutil.rmtree(package.parent, ignore_errors=True)
+    try:
+        with warnings.catch_warnings():  # an input example would make MLflow load the base model just to save this
+            warnings.filterwarnings("ignore", message=".*An input example was not provided")  # (colored)
+            mlflow.pyfunc.save_model(str(out_dir), python_model=str(code), artifacts={"adapter": str(adapter_dir)},
+                                     model_config={k: v for k, v in spec.items() if v is not None},
+                                     code_paths=[str(package)], pip_requirements=requirements,
+                                     signature=signature, metadata={"rr_version": rr.__version__})
+    finally:
+        shutil.rmtree(package.parent, ignore_errors=True)
     return out_dir
 
 
