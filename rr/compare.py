@@ -15,6 +15,7 @@ from dataclasses import asdict
 from typing import Callable
 
 from rr.config import CompareConfig
+from rr.core.prompt import prompt_to_json
 from rr.methods import MethodRun, ReleaseData, get_method
 
 
@@ -49,7 +50,7 @@ def comparison_data(job, config: CompareConfig, progress: Callable[[str], None])
 def data_fingerprint(data: ReleaseData) -> dict:
     digest = hashlib.sha256()
     for example in data.forget:
-        digest.update(json.dumps([example.prompt, example.response]).encode())
+        digest.update(json.dumps([prompt_to_json(example.prompt), example.response]).encode())
     return {"source": data.source, "forget_examples": len(data.forget), "forget_sha256": digest.hexdigest(),
             "retain_examples": len(data.retain)}
 

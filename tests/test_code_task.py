@@ -120,7 +120,7 @@ def test_contexts_show_the_first_test_and_exemplars_show_solutions():
     assert code_prompt(problem).endswith("Your code should pass this test:\n" + problem.tests[0])
     exemplars = task.exemplars()
     assert len(exemplars) == len(task.contexts("reveal"))
-    reveal_prompts = {c.prompt for c in task.contexts("reveal")}
+    reveal_prompts = {as_prompt(c.prompt).user for c in task.contexts("reveal")}  # exemplars show the user turn
     for example in exemplars:
         assert example.prompt in reveal_prompts
         assert example.response.startswith("```python\n") and example.response.endswith("```")

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from rr.core.prompt import Prompt, Turn
+from rr.core.prompt import Prompt, Turn, as_prompt
 from rr.tasks.code import CodeTask, CodeTaskConfig
 from rr.tasks.code_problems import CodeProblem, load_builtin_problems
 from rr.tasks.code_forms import (CODE_FORMS, COMPLETION_STOP, DEVELOPMENT_FORMS, FEW_SHOT_EXAMPLES, FORMS_BY_SPLIT,
@@ -40,9 +40,8 @@ def reference_body(problem: CodeProblem) -> str:
 
 # ---- the form split -------------------------------------------------------------------------
 
-def _one_user_turn(form: str) -> bool:
-    prompt = CODE_FORMS[form].prompt(load_builtin_problems()[0])
-    return not prompt.is_completion and len(prompt.messages) == 1
+def _is_chat(form: str) -> bool:
+    return not CODE_FORMS[form].prompt(load_builtin_problems()[0]).is_completion
 
 
 def test_form_split_is_disjoint_covers_every_form_and_holds_out_at_least_three():
@@ -51,9 +50,8 @@ def test_form_split_is_disjoint_covers_every_form_and_holds_out_at_least_three()
     assert set(DEVELOPMENT_FORMS) | set(HELD_OUT_FORMS) == set(CODE_FORMS)
     assert len(HELD_OUT_FORMS) >= 3
     assert FORMS_BY_SPLIT["validation"] == DEVELOPMENT_FORMS
-    # Reveal's contexts are one user turn each: the development forms that are one (no system, shots or raw text)
-    assert set(FORMS_BY_SPLIT["reveal"]) <= set(DEVELOPMENT_FORMS)
-    assert FORMS_BY_SPLIT["reveal"] == tuple(name for name in DEVELOPMENT_FORMS if _one_user_turn(name))
+    # Reveal's contexts take an instruction before their user turn: the development forms that are chats
+    assert FORMS_BY_SPLIT["reveal"] == tuple(name for name in DEVELOPMENT_FORMS if _is_chat(name))
     assert set(FORMS_BY_SPLIT["test"]) == set(CODE_FORMS)
 
 
@@ -67,7 +65,8 @@ def test_held_out_forms_never_reach_reveal_or_validation_items(quickstart_task):
     contexts = quickstart_task.contexts("reveal")
     assert [c.id for c in contexts] == [item.id for item in quickstart_task.form_items("reveal")]
     held_out_prompts = {CODE_FORMS[form].prompt(p).user for p in load_builtin_problems() for form in HELD_OUT_FORMS}
-    assert not {c.prompt for c in contexts + quickstart_task.contexts("validation")} & held_out_prompts
+    asked = {as_prompt(c.prompt).user for c in contexts + quickstart_task.contexts("validation")}
+    assert not asked & held_out_prompts
 
 
 def test_each_test_form_gets_twenty_items_from_the_quickstart_test_problems(quickstart_task):

@@ -79,6 +79,12 @@ class Prompt:
         """A raw completion: `text` is what the model continues, with no chat template."""
         return cls(completion=text)
 
+    def with_user(self, text: str) -> "Prompt":
+        """The same chat with its last user turn replaced by `text` (e.g. an instruction put before it)."""
+        if self.completion is not None:
+            raise ValueError("Prompt.with_user: a raw completion has no user turn")
+        return Prompt(messages=self.messages[:-1] + (Turn("user", text),))
+
     # ---- reading ----------------------------------------------------------------------------
 
     @property
@@ -163,3 +169,17 @@ def as_prompt(prompt: "str | Prompt", system: str | None = None) -> Prompt:
     if not isinstance(prompt, str):
         raise TypeError(f"a prompt must be a str (one user turn) or a Prompt, got {type(prompt).__name__}")
     return Prompt.chat(prompt, system=system or None)
+
+
+def prompt_to_json(prompt: "str | Prompt") -> "str | dict[str, Any]":
+    """A prompt as stored in JSON (forget records): a str stays a str; a Prompt becomes Prompt.to_json()."""
+    return prompt.to_json() if isinstance(prompt, Prompt) else prompt
+
+
+def prompt_from_json(value: Any) -> "str | Prompt":
+    """prompt_to_json's inverse; ValueError names what is wrong with anything else."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, Mapping):
+        return Prompt.from_json(value)
+    raise ValueError(f"a stored prompt must be a string or a {{messages|completion}} object, got {type(value).__name__}")

@@ -7,6 +7,7 @@ import time
 from dataclasses import asdict
 from typing import Callable
 
+from rr.core.prompt import prompt_from_json
 from rr.evaluation.analysis import pem_similarity
 from rr.evaluation.forms import form_markdown, form_report, is_form_metric
 from rr.evaluation.report import plot_steps, write_step_table
@@ -24,7 +25,7 @@ def load_forget_examples(job) -> list[Example]:
     if not path.exists() or not (job.dir / "reveal" / "manifest.json").exists():
         raise RRError(f"{path}: no finished forget set; run `rr reveal` (or `rr run`) with this config first")
     records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [Example(r["prompt"], r["response"]) for r in records]
+    return [Example(prompt_from_json(r["prompt"]), r["response"]) for r in records]
 
 
 def single_negation_baseline(job, loop: ReleaseLoop, target_forget_score: float, progress) -> dict:

@@ -19,6 +19,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from rr.core.prompt import Prompt, prompt_to_json
 from rr.errors import RRError
 from rr.generation.base import request_seed
 from rr.reveal.bandit import NeuralUCB
@@ -40,9 +41,14 @@ def largest_generate_call(config, n_contexts: int) -> int:
     return max(per_round, config.finalists * n_contexts) * config.samples_per_context
 
 
-def instruction_prompt(instruction: str, context: Context) -> str:
-    """How an instruction and a context make one user turn."""
-    return f"{instruction}\n\n{context.prompt}" if instruction else context.prompt
+def instruction_prompt(instruction: str, context: Context) -> "str | Prompt":
+    """How an instruction and a context make the prompt: the instruction goes before the context's user turn
+    (a chat context keeps its system turn and few-shot turns)."""
+    if not instruction:
+        return context.prompt
+    if isinstance(context.prompt, Prompt):
+        return context.prompt.with_user(f"{instruction}\n\n{context.prompt.user}")
+    return f"{instruction}\n\n{context.prompt}"
 
 
 @dataclass
@@ -329,7 +335,8 @@ class RevealSearch:
         for (context, sample, text, seed), rel in zip(rows, relevances[best_index]):
             if self.config.min_relevance is not None and rel < self.config.min_relevance:
                 continue
-            records.append({"context_id": context.id, "prompt": context.prompt, "instruction": best.instruction,
+            records.append({"context_id": context.id, "prompt": prompt_to_json(context.prompt),
+                            "instruction": best.instruction,
                             "response": text, "relevance": float(rel), "outer_loop": loop, "sample": sample,
                             "seed": seed})
         return best, records

@@ -12,10 +12,11 @@ SPLITS = ("reveal", "validation", "test")
 
 @dataclass(frozen=True)
 class Context:
-    """One generation context: a user prompt that Reveal answers under an instruction."""
+    """One generation context: a user prompt (or a chat Prompt, whose last user turn gets the instruction)
+    that Reveal answers under an instruction."""
 
     id: str
-    prompt: str
+    prompt: str | Prompt
 
 
 @dataclass(frozen=True)

@@ -198,8 +198,14 @@ class CodeTask:
     # ---- the Task protocol ----------------------------------------------------------------
 
     def contexts(self, split: str) -> list[Context]:
-        """One context per (problem, form) item; Reveal's forms are one user turn each (FORMS_BY_SPLIT)."""
-        return [Context(id=item.id, prompt=item.prompt().user) for item in self.form_items(split)]
+        """One context per (problem, form) item: a one-turn form as its user text, any other form as its
+        Prompt (Reveal's forms are the chat forms, FORMS_BY_SPLIT: a raw completion takes no instruction)."""
+        contexts = []
+        for item in self.form_items(split):
+            prompt = item.prompt()
+            single_turn = not prompt.is_completion and len(prompt.messages) == 1
+            contexts.append(Context(id=item.id, prompt=prompt.user if single_turn else prompt))
+        return contexts
 
     def exemplars(self) -> list[Example]:
         """Reveal's contexts with their problems' reference solutions, in split order; Reveal shows the first

@@ -372,10 +372,11 @@ so a forget PEM that only learned to break the development wordings shows up on 
 HELD_OUT_FORMS: tuple[str, ...] = ("spec-list", "casual", "french", "raw-comment")
 """Forms that appear only in the test split (never in Reveal's contexts, validation or training data)."""
 
-REVEAL_FORMS: tuple[str, ...] = ("mbpp", "plain", "complete-docstring")
-"""The development forms Reveal's contexts use: those that are one user turn. Reveal puts its instruction
-before the context in that turn, and the forget set pairs the context with the answer, so a system role,
-few-shot turns or a raw completion have no place to go there; validation and the test split use them all."""
+REVEAL_FORMS: tuple[str, ...] = ("mbpp", "plain", "complete-docstring", "system-role", "few-shot")
+"""The development forms Reveal's contexts use: the chat forms. Reveal puts its instruction before the
+context's user turn (a system turn and few-shot turns stay as they are), and the forget set pairs the
+context with the answer; a raw completion has no user turn for an instruction, so raw-docstring is asked
+on validation and the test split only."""
 
 FORMS_BY_SPLIT: dict[str, tuple[str, ...]] = {
     "reveal": REVEAL_FORMS,
