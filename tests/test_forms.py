@@ -407,3 +407,15 @@ def test_forms_are_not_dealt_to_fixed_groups_of_problems(quickstart_task):
     for first in CODE_FORMS:
         for second in CODE_FORMS:
             assert any({first, second} <= forms for forms in by_problem.values()), (first, second)
+
+
+def test_task_forms_restricts_every_split_and_refuses_a_list_a_split_cannot_ask():
+    from pydantic import ValidationError
+
+    task = CodeTask(CodeTaskConfig(**SMALL_FORMS, forms=["mbpp", "casual"]), seed=0)
+    assert {i.form for i in task.form_items("reveal")} == {i.form for i in task.form_items("validation")} == {"mbpp"}
+    assert {i.form for i in task.form_items("test")} == {"mbpp", "casual"}
+    assert all(isinstance(e.prompt, str) for e in task.retain_examples())  # no framed form listed: no framing
+    for bad, message in ((["casual"], "reveal split"), (["mbpp", "nope"], "nope"), (["mbpp", "mbpp"], "once")):
+        with pytest.raises(ValidationError, match=message):
+            CodeTaskConfig(forms=bad)

@@ -25,7 +25,7 @@ from rr.errors import RRError
 from rr.evaluation.metrics import wilson_interval
 from rr.tasks.arithmetic import ArithmeticItem, arithmetic_prompt, generate_arithmetic_splits, is_correct
 from rr.tasks.base import SPLITS, Context, Evaluation, Example, ModelHandle, SamplingParams
-from rr.tasks.code_forms import (FORMS_BY_SPLIT, FRAMED_FORMS, HELD_OUT_FORMS, FormItem, form_items, framed_like,
+from rr.tasks.code_forms import (CODE_FORMS, FORMS_BY_SPLIT, FRAMED_FORMS, HELD_OUT_FORMS, FormItem, form_items, framed_like,
                                  has_parts)
 from rr.tasks.code_problems import (BUILTIN_PROBLEMS, CODE_STOP, GENERAL_TEXT, CodeProblem, check_program,
                                     code_likeness, code_prompt, load_builtin_problems, load_general_text)
@@ -61,6 +61,9 @@ class CodeTaskConfig(BaseModel):
         40, ge=0, le=10_000, description="test split: arithmetic test items asked in two wordings no split uses")
     retain_in_forms: bool = Field(True, description="frame two in three retain items as the system-role and "
                                                     "few-shot development forms frame a coding request")
+    forms: list[str] | None = Field(
+        None, description="the forms to ask (rr/tasks/code_forms.py); default all ten. Each split asks those of "
+                          "its forms listed here, so the list needs a form Reveal and validation use (e.g. mbpp)")
     forget_decision: Literal["pooled", "worst-form"] = Field(
         "pooled", description="the forget score of a split: pass@1 pooled over the items of all its forms, or "
                               "the highest pass@1 of any one form (the form that forgot least)")
@@ -70,6 +73,19 @@ class CodeTaskConfig(BaseModel):
     min_test_items_per_form: int = Field(
         20, ge=1, le=10_000, description="the same on the test split, over development and held-out forms (a "
                                          "counted test form needs 20)")
+
+    @model_validator(mode="after")
+    def _known_forms(self) -> "CodeTaskConfig":
+        if self.forms is not None:
+            unknown = [f for f in self.forms if f not in CODE_FORMS]
+            if unknown or not self.forms or len(set(self.forms)) != len(self.forms):
+                raise ValueError(f"task.forms: {unknown or self.forms} — list each form once, from "
+                                 f"{', '.join(CODE_FORMS)}")
+            for split in SPLITS:
+                if not set(FORMS_BY_SPLIT[split]) & set(self.forms):
+                    raise ValueError(f"task.forms: none of {self.forms} is asked on the {split} split; add one of "
+                                     f"{', '.join(FORMS_BY_SPLIT[split])}")
+        return self
 
     @model_validator(mode="after")
     def _mbpp_plus_needs_hf(self) -> "CodeTaskConfig":
@@ -193,7 +209,7 @@ class CodeTask:
         split = _check_split(split)
         minimum = {"reveal": 1, "validation": self.config.min_validation_items_per_form,
                    "test": self.config.min_test_items_per_form}[split]
-        return form_items(self._problems[split], split, minimum)
+        return form_items(self._problems[split], split, minimum, self.config.forms)
 
     # ---- the Task protocol ----------------------------------------------------------------
 
@@ -227,13 +243,15 @@ class CodeTask:
 
     def retain_examples(self) -> list[Example]:
         """Worked answers to the retain arithmetic items. With retain_in_forms, items 3k+1 and 3k+2 are framed as
-        the system-role and few-shot development forms frame a coding request (code_forms.framed_like), so the
-        retain PEM keeps non-code answers in the framings the forget data's forms share."""
+        the system-role and few-shot development forms frame a coding request (code_forms.framed_like; only
+        the framings of task.forms), so the retain PEM keeps non-code answers in the forget data's framings."""
+        framings = [f for f in FRAMED_FORMS if self.config.forms is None or f in self.config.forms]
         examples = []
         for index, item in enumerate(self._retain):
             prompt = arithmetic_prompt(item.question)
-            if self.config.retain_in_forms and index % 3:
-                prompt = framed_like(FRAMED_FORMS[index % 3 - 1], prompt)
+            slot = index % (len(framings) + 1)
+            if self.config.retain_in_forms and slot:
+                prompt = framed_like(framings[slot - 1], prompt)
             examples.append(Example(prompt=prompt, response=item.solution))
         return examples
 
@@ -256,7 +274,8 @@ class CodeTask:
         accuracy = correct / n_arith if n_arith else 0.0
         perplexity = float(model.perplexity(self._paragraphs))
 
-        forms: dict[str, list[int]] = {name: [0, 0] for name in FORMS_BY_SPLIT[split]}
+        forms: dict[str, list[int]] = {name: [0, 0] for name in FORMS_BY_SPLIT[split]
+                                       if c.forms is None or name in c.forms}
         for item, result in zip(items, code_results):
             forms[item.form][0] += int(result.passed)
             forms[item.form][1] += 1

@@ -421,19 +421,24 @@ def forms_per_problem(n_problems: int, n_forms: int, min_items_per_form: int) ->
     return max(1, min(n_forms, math.ceil(min_items_per_form * n_forms / n_problems)))
 
 
-def form_items(problems: Sequence[CodeProblem], split: str, min_items_per_form: int | None = None) -> list[FormItem]:
+def form_items(problems: Sequence[CodeProblem], split: str, min_items_per_form: int | None = None,
+               only: Sequence[str] | None = None) -> list[FormItem]:
     """The (problem, form) items of a split, in problem order.
 
     Only the split's forms are used (held-out forms only on "test"). Each problem is asked in k distinct
     forms: those with the fewest items so far, ties broken by a generator seeded with the split's name, so
     the forms' item counts differ by at most one and forms are not dealt to fixed groups of problems (a
-    plain rotation with k dividing F would ask even problems the first five forms and odd ones the rest). k is the least that gives every form
-    `min_items_per_form` items (MIN_ITEMS_PER_FORM by default), at most every form. With the
-    quickstart's 40 test problems and 10 forms: k = 5, 20 items per form.
+    plain rotation with k dividing F would ask even problems the first five forms and odd ones the rest).
+    k is the least that gives every form `min_items_per_form` items (MIN_ITEMS_PER_FORM by default), at
+    most every form. With the quickstart's 40 test problems and 10 forms: k = 5, 20 items per form.
+    `only` keeps the split's forms named there (task.forms).
     """
     if split not in SPLITS:
         raise ValueError(f"form_items: unknown split {split!r}; choose one of {SPLITS}")
-    forms = FORMS_BY_SPLIT[split]
+    forms = tuple(f for f in FORMS_BY_SPLIT[split] if only is None or f in only)
+    if not forms:
+        raise ValueError(f"form_items: none of the forms {list(only or [])} is asked on the {split} split "
+                         f"(its forms: {', '.join(FORMS_BY_SPLIT[split])})")
     minimum = MIN_ITEMS_PER_FORM[split] if min_items_per_form is None else min_items_per_form
     if minimum < 1:
         raise ValueError(f"form_items: min_items_per_form must be ≥ 1, got {minimum}")
