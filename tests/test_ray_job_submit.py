@@ -224,7 +224,7 @@ def test_finished_job_resubmitted_with_a_tracking_server_records_its_run_there(r
             assert_succeeded(run)
         for name in ("outbox.jsonl", "rejected.jsonl"):  # every record reached the server and none was refused
             assert not left(name), f"{name}: {left(name)[-2000:]}\njob log: {run['log']}"
-        client = MlflowClient(server.uri)
+        client = MlflowClient(server.uri, registry_uri=server.uri)  # else MLflow 3 reads ./mlflow.db for the registry
         runs = client.search_runs([client.get_experiment_by_name("rr").experiment_id])
         top = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
         assert len(top) == 1 and top[0].info.status == "FINISHED"
