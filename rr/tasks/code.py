@@ -274,8 +274,7 @@ class CodeTask:
         accuracy = correct / n_arith if n_arith else 0.0
         perplexity = float(model.perplexity(self._paragraphs))
 
-        forms: dict[str, list[int]] = {name: [0, 0] for name in FORMS_BY_SPLIT[split]
-                                       if c.forms is None or name in c.forms}
+        forms: dict[str, list[int]] = {name: [0, 0] for name in FORMS_BY_SPLIT[split]}  # in registry order
         for item, result in zip(items, code_results):
             forms[item.form][0] += int(result.passed)
             forms[item.form][1] += 1
