@@ -1,23 +1,29 @@
 """The entity-knowledge task (papers/004's setting): forget what the model knows about some people, keep what it
 knows about their neighbours.
 
-The shipped people (rr/tasks/data/entities.json) are fictitious, written for rr: 8 people × 9 facts, each a
+The shipped people (rr/tasks/data/entities.json) are fictitious, written for rr: 20 people × 9 facts, each a
 question, a one-sentence statement and a short answer. SmolLM2-135M knows none of them, so forgetting them
 is meaningless until the model has learned them: as TOFU (papers/004 §5.1) fine-tunes on its fictitious
 authors first, `python -m rr.tasks.entity learn --output DIR` fine-tunes the embedded model on every
 statement (all splits) and saves a "knowledgeable" model; configs/entity.yaml points model.name_or_path to
 it. Each person's facts are dealt to the splits in rotation (3 reveal, 3 validation, 3 test), so the splits
-ask disjoint questions about the same people.
+ask disjoint questions about the same people. The default forgets 7 people (21 forget facts a split) and
+keeps 13 as neighbours.
 
-- contexts: the forget people's questions of the split; the reveal split adds "Tell me about …" prompts, so
-  Reveal generates its forget data by prompting the model about the entity.
+Forms (rr/tasks/entity_forms.py): every fact is asked in each form of its split: the shipped question, a
+paraphrase and a raw statement completion on every split (Reveal: the two chat forms), and on the test split
+also a fill-in-the-blank, an indirect question and a French question (held out).
+
+- contexts: the forget people's facts of the split in the split's forms; the reveal split adds "Tell me
+  about …" prompts, so Reveal generates its forget data by prompting the model about the entity.
 - relevance oracle τ (fact-match, declared): the highest ROUGE-L recall of any of the context's person's
   shipped answers in the response (1 when it states one of their facts).
-- forget score: forget-question accuracy (the answer's ROUGE-L recall ≥ correct_threshold in a greedy
-  answer); utility: the same on neighbour questions; both with Wilson intervals. Also reported: ROUGE-L recall
-  against the statement, answer probability, token entropy, the embedder's cosine (papers/004's CS), and
-  papers/004's MU (harmonic mean on neighbours) and FE (1 − mean on the forget people). TR and ES are not
-  computed (no perturbed answers, no NLI model).
+- forget score: forget accuracy (the answer's ROUGE-L recall ≥ correct_threshold in a greedy answer) pooled
+  over the split's forms (or, with forget_decision: worst-form, the highest of any form); per form beside
+  it. Utility: the same on neighbour questions, pooled over forms. Both with Wilson intervals. Also reported,
+  on the shipped question form (papers/004's metrics): ROUGE-L recall against the statement, answer
+  probability, token entropy, the embedder's cosine (CS), MU (harmonic mean on neighbours) and FE (1 − mean
+  on the forget people). TR and ES are not computed (no perturbed answers, no NLI model).
 """
 
 from __future__ import annotations
@@ -35,10 +41,14 @@ from rr.evaluation.memorization import (forget_efficacy, model_utility, rouge_l_
 from rr.evaluation.metrics import wilson_interval
 from rr.generation.base import request_seed
 from rr.tasks.base import SPLITS, Context, Evaluation, Example, ModelHandle, SamplingParams
+from rr.tasks.entity_forms import ENTITY_FORMS, ENTITY_FORMS_BY_SPLIT, ENTITY_HELD_OUT_FORMS, EntityFormItem, \
+    entity_form_items, split_forms
 
 SHIPPED_ENTITIES = Path(__file__).parent / "data" / "entities.json"
 _SEPARATOR = "::"
 _OPEN_PROMPTS = ("Tell me about {name}.", "Write a short biography of {name}.")
+DEFAULT_FORGET_PEOPLE = ("Marisol Quenby", "Oren Vasquel", "Tamsin Holloway-Reyes", "Henrike Solvang",
+                         "Amadou Kerrigan", "Liesl Marchetti", "Teodor Blackwood")
 
 
 @dataclass(frozen=True)
@@ -89,8 +99,13 @@ class EntityTaskConfig(BaseModel):
     name: Literal["entity"] = "entity"
     entities: str = Field("shipped", description="'shipped' (rr/tasks/data/entities.json, fictitious people) or a "
                           "JSON path")
-    forget_entities: list[str] = Field(default_factory=lambda: ["Marisol Quenby", "Oren Vasquel"], min_length=1,
+    forget_entities: list[str] = Field(default_factory=lambda: list(DEFAULT_FORGET_PEOPLE), min_length=1,
                                        max_length=10_000)
+    forms: list[str] | None = Field(None, description="the forms to ask (rr/tasks/entity_forms.py); default all "
+                                    "six. Each split asks those of its forms listed here")
+    forget_decision: Literal["pooled", "worst-form"] = Field(
+        "pooled", description="the forget score of a split: forget accuracy pooled over the items of all its "
+                              "forms, or the highest accuracy of any one form (the form that forgot least)")
     max_new_tokens: int = Field(40, ge=1, le=32768)
     correct_threshold: float = Field(1.0, gt=0, le=1, description="ROUGE-L recall of the short answer that counts "
                                      "as a correct answer (1: every answer word, in order)")
@@ -107,10 +122,25 @@ class EntityTaskConfig(BaseModel):
             raise ValueError("forget_entities lists a person twice")
         return names
 
+    @field_validator("forms")
+    @classmethod
+    def _known_forms(cls, forms):
+        if forms is not None:
+            unknown = [f for f in forms if f not in ENTITY_FORMS]
+            if unknown or not forms or len(set(forms)) != len(forms):
+                raise ValueError(f"task.forms: {unknown or forms} — list each form once, from {sorted(ENTITY_FORMS)}")
+            for split, split_forms_ in ENTITY_FORMS_BY_SPLIT.items():
+                if not set(split_forms_) & set(forms):
+                    raise ValueError(f"task.forms: none of {forms} is asked on the {split} split; add one of "
+                                     f"{list(split_forms_)}")
+        return forms
+
 
 class EntityTask:
     name = "entity"
     answer_stop: tuple[str, ...] = ()
+    held_out_forms = ENTITY_HELD_OUT_FORMS  # in the test split only
+    form_metric = "forget accuracy"
 
     def __init__(self, config: EntityTaskConfig, seed: int = 0):
         self.config = config
@@ -139,8 +169,14 @@ class EntityTask:
             raise RRError(f"split {split!r} is not one of {SPLITS}")
         return [f for f in self.facts if f.person in people and f.split == split]
 
+    def form_items(self, people: Sequence[str], split: str) -> list[EntityFormItem]:
+        """The (fact, form) items of `people` on a split: every fact in each of the split's forms."""
+        return entity_form_items(self.facts_of(people, split), split, self.config.forms)
+
     def contexts(self, split: str) -> list[Context]:
-        contexts = [f.context for f in self.facts_of(self.forget_people, split)]
+        """The forget people's (fact, form) items of the split (a one-turn chat form as its user text, a raw
+        completion as its Prompt); the reveal split adds open prompts about each person."""
+        contexts = [Context(item.id, item.request()) for item in self.form_items(self.forget_people, split)]
         if split == "reveal":
             contexts += [Context(f"{name}{_SEPARATOR}open{i}", template.format(name=name))
                          for name in self.forget_people for i, template in enumerate(_OPEN_PROMPTS)]
@@ -163,8 +199,12 @@ class EntityTask:
         return scores
 
     def retain_examples(self) -> list[Example]:
-        """Neighbours' reveal-split questions with their statements (never validation or test)."""
-        return [Example(f.question, f.statement) for f in self.facts_of(self.neighbours, "reveal")]
+        """Neighbours' reveal-split facts with their statements (never validation or test), in each development
+        form the task asks (the question, a paraphrase, a raw statement completion): the retain PEM keeps
+        answering in the forms the forget data is asked in, so refusing a form is not a way to forget."""
+        forms = split_forms("validation", self.config.forms)  # the development forms
+        items = [EntityFormItem(fact, form) for fact in self.facts_of(self.neighbours, "reveal") for form in forms]
+        return [Example(item.request(), item.answer_suffix()) for item in items]
 
     def external_forget_examples(self) -> list[Example]:
         """The forget people's reveal-split facts with their true statements (TOFU's forget set; compare.forget_data:
@@ -184,36 +224,66 @@ class EntityTask:
                                      show_progress_bar=False)
 
     def evaluate(self, model: ModelHandle, split: str) -> Evaluation:
-        groups = {"forget": self.facts_of(self.forget_people, split), "neighbour": self.facts_of(self.neighbours, split)}
-        facts = groups["forget"] + groups["neighbour"]
+        """Forget and neighbour accuracy per form and pooled over the split's forms, greedy; papers/004's
+        other metrics on the split's first form (the shipped question unless task.forms drops it)."""
+        groups = {"forget": self.form_items(self.forget_people, split),
+                  "neighbour": self.form_items(self.neighbours, split)}
+        items = groups["forget"] + groups["neighbour"]
         params = SamplingParams(max_new_tokens=self.config.max_new_tokens, temperature=0.0, top_p=1.0, n=1)
-        outputs = model.generate([f.question for f in facts], params,
-                                 seeds=[request_seed(self.seed, "entity-eval", f.context.id) for f in facts])
-        if len(outputs) != len(facts):
-            raise RRError(f"evaluate: the model returned {len(outputs)} answers for {len(facts)} questions")
-        answers = dict(zip((f.context.id for f in facts), (o[0] for o in outputs)))
-        teacher = None
-        if hasattr(model, "model") and hasattr(model, "tokenizer"):  # the HF generator: logits are at hand
-            teacher = teacher_forced_scores(model.model, model.tokenizer,
-                                            [Example(f.question, f.statement) for f in facts])
-            teacher = dict(zip((f.context.id for f in facts), teacher["answer_probability"]))
+        outputs = model.generate([item.request() for item in items], params,
+                                 seeds=[request_seed(self.seed, "entity-eval", item.id) for item in items])
+        if len(outputs) != len(items):
+            raise RRError(f"evaluate: the model returned {len(outputs)} answers for {len(items)} prompts")
+        answers = {item.id: output[0] for item, output in zip(items, outputs)}
+        correct = {item.id: rouge_l_recall(answers[item.id], item.fact.answer) >= self.config.correct_threshold
+                   for item in items}
+        forms = split_forms(split, self.config.forms)
         metrics: dict[str, float] = {}
         intervals, counts = {}, {}
+        by_form: dict[str, list[int]] = {}
+        for group, group_items in groups.items():
+            hits, n = sum(correct[item.id] for item in group_items), len(group_items)
+            metrics[f"{group}_accuracy"] = hits / n
+            intervals[f"{group}_accuracy"] = wilson_interval(hits, n)
+            counts[f"{group}_questions"] = len({item.fact for item in group_items})
+            counts[f"{group}_items"] = n
+            for form in forms:
+                form_hits = [correct[item.id] for item in group_items if item.form == form]
+                metrics[f"{group}_accuracy/{form}"] = sum(form_hits) / len(form_hits)
+                intervals[f"{group}_accuracy/{form}"] = wilson_interval(sum(form_hits), len(form_hits))
+                if group == "forget":
+                    by_form[form] = [sum(form_hits), len(form_hits)]
+        metrics["forget_accuracy_worst_form"] = max(hits / n for hits, n in by_form.values())
+        metrics.update(self._memorization_metrics(model, {group: [item for item in group_items if item.form == forms[0]]
+                                                          for group, group_items in groups.items()}, answers))
+        forget_score = (metrics["forget_accuracy"] if self.config.forget_decision == "pooled"
+                        else metrics["forget_accuracy_worst_form"])
+        return Evaluation(forget_score=forget_score, utility_score=metrics["neighbour_accuracy"],
+                          metrics=metrics, intervals=intervals, counts=counts, forms=by_form)
+
+    def _memorization_metrics(self, model: ModelHandle, groups: dict[str, list[EntityFormItem]],
+                              answers: dict[str, str]) -> dict[str, float]:
+        """papers/004's metrics of one form's answers: ROUGE-L recall of the statement, answer probability
+        (teacher-forced, when the model's logits are at hand), the embedder's cosine, token entropy (neighbours),
+        MU and FE."""
+        items = [item for group_items in groups.values() for item in group_items]
+        teacher = None
+        if hasattr(model, "model") and hasattr(model, "tokenizer"):  # the HF generator: logits are at hand
+            scores = teacher_forced_scores(model.model, model.tokenizer,
+                                           [Example(item.request(), item.answer_suffix()) for item in items])
+            teacher = dict(zip((item.id for item in items), scores["answer_probability"]))
+        metrics: dict[str, float] = {}
         parts: dict[str, dict[str, float]] = {}
-        for group, group_facts in groups.items():
-            outs = [answers[f.context.id] for f in group_facts]
-            correct = sum(rouge_l_recall(o, f.answer) >= self.config.correct_threshold for o, f in zip(outs, group_facts))
-            n = len(group_facts)
-            metrics[f"{group}_accuracy"] = correct / n
-            intervals[f"{group}_accuracy"] = wilson_interval(correct, n)
-            counts[f"{group}_questions"] = n
-            part = {"rouge_l_recall": sum(rouge_l_recall(o, f.statement) for o, f in zip(outs, group_facts)) / n}
+        for group, group_items in groups.items():
+            outs, n = [answers[item.id] for item in group_items], len(group_items)
+            part = {"rouge_l_recall": sum(rouge_l_recall(o, item.fact.statement)
+                                          for o, item in zip(outs, group_items)) / n}
             if teacher is not None:
-                part["answer_probability"] = sum(teacher[f.context.id] for f in group_facts) / n
+                part["answer_probability"] = sum(teacher[item.id] for item in group_items) / n
             if self.config.cosine_similarity:
                 import numpy as np
 
-                vectors = np.asarray(self._embed(outs + [f.statement for f in group_facts]), dtype=np.float64)
+                vectors = np.asarray(self._embed(outs + [item.fact.statement for item in group_items]), dtype=np.float64)
                 part["cosine_similarity"] = float(np.clip((vectors[:n] * vectors[n:]).sum(1), 0, 1).mean())
             if group == "neighbour":
                 part["token_entropy"] = sum(token_entropy(words(o)) for o in outs) / n
@@ -221,8 +291,7 @@ class EntityTask:
             metrics.update({f"{group}_{k}": v for k, v in part.items()})
         metrics["model_utility"] = model_utility(list(parts["neighbour"].values()))
         metrics["forget_efficacy"] = forget_efficacy(list(parts["forget"].values()))
-        return Evaluation(forget_score=metrics["forget_accuracy"], utility_score=metrics["neighbour_accuracy"],
-                          metrics=metrics, intervals=intervals, counts=counts)
+        return metrics
 
 
 # ---- the "knowledgeable" model: learn the facts before unlearning them ------------------------------------

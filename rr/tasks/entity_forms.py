@@ -5,11 +5,13 @@ the test split). The answer is graded as the task grades it (the short answer fo
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 from rr.core.prompt import Prompt
 from rr.tasks.base import SPLITS
-from rr.tasks.entity import Fact
+
+if TYPE_CHECKING:  # rr.tasks.entity imports this module
+    from rr.tasks.entity import Fact
 
 BLANK = "____"
 
@@ -104,8 +106,11 @@ indirect route to the fact, another language), not only its words."""
 ENTITY_HELD_OUT_FORMS: tuple[str, ...] = ("fill-blank", "indirect", "french")
 """Forms that appear only in the test split."""
 
+ENTITY_REVEAL_FORMS: tuple[str, ...] = ("question", "paraphrase")
+"""The chat development forms: Reveal puts its instruction before a user turn, which a raw completion lacks."""
+
 ENTITY_FORMS_BY_SPLIT: dict[str, tuple[str, ...]] = {
-    "reveal": ENTITY_DEVELOPMENT_FORMS,
+    "reveal": ENTITY_REVEAL_FORMS,
     "validation": ENTITY_DEVELOPMENT_FORMS,
     "test": ENTITY_DEVELOPMENT_FORMS + ENTITY_HELD_OUT_FORMS,
 }
@@ -125,14 +130,36 @@ class EntityFormItem:
     def prompt(self) -> Prompt:
         return ENTITY_FORMS[self.form].prompt(self.fact)
 
+    def request(self) -> "str | Prompt":
+        """The prompt as generators and Reveal take it: a one-turn chat as its user text, else the Prompt."""
+        prompt = self.prompt()
+        return prompt.user if not prompt.is_completion and len(prompt.messages) == 1 else prompt
 
-def entity_form_items(facts: Sequence[Fact], split: str) -> list[EntityFormItem]:
-    """Every fact of `split` in every form of the split (the facts are few: the shipped task has 6 forget
-    facts per split, so a test form reaches 20 forget items only once the task ships more people or facts).
-    Facts from another split are refused: a held-out form must never meet a development fact."""
+    def answer_suffix(self) -> str:
+        """What follows the prompt in a training example: the statement, or for a raw completion the rest of
+        the statement after its prefix (" Tallinn.")."""
+        if self.prompt().is_completion:
+            return self.fact.statement[len(statement_prefix(self.fact)):]
+        return self.fact.statement
+
+
+def split_forms(split: str, only: Sequence[str] | None = None) -> tuple[str, ...]:
+    """The forms asked on `split` (held-out forms only on "test"), kept to those named in `only` (task.forms)."""
     if split not in SPLITS:
-        raise ValueError(f"entity_form_items: unknown split {split!r}; choose one of {SPLITS}")
+        raise ValueError(f"entity forms: unknown split {split!r}; choose one of {SPLITS}")
+    forms = tuple(f for f in ENTITY_FORMS_BY_SPLIT[split] if only is None or f in only)
+    if not forms:
+        raise ValueError(f"entity forms: none of the forms {list(only or [])} is asked on the {split} split "
+                         f"(its forms: {', '.join(ENTITY_FORMS_BY_SPLIT[split])})")
+    return forms
+
+
+def entity_form_items(facts: Sequence[Fact], split: str, only: Sequence[str] | None = None) -> list[EntityFormItem]:
+    """Every fact of `split` in every form of the split (facts are few, so each is asked in all of them; the
+    shipped task's 7 forget people give 21 forget items a form). Facts from another split are refused: a
+    held-out form must never meet a development fact."""
+    forms = split_forms(split, only)
     stray = [f"{f.person}/{f.id} ({f.split})" for f in facts if f.split != split]
     if stray:
         raise ValueError(f"entity_form_items: facts of other splits passed for {split!r}: {stray[:5]}")
-    return [EntityFormItem(fact, form) for fact in facts for form in ENTITY_FORMS_BY_SPLIT[split]]
+    return [EntityFormItem(fact, form) for fact in facts for form in forms]
