@@ -283,7 +283,8 @@ class EntityTask:
             if self.config.cosine_similarity:
                 import numpy as np
 
-                vectors = np.asarray(self._embed(outs + [item.fact.statement for item in group_items]), dtype=np.float64)
+                statements = [item.fact.statement for item in group_items]
+                vectors = np.asarray(self._embed(outs + statements), dtype=np.float64)
                 part["cosine_similarity"] = float(np.clip((vectors[:n] * vectors[n:]).sum(1), 0, 1).mean())
             if group == "neighbour":
                 part["token_entropy"] = sum(token_entropy(words(o)) for o in outs) / n
