@@ -336,7 +336,10 @@ def test_server_records_registers_and_promotes_by_gates(mlflow_server, tmp_path)
     # The champion generates text: base model + the job's composite adapter.
     from rr.tracking import load_registered
 
+    before = (mlflow.get_tracking_uri(), mlflow.get_registry_uri(), os.environ.get("MLFLOW_TRACKING_URI"))
     model = load_registered("models:/rr-code@champion", tracking_uri=uri)
+    # the caller's MLflow settings are its own: loading through `uri` leaves them as they were
+    assert (mlflow.get_tracking_uri(), mlflow.get_registry_uri(), os.environ.get("MLFLOW_TRACKING_URI")) == before
     answers = model.predict(["Write a Python function that returns the sum of two numbers."],
                             params={"max_new_tokens": 12})
     assert len(answers) == 1 and isinstance(answers[0], str) and answers[0].strip()

@@ -14,6 +14,7 @@ import mlflow.pyfunc
 import pandas as pd
 
 import rr
+from rr.errors import RRError
 
 
 class UnlearnedModel(mlflow.pyfunc.PythonModel):
@@ -89,14 +90,29 @@ def load_registered(model_uri: str, tracking_uri: str | None = None):
     """Load a registered rr model (`models:/NAME@champion`, `models:/NAME/3`) as a pyfunc that generates.
 
     `tracking_uri` (default: MLFLOW_TRACKING_URI) is where the registry is, e.g. sqlite:///runs/quickstart/mlflow.db.
+    The version is resolved and downloaded through that URI alone: MLflow's global tracking and registry URIs
+    (and MLFLOW_TRACKING_URI) of the calling process are left as they were.
     """
     if tracking_uri is None:
         return mlflow.pyfunc.load_model(model_uri)
-    saved_tracking, saved_registry = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
-    mlflow.set_tracking_uri(tracking_uri)
-    mlflow.set_registry_uri(tracking_uri)
-    try:
-        return mlflow.pyfunc.load_model(model_uri)
-    finally:
-        mlflow.set_tracking_uri(saved_tracking)
-        mlflow.set_registry_uri(saved_registry)
+    name, alias, number = _registered_reference(model_uri)
+    client = mlflow.MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    version = client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, number)
+    source = client.get_model_version_download_uri(name, version.version)
+    local = mlflow.artifacts.download_artifacts(artifact_uri=source, tracking_uri=tracking_uri,
+                                                registry_uri=tracking_uri)
+    return mlflow.pyfunc.load_model(local)
+
+
+def _registered_reference(model_uri: str) -> tuple[str, str | None, str | None]:
+    """models:/NAME@ALIAS → (NAME, ALIAS, None); models:/NAME/VERSION → (NAME, None, VERSION)."""
+    rest = model_uri.removeprefix("models:/") if model_uri.startswith("models:/") else None
+    if rest and "@" in rest:
+        name, alias = rest.rsplit("@", 1)
+        if name and alias and "/" not in name:
+            return name, alias, None
+    elif rest and "/" in rest:
+        name, number = rest.rsplit("/", 1)
+        if name and number.isdigit():
+            return name, None, number
+    raise RRError(f"load_registered: {model_uri!r} is not models:/NAME@ALIAS or models:/NAME/VERSION")
