@@ -92,3 +92,16 @@ class Task(Protocol):
 
     def evaluate(self, model: ModelHandle, split: str) -> Evaluation:
         """Forget score, utility score and the paper's metrics of `model` on `split` (greedy)."""
+
+
+def check_forms(forms: Sequence[str] | None, known: Sequence[str], by_split: dict[str, Sequence[str]]) -> None:
+    """task.forms: each a known form, listed once, and every split asking at least one of them."""
+    if forms is None:
+        return
+    unknown = [f for f in forms if f not in known]
+    if unknown or not forms or len(set(forms)) != len(forms):
+        raise ValueError(f"task.forms: {unknown or list(forms)} — list each form once, from {', '.join(known)}")
+    for split in SPLITS:
+        if not set(by_split[split]) & set(forms):
+            raise ValueError(f"task.forms: none of {list(forms)} is asked on the {split} split; add one of "
+                             f"{', '.join(by_split[split])}")

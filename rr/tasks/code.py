@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from rr.errors import RRError
 from rr.evaluation.metrics import wilson_interval
 from rr.tasks.arithmetic import ArithmeticItem, arithmetic_prompt, generate_arithmetic_splits, is_correct
-from rr.tasks.base import SPLITS, Context, Evaluation, Example, ModelHandle, SamplingParams
+from rr.tasks.base import SPLITS, Context, Evaluation, Example, ModelHandle, SamplingParams, check_forms
 from rr.tasks.code_forms import (CODE_FORMS, FORMS_BY_SPLIT, FRAMED_FORMS, HELD_OUT_FORMS, FormItem, form_items, framed_like,
                                  has_parts)
 from rr.tasks.code_problems import (BUILTIN_PROBLEMS, CODE_STOP, GENERAL_TEXT, CodeProblem, check_program,
@@ -76,15 +76,7 @@ class CodeTaskConfig(BaseModel):
 
     @model_validator(mode="after")
     def _known_forms(self) -> "CodeTaskConfig":
-        if self.forms is not None:
-            unknown = [f for f in self.forms if f not in CODE_FORMS]
-            if unknown or not self.forms or len(set(self.forms)) != len(self.forms):
-                raise ValueError(f"task.forms: {unknown or self.forms} — list each form once, from "
-                                 f"{', '.join(CODE_FORMS)}")
-            for split in SPLITS:
-                if not set(FORMS_BY_SPLIT[split]) & set(self.forms):
-                    raise ValueError(f"task.forms: none of {self.forms} is asked on the {split} split; add one of "
-                                     f"{', '.join(FORMS_BY_SPLIT[split])}")
+        check_forms(self.forms, list(CODE_FORMS), FORMS_BY_SPLIT)
         return self
 
     @model_validator(mode="after")

@@ -40,7 +40,7 @@ from rr.evaluation.memorization import (forget_efficacy, model_utility, rouge_l_
                                         token_entropy, words)
 from rr.evaluation.metrics import wilson_interval
 from rr.generation.base import request_seed
-from rr.tasks.base import SPLITS, Context, Evaluation, Example, ModelHandle, SamplingParams
+from rr.tasks.base import SPLITS, Context, Evaluation, Example, ModelHandle, SamplingParams, check_forms
 from rr.tasks.entity_forms import ENTITY_FORMS, ENTITY_FORMS_BY_SPLIT, ENTITY_HELD_OUT_FORMS, EntityFormItem, \
     entity_form_items, split_forms
 
@@ -125,14 +125,7 @@ class EntityTaskConfig(BaseModel):
     @field_validator("forms")
     @classmethod
     def _known_forms(cls, forms):
-        if forms is not None:
-            unknown = [f for f in forms if f not in ENTITY_FORMS]
-            if unknown or not forms or len(set(forms)) != len(forms):
-                raise ValueError(f"task.forms: {unknown or forms} — list each form once, from {sorted(ENTITY_FORMS)}")
-            for split, split_forms_ in ENTITY_FORMS_BY_SPLIT.items():
-                if not set(split_forms_) & set(forms):
-                    raise ValueError(f"task.forms: none of {forms} is asked on the {split} split; add one of "
-                                     f"{list(split_forms_)}")
+        check_forms(forms, list(ENTITY_FORMS), ENTITY_FORMS_BY_SPLIT)
         return forms
 
 
