@@ -61,7 +61,8 @@ def method_settings(job, config: CompareConfig, family: str) -> dict:
     if family == "ext_sub":  # its PEMs are trained as release.lora says; its α grid is its own
         return {"ext_sub": config.ext_sub.model_dump(mode="json"),
                 "lora": job.config.release.lora.model_dump(mode="json"),
-                "forget_fraction": job.config.release.forget_fraction}
+                "forget_fraction": job.config.release.forget_fraction,
+                "forget_utility_floor": job.config.release.forget_utility_floor}
     return blocks.get(family, job.config.release).model_dump(mode="json")
 
 

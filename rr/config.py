@@ -137,6 +137,9 @@ class ReleaseConfig(_Strict):
     retain_weights: list[Magnitude] = Field(default_factory=lambda: [0.3, 0.5, 1.0], min_length=1,
                                            max_length=MAX_WEIGHTS)
     forget_fraction: float = Field(0.9, gt=0, lt=1)
+    forget_utility_floor: float | None = Field(
+        None, gt=0, le=1, description="a forget weight qualifies only if its validation utility is at least this × the "
+        "base model's; unset: the paper's rule, whose rule 1 never looks at utility")
     recover_fraction: float = Field(0.95, gt=0, le=1)
     forget_bounce: float = Field(0.3, ge=0, le=MAX_SCORE, description="allowed absolute rise of the forget score in a λ step; "
                                  "0.3 admits every retain step of papers/002 Tables 7–9")

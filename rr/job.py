@@ -13,6 +13,7 @@ import numpy as np
 import yaml
 
 from rr.config import JobConfig, dump_config, read_yaml
+from rr.core.files import atomic_write_text
 from rr.errors import ConfigError, JobDirError, RRError
 
 log = logging.getLogger("rr")
@@ -68,15 +69,6 @@ def check_job_dir(path: Path) -> bool:
     return made_by_rr
 
 
-def write_private(path: Path, text: str) -> None:
-    """Write `path` atomically with mode 0600: job files can hold forget data."""
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        handle.write(text)
-    os.replace(tmp, path)
-
-
 def _with_current_defaults(saved: dict) -> dict:
     """A saved job config as this version of rr writes it: keys added since it was saved take their
     defaults, which keep the old behaviour, so upgrading rr does not refuse an unfinished job."""
@@ -102,14 +94,14 @@ class Job:
             try:
                 self.dir.mkdir(parents=True, mode=0o700)
                 os.chmod(self.dir, 0o700)  # ours: mkdir's mode passes through the umask
-                write_private(self.dir / JOB_DIR_MARKER, "made by rr: this job directory holds forget data\n")
+                atomic_write_text(self.dir / JOB_DIR_MARKER, "made by rr: this job directory holds forget data\n")
             except OSError as exc:
                 raise JobDirError(f"output_dir / --output: cannot create {self.dir} ({exc.strerror or exc}); choose a "
                                   "writable directory") from None
         elif made_by_rr and _others_can_access(self.dir.stat().st_mode):
             os.chmod(self.dir, 0o700)  # rr's own directory, opened up since: forget data lives here
         try:
-            write_private(self.dir / "config.yaml", current)
+            atomic_write_text(self.dir / "config.yaml", current)
         except OSError as exc:
             raise JobDirError(f"output_dir / --output {self.dir}: cannot write config.yaml ({exc.strerror or exc}); "
                               "choose a writable directory") from None
@@ -228,7 +220,7 @@ class Job:
     def write_json(self, relative: str, payload) -> Path:
         path = self.dir / relative
         path.parent.mkdir(parents=True, exist_ok=True)
-        write_private(path, json.dumps(payload, indent=2, default=str))
+        atomic_write_text(path, json.dumps(payload, indent=2, default=str))
         return path
 
     def read_json(self, relative: str):

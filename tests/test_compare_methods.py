@@ -8,14 +8,14 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from test_methods import FORGET, RETAIN, learned_model, learned_state  # noqa: F401 (fixture)
-from test_methods_part2 import _char_embed
-from test_pem import char_tokenizer, one_thread  # noqa: F401 (one_thread: autouse)
+from support import FORGET, RETAIN, char_embed, char_tokenizer, learned_model
 
 from rr.config import CompareConfig, FineTuneConfig, IcuConfig, RmuConfig, TargetedConfig
 from rr.methods import ReleaseData, get_method
 from rr.release.pem import response_loss
 from rr.tasks.base import Evaluation
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class ForgetLossTask:
@@ -39,7 +39,7 @@ def test_each_method_trains_and_scores_a_copy(name, learned_state, tmp_path: Pat
                             rmu=RmuConfig(layer=1, update_layers=[0, 1], steering_coefficient=10.0, retain_weight=1.0,
                                           learning_rate=1e-2, batch_size=4, epochs=3, max_length=64))
     task = ForgetLossTask(tokenizer)
-    job = SimpleNamespace(model=model, tokenizer=tokenizer, task=task, embed=_char_embed,
+    job = SimpleNamespace(model=model, tokenizer=tokenizer, task=task, embed=char_embed,
                           config=SimpleNamespace(compare=compare, seed=0, generation=SimpleNamespace(batch_size=4)))
     before = {k: v.clone() for k, v in model.state_dict().items()}
     base_loss = response_loss(model, tokenizer, FORGET, max_length=64)

@@ -1,6 +1,6 @@
 """`rr compare`'s table and trade-off plot from method results (no model needed)."""
 
-from rr.evaluation.report import _score_error, compare_rows, plot_tradeoff, write_compare_table
+from rr.evaluation.report import score_error, compare_rows, plot_tradeoff, write_compare_table
 
 
 def _evaluation(passed: int, correct: int, perplexity: float) -> dict:
@@ -61,8 +61,8 @@ def test_table_files_and_plot(tmp_path):
 
 def test_error_bars_come_from_the_rate_behind_each_score():
     evaluation = ROWS[0]["test"]
-    low, high = _score_error(evaluation, "forget_score")
+    low, high = score_error(evaluation, "forget_score")
     assert (evaluation["forget_score"] - low, evaluation["forget_score"] + high) == \
         tuple(evaluation["intervals"]["pass@1"])
     no_rate = {"forget_score": 0.3, "utility_score": 0.05, "metrics": {"perplexity": 20.0}, "intervals": {}}
-    assert _score_error(no_rate, "utility_score") is None
+    assert score_error(no_rate, "utility_score") is None

@@ -6,29 +6,16 @@ import json
 import pytest
 import torch
 from peft import PeftModel
+from support import tiny_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from rr.errors import RRError
 from rr.release.ledger import (ComposedModel, Ledger, LedgerEntry, Pem, WeightedPem, export_adapter, export_merged,
                                merged_state_dict, rank_sum_adapter)
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 TARGETS = ("q_proj", "v_proj")
-
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread; more only contend on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-def tiny_model(seed: int = 0) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    return LlamaForCausalLM(config).eval()
 
 
 def random_pem(model, name: str, rank: int, alpha: float, seed: int, targets=TARGETS, kind="forget") -> Pem:

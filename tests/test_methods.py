@@ -7,7 +7,7 @@ import pytest
 import torch
 from pydantic import ValidationError
 from torch.nn import functional as F
-from test_pem import char_tokenizer, one_thread, tiny_model  # noqa: F401 (one_thread: autouse, one thread per test)
+from support import FORGET, RETAIN, char_tokenizer, finetune, learned_model
 
 from rr.config import CompareConfig, FineTuneConfig, JobConfig, dump_config, load_config
 from rr.errors import RRError
@@ -15,11 +15,10 @@ from rr.methods import FINETUNE_METHODS, METHODS, get_method
 from rr.methods.finetune import objective, train_unlearning
 from rr.methods.losses import (ga_loss, kl_to_reference, me_loss, mean_entropy, nll_loss, npo_loss,
                                sequence_log_probs)
-from rr.release.pem import IGNORE_INDEX, collate, encode_examples, response_loss
-from rr.tasks.base import Example
+from rr.core.tokens import IGNORE_INDEX, collate, encode_examples
+from rr.release.pem import response_loss
 
-FORGET = [Example(f"what is {i} plus {i}?", f"it is {2 * i}.") for i in range(4)]
-RETAIN = [Example(f"spell {word}", word.upper()) for word in ("cat", "dog", "sun", "tree")]
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---- the losses on hand-checked logits -------------------------------------------------------------------
@@ -90,7 +89,7 @@ def test_npo_is_bounded_where_ga_is_not():
 
 # ---- registry and config ---------------------------------------------------------------------------------
 
-def test_registry_lists_the_fine_tuning_methods_of_issue_7():
+def test_registry_lists_the_fine_tuning_methods():
     assert set(FINETUNE_METHODS) == {"ga", "ga+gd", "ga+kl", "npo", "npo+gd", "npo+kl", "me+gd"}
     assert get_method("me+gd").forget_loss == "me" and get_method("me+gd").retain_loss == "gd"
     assert [name for name, m in METHODS.items() if m.needs_reference] == ["ga+kl", "npo", "npo+gd", "npo+kl"]
@@ -119,38 +118,6 @@ def test_compare_config_is_optional_typed_and_strict(tmp_path):
 
 
 # ---- a few steps on a tiny model -------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def learned_state():
-    """A tiny model fitted to the forget and retain answers, so there is something to unlearn."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # module fixtures start before `one_thread`; the fit depends on the thread count
-    torch.manual_seed(0)
-    tokenizer, model = char_tokenizer(), tiny_model()
-    batch = collate(encode_examples(tokenizer, FORGET + RETAIN, 64), tokenizer.pad_token_id)
-    model.requires_grad_(True)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for _ in range(60):
-        nll_loss(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
-                 batch["labels"]).backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    state = {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
-    model.load_state_dict(state)
-    torch.set_num_threads(threads)
-    assert response_loss(model, tokenizer, FORGET) < 0.3 and response_loss(model, tokenizer, RETAIN) < 0.1
-    return state
-
-
-def learned_model(state):
-    model = tiny_model()
-    model.load_state_dict(state)
-    return model
-
-
-def finetune(**overrides) -> FineTuneConfig:
-    return FineTuneConfig(**{"learning_rate": 1e-2, "batch_size": 4, "epochs": 10, **overrides})
-
 
 def forget_entropy(model, tokenizer) -> float:
     batch = collate(encode_examples(tokenizer, FORGET, 64), tokenizer.pad_token_id)

@@ -6,47 +6,18 @@ import sys
 import pytest
 import torch
 from pydantic import ValidationError
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from support import char_tokenizer, tiny_model
 
 from rr.config import LoraTrainingConfig
 from rr.errors import RRError
 from rr.release.ledger import ComposedModel, Pem
-from rr.release.pem import IGNORE_INDEX, encode_example, response_loss, train_pem
+from rr.core.tokens import IGNORE_INDEX, encode_example
+from rr.release.pem import response_loss, train_pem
 from rr.tasks.base import Example
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 EXAMPLES = [Example(f"what is {i} plus {i}?", f"it is {2 * i}.") for i in range(8)]
-
-
-def char_tokenizer() -> PreTrainedTokenizerFast:
-    """One token per printable character, with a two-role chat template."""
-    specials = ["<pad>", "<s>", "</s>", "<unk>", "<|user|>", "<|assistant|>", "\n"]
-    vocab = {t: i for i, t in enumerate(specials + [chr(c) for c in range(32, 127)])}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    backend.decoder = decoders.Fuse()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<s>",
-                                        eos_token="</s>", unk_token="<unk>")
-    tokenizer.add_special_tokens({"additional_special_tokens": ["<|user|>", "<|assistant|>"]})
-    tokenizer.chat_template = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>\n{% endfor %}"
-                               "{% if add_generation_prompt %}<|assistant|>{% endif %}")
-    return tokenizer
-
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread; more only contend on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-def tiny_model(seed: int = 0) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128))
-    return model.eval().requires_grad_(False)  # as rr loads models for inference
 
 
 def fingerprint(model):

@@ -254,7 +254,7 @@ def test_a_reveal_killed_inside_any_checkpoint_write_resumes_to_the_same_forget_
 
     full_state, full_records = reveal_search(tmp_path / "full").run()
     state_writes = len(full_state.evaluations) // 2 + 2 + 1  # rounds + outer loops + the finished flag, at most
-    real_write = search_module._atomic_write
+    real_write = search_module.atomic_write_text
     for kill_at in range(1, state_writes + 1):
         calls = {"state": 0}
 
@@ -266,13 +266,13 @@ def test_a_reveal_killed_inside_any_checkpoint_write_resumes_to_the_same_forget_
             real_write(path, text)
 
         directory = tmp_path / f"killed-{kill_at}"
-        monkeypatch.setattr(search_module, "_atomic_write", dies_before_the_state)
+        monkeypatch.setattr(search_module, "atomic_write_text", dies_before_the_state)
         try:
             reveal_search(directory).run()
             continue  # fewer state writes than this kill point
         except Killed:
             pass
-        monkeypatch.setattr(search_module, "_atomic_write", real_write)
+        monkeypatch.setattr(search_module, "atomic_write_text", real_write)
         state, records = reveal_search(directory).run()
         assert records == full_records, f"killed before state write {kill_at}"
         assert [(e.arm, e.score) for e in state.evaluations] == [(e.arm, e.score) for e in full_state.evaluations]

@@ -5,14 +5,16 @@ import math
 import numpy as np
 import pytest
 import torch
-from test_pem import char_tokenizer, one_thread, tiny_model  # noqa: F401 (one_thread: autouse)
+from support import char_tokenizer, tiny_model
 
 from rr.evaluation.memorization import (answer_probability, bleu, embedding_cosine, extraction_likelihood,
                                         forget_efficacy, memorization_accuracy, model_extraction_likelihood,
                                         model_utility, overlap_n, rouge_l_recall, teacher_forced_scores,
                                         token_entropy)
-from rr.release.pem import IGNORE_INDEX
+from rr.core.tokens import IGNORE_INDEX
 from rr.tasks.base import Example
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_rouge_l_recall_counts_the_longest_common_subsequence_of_reference_words():

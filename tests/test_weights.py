@@ -7,7 +7,7 @@ import pytest
 from rr.release.loop import nothing_left_to_forget, targets_met
 from rr.release.weights import (
     RULE_BEST_WITHIN_BOUNCE, RULE_FORGET_TARGET, RULE_NONE, RULE_RECOVER_TARGET, RULE_RELATIVE_DROP,
-    CandidateResult, candidate_grid, choose_forget_weight, choose_retain_weight, relative_drop,
+    CandidateResult, candidate_grid, choose_forget_weight, choose_retain_weight, relative_drop, utility_floor,
 )
 
 
@@ -45,6 +45,24 @@ def test_forget_rule_with_no_utility_left_compares_forget_scores_only():
     choice = choose_forget_weight([CandidateResult(1, 0.3, 0.0)], forget_ref=0.6, utility_ref=0.0)
     assert (choice.weight, choice.rule) == (1, RULE_RELATIVE_DROP)
     assert relative_drop(0.0, 0.3) == 0.0
+
+
+def test_forget_utility_floor_refuses_a_weight_that_meets_rule_1_by_wrecking_utility():
+    # The quickstart's step 3 (validation): μ = 1 removes every passing item but leaves utility 0.05 of a
+    # base 0.35. The paper's rule takes it; with a floor of 0.5 × base = 0.175 the next weight that keeps
+    # utility wins (here by rule 2), and the reason says how many were left out.
+    candidates = [CandidateResult(w, s, u) for w, s, u in [(0.5, 0.05, 0.30), (1, 0.0, 0.05), (2, 0.0, 0.01)]]
+    paper = choose_forget_weight(candidates, forget_ref=0.1, utility_ref=0.425)
+    assert (paper.weight, paper.rule) == (1, RULE_FORGET_TARGET)
+    floored = choose_forget_weight(candidates, forget_ref=0.1, utility_ref=0.425, utility_floor=0.5 * 0.35)
+    assert (floored.weight, floored.rule, floored.passed) == (0.5, RULE_RELATIVE_DROP, True)
+    assert "2 of 3 candidates left out for utility below the floor 0.1750" in floored.reason
+    assert [c.weight for c in floored.evaluated] == [0.5, 1, 2]  # the report still shows every candidate
+    nothing = choose_forget_weight(candidates[1:], forget_ref=0.1, utility_ref=0.425, utility_floor=0.175)
+    assert (nothing.weight, nothing.rule) == (None, RULE_NONE) and "left out" in nothing.reason
+    assert utility_floor(None, 0.35) is None and utility_floor(0.5, 0.35) == pytest.approx(0.175)
+    with pytest.raises(ValueError, match="utility_floor"):
+        choose_forget_weight(candidates, forget_ref=0.1, utility_ref=0.4, utility_floor=float("nan"))
 
 
 def test_rules_refuse_non_finite_scores():

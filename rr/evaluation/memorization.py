@@ -26,10 +26,12 @@ from __future__ import annotations
 import math
 import re
 from collections import Counter
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
-import torch
-from torch import Tensor
+from rr.core.tokens import collate, encode_examples, pad_token_id, shifted
+
+if TYPE_CHECKING:  # torch is imported where a model is scored: importing this module (tasks do) stays light
+    from torch import Tensor
 
 _WORD = re.compile(r"\w+", re.UNICODE)
 
@@ -113,22 +115,16 @@ def extraction_likelihood(target: Sequence[int], continuations: Sequence[Sequenc
     return sum(overlap_n(continuations[t - 1], target[t:], n) for t in range(1, count + 1)) / count
 
 
-def _scored(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    from rr.methods.losses import _shifted
-
-    return _shifted(logits, labels)
-
-
 def answer_probability(logits: Tensor, labels: Tensor) -> Tensor:
     """Per row: (1/T)·Σ_t p(y_t | x∘y_<t) over the scored (label ≠ −100) tokens. Shape (batch,)."""
-    log_probs, targets, mask = _scored(logits, labels)
+    log_probs, targets, mask = shifted(logits, labels)
     probs = log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1).exp()
     return (probs * mask).sum(-1) / mask.sum(-1).clamp(min=1)
 
 
 def memorization_accuracy(logits: Tensor, labels: Tensor) -> Tensor:
     """Per row: MA (papers/003 Eq. 9), the share of scored tokens that are the argmax prediction. Shape (batch,)."""
-    log_probs, targets, mask = _scored(logits, labels)
+    log_probs, targets, mask = shifted(logits, labels)
     hits = (log_probs.argmax(-1) == targets) & mask
     return hits.sum(-1).float() / mask.sum(-1).clamp(min=1)
 
@@ -173,14 +169,14 @@ def embedding_cosine(embed: Callable[[list[str]], "object"], predictions: Sequen
 def teacher_forced_scores(model, tokenizer, examples, max_length: int = 384,
                           batch_size: int = 8) -> dict[str, list[float]]:
     """Per example (prompt → gold response): answer probability and MA of the response tokens."""
-    from rr.release.pem import _pad_token_id, collate, encode_examples
+    import torch
 
     encoded = encode_examples(tokenizer, examples, max_length)
     device = next(model.parameters()).device
     probability, accuracy = [], []
     with torch.no_grad():
         for start in range(0, len(encoded), batch_size):
-            batch = collate(encoded[start:start + batch_size], _pad_token_id(tokenizer), device)
+            batch = collate(encoded[start:start + batch_size], pad_token_id(tokenizer), device)
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             probability += answer_probability(logits, batch["labels"]).tolist()
             accuracy += memorization_accuracy(logits, batch["labels"]).tolist()
@@ -189,6 +185,8 @@ def teacher_forced_scores(model, tokenizer, examples, max_length: int = 384,
 
 def greedy_continuation(model, prefix: Sequence[int], length: int) -> list[int]:
     """`length` greedy tokens after `prefix` (plain token ids, no chat template)."""
+    import torch
+
     device = next(model.parameters()).device
     ids = torch.tensor([list(prefix)], device=device)
     out: list[int] = []

@@ -145,7 +145,7 @@ def write_compare_table(rows: Sequence[dict], directory: Path, title: str, data:
     return csv_path, md_path
 
 
-def _score_error(evaluation: dict, score: str) -> tuple[float, float] | None:
+def score_error(evaluation: dict, score: str) -> tuple[float, float] | None:
     """The Wilson interval of the rate metric a decision score is (e.g. pass@1 for the code task's forget score)."""
     for metric, value in evaluation["metrics"].items():
         if value == evaluation[score] and metric in evaluation.get("intervals", {}):
@@ -166,7 +166,7 @@ def plot_tradeoff(rows: Sequence[dict], path: Path, title: str) -> Path:
     for r in rows:
         test = r["test"]
         x, y = test["utility_score"], test["forget_score"]
-        x_err, y_err = _score_error(test, "utility_score"), _score_error(test, "forget_score")
+        x_err, y_err = score_error(test, "utility_score"), score_error(test, "forget_score")
         axis.errorbar([x], [y], xerr=None if x_err is None else [[x_err[0]], [x_err[1]]],
                       yerr=None if y_err is None else [[y_err[0]], [y_err[1]]], fmt="s" if r["method"] == "base" else "o",
                       capsize=3, label=r["method"])

@@ -108,7 +108,7 @@ class MethodRun:
     details: dict
 
 
-# ---- part 2: targeted unlearning (papers/004), ICU (papers/003), RMU, Ext-Sub ------------------------------
+# ---- beyond fine-tuning: targeted unlearning (papers/004), ICU (papers/003), RMU, Ext-Sub ------------------------------
 
 _TARGETED_FORGET = {"idk": "answer forget questions with a refusal (IDK fine-tuning)",
                     "dpo": "DPO preferring a refusal over the forget answer (against the starting model)"}

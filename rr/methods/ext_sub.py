@@ -51,7 +51,7 @@ def run_method(job, method: Method, data: ReleaseData, out_dir: Path, progress: 
     from rr.release.ledger import Pem
     from rr.release.loop import evaluation_dict
     from rr.release.pem import train_pem
-    from rr.release.weights import RULE_FORGET_TARGET, CandidateResult, choose_forget_weight
+    from rr.release.weights import RULE_FORGET_TARGET, CandidateResult, choose_forget_weight, utility_floor
 
     config = (job.config.compare or CompareConfig()).ext_sub
     lora = job.config.release.lora
@@ -90,7 +90,8 @@ def run_method(job, method: Method, data: ReleaseData, out_dir: Path, progress: 
         results.append(CandidateResult(alpha, evaluation.forget_score, evaluation.utility_score))
         progress(f"  ext-sub α={alpha:g}: forget {evaluation.forget_score:.3f}, utility {evaluation.utility_score:.3f}")
         choice = choose_forget_weight(results, base["forget_score"], base["utility_score"],
-                                      job.config.release.forget_fraction)
+                                      job.config.release.forget_fraction,
+                                      utility_floor(job.config.release.forget_utility_floor, base["utility_score"]))
         if choice.rule == RULE_FORGET_TARGET:
             break  # the rule takes the smallest qualifying α: larger ones cannot change it
     if choice is None or choice.weight is None:

@@ -22,8 +22,8 @@ from rr.config import FineTuneConfig  # a `compare.finetune` block
 from rr.errors import RRError
 from rr.methods import Method, MethodRun, ReleaseData, get_method
 from rr.methods.losses import ga_loss, kl_to_reference, me_loss, nll_loss, npo_loss, sequence_log_probs
-from rr.methods.session import batches, step_count, training_session, unlearn_a_copy
-from rr.release.pem import IGNORE_INDEX, _pad_token_id, collate, encode_examples
+from rr.methods.session import step_count, training_session, unlearn_a_copy
+from rr.core.tokens import IGNORE_INDEX, batches, collate, encode_examples, pad_token_id
 from rr.tasks.base import Example
 
 Batch = dict[str, torch.Tensor]
@@ -59,7 +59,7 @@ def train_unlearning(model: nn.Module, tokenizer, forget_examples: Sequence[Exam
         if spec.needs_retain_data else []
     with training_session(model, config, seed, spec.needs_reference) as (policy, reference, optimizer):
         step_losses = _fit(spec, config, policy, reference, optimizer, forget, retain, seed,
-                           _pad_token_id(tokenizer), next(model.parameters()).device)
+                           pad_token_id(tokenizer), next(model.parameters()).device)
     return UnlearningResult(method=method, steps=len(step_losses), wall_time_s=time.perf_counter() - started,
                             forget_examples=len(forget), retain_examples=len(retain), step_losses=step_losses)
 

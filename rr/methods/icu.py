@@ -27,7 +27,7 @@ from rr.errors import RRError
 from rr.evaluation.memorization import bleu, embedding_cosine
 from rr.methods import Method, MethodRun, ReleaseData
 from rr.methods.losses import ga_loss, kl_to_reference, nll_loss
-from rr.release.pem import _pad_token_id, collate, encode_example
+from rr.core.tokens import collate, encode_example, pad_token_id
 from rr.tasks.base import Example, SamplingParams
 
 Embed = Callable[[list[str]], np.ndarray]
@@ -79,7 +79,7 @@ def train_icu(model, tokenizer, forget_examples: Sequence[Example], pool: Sequen
     if not encoded:
         raise RRError(f"compare.icu.max_length={config.max_length} leaves no response token: raise it")
     device = next(model.parameters()).device
-    pad = _pad_token_id(tokenizer)
+    pad = pad_token_id(tokenizer)
     active = [index for index, _ in encoded]
     by_index = dict(encoded)
     step_losses: list[dict[str, float]] = []

@@ -19,15 +19,7 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from rr.release.pem import IGNORE_INDEX
-
-
-def _shifted(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """(log-probs, targets, mask) of the scored positions: logits at t predict labels at t + 1."""
-    log_probs = F.log_softmax(logits[:, :-1].float(), dim=-1)
-    targets = labels[:, 1:]
-    mask = targets != IGNORE_INDEX
-    return log_probs, targets.clamp(min=0), mask
+from rr.core.tokens import shifted
 
 
 def _masked_mean(values: Tensor, mask: Tensor) -> Tensor:
@@ -37,14 +29,14 @@ def _masked_mean(values: Tensor, mask: Tensor) -> Tensor:
 
 def sequence_log_probs(logits: Tensor, labels: Tensor) -> Tensor:
     """log π(y|x) of each row: the log-probabilities of its scored tokens, summed. Shape (batch,)."""
-    log_probs, targets, mask = _shifted(logits, labels)
+    log_probs, targets, mask = shifted(logits, labels)
     token_log_probs = log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     return (token_log_probs * mask).sum(dim=-1)
 
 
 def nll_loss(logits: Tensor, labels: Tensor) -> Tensor:
     """Mean negative log-likelihood per scored token (the GD term on retain data; the usual LM loss)."""
-    log_probs, targets, mask = _shifted(logits, labels)
+    log_probs, targets, mask = shifted(logits, labels)
     return _masked_mean(-log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1), mask)
 
 
@@ -63,7 +55,7 @@ def npo_loss(logits: Tensor, labels: Tensor, reference_log_probs: Tensor, beta: 
 
 def kl_to_reference(logits: Tensor, reference_logits: Tensor, labels: Tensor) -> Tensor:
     """KL(π_ref ‖ π_θ) of the next-token distributions, averaged over the scored tokens (0 where θ = ref)."""
-    log_probs, _, mask = _shifted(logits, labels)
+    log_probs, _, mask = shifted(logits, labels)
     reference_log_probs = F.log_softmax(reference_logits[:, :-1].float(), dim=-1)
     per_token = (reference_log_probs.exp() * (reference_log_probs - log_probs)).sum(dim=-1)
     return _masked_mean(per_token, mask)
@@ -72,12 +64,12 @@ def kl_to_reference(logits: Tensor, reference_logits: Tensor, labels: Tensor) ->
 def me_loss(logits: Tensor, labels: Tensor) -> Tensor:
     """Maximizing Entropy (papers/004 Eq. 6 and Appendix B): mean over the scored tokens of
     KL(P_t ‖ U_[K]) = log K − H(P_t). Bounded in [0, log K]; 0 exactly when every prediction is uniform."""
-    log_probs, _, mask = _shifted(logits, labels)
+    log_probs, _, mask = shifted(logits, labels)
     entropy = -(log_probs.exp() * log_probs).sum(dim=-1)
     return _masked_mean(torch.log(torch.tensor(float(logits.shape[-1]))) - entropy, mask)
 
 
 def mean_entropy(logits: Tensor, labels: Tensor) -> Tensor:
     """Mean entropy H(P_t) of the next-token predictions at the scored tokens (what ME raises)."""
-    log_probs, _, mask = _shifted(logits, labels)
+    log_probs, _, mask = shifted(logits, labels)
     return _masked_mean(-(log_probs.exp() * log_probs).sum(dim=-1), mask)

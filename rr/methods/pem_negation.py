@@ -17,9 +17,11 @@ from rr.methods import Method, MethodRun, ReleaseData
 
 def run_method(job, method: Method, data: ReleaseData, out_dir: Path, progress: Callable[[str], None]) -> MethodRun:
     from rr.compare import base_scores
-    from rr.release.ledger import Pem, WeightedPem, atomic_write
+    from rr.core.files import atomic_write
+    from rr.release.ledger import Pem, WeightedPem
     from rr.release.loop import evaluation_dict
-    from rr.release.weights import RULE_FORGET_TARGET, CandidateResult, candidate_grid, choose_forget_weight
+    from rr.release.weights import (RULE_FORGET_TARGET, CandidateResult, candidate_grid, choose_forget_weight,
+                                    utility_floor)
 
     config, executor = job.config.release, job.executor
     started = time.perf_counter()
@@ -39,7 +41,8 @@ def run_method(job, method: Method, data: ReleaseData, out_dir: Path, progress: 
 
     def choose():
         return choose_forget_weight(sorted(results.values(), key=lambda r: r.weight), base["forget_score"],
-                                    base["utility_score"], config.forget_fraction)
+                                    base["utility_score"], config.forget_fraction,
+                                    utility_floor(config.forget_utility_floor, base["utility_score"]))
 
     def on_result(signed_weight: float, evaluation) -> None:
         results[abs(signed_weight)] = CandidateResult(abs(signed_weight), evaluation.forget_score,

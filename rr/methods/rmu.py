@@ -20,8 +20,7 @@ from torch import Tensor, nn
 from rr.config import RmuConfig
 from rr.errors import RRError
 from rr.methods import Method, MethodRun, ReleaseData
-from rr.methods.session import batches
-from rr.release.pem import _pad_token_id, collate, encode_examples
+from rr.core.tokens import batches, collate, encode_examples, pad_token_id
 from rr.tasks.base import Example
 
 
@@ -100,7 +99,7 @@ def train_rmu(model: nn.Module, tokenizer, forget_examples: Sequence[Example], r
     forget = encode_examples(tokenizer, forget_examples, config.max_length)
     retain = encode_examples(tokenizer, retain_examples, config.max_length)
     device = next(model.parameters()).device
-    pad = _pad_token_id(tokenizer)
+    pad = pad_token_id(tokenizer)
     control = control_vector(model.config.hidden_size, config.steering_coefficient, seed).to(device)
     with torch.no_grad():  # the frozen model's retain activations, one tensor per example
         frozen = []

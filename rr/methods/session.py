@@ -82,14 +82,6 @@ def _frozen_reference(frozen: nn.Module) -> Callable[[Batch], torch.Tensor]:
     return logits
 
 
-def batches(n: int, size: int, generator: torch.Generator) -> Iterator[list[int]]:
-    """Index batches over endless shuffled passes; each pass yields ceil(n / size) batches."""
-    while True:
-        order = torch.randperm(n, generator=generator).tolist()
-        for start in range(0, n, size):
-            yield order[start:start + size]
-
-
 def unlearn_a_copy(job, name: str, out_dir, progress: Callable[[str], None],
                    train: Callable[[nn.Module], list[dict]]) -> tuple[dict, float, list[dict]]:
     """`rr compare`'s frame for the methods that train weights: `train(copy of the job's base model)` unlearns the

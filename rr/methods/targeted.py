@@ -23,9 +23,8 @@ from torch.nn import functional as F
 from rr.config import TargetedConfig
 from rr.errors import RRError
 from rr.methods import Method, MethodRun, ReleaseData, get_method
-from rr.methods.session import batches
 from rr.methods.losses import nll_loss, sequence_log_probs
-from rr.release.pem import _pad_token_id, collate, encode_example
+from rr.core.tokens import batches, collate, encode_example, pad_token_id
 from rr.tasks.base import Example
 
 SHIPPED_REFUSALS = Path(__file__).resolve().parent.parent / "tasks" / "data" / "refusals.txt"
@@ -121,7 +120,7 @@ def train_targeted(model, tokenizer, forget_examples: Sequence[Example], retain_
     retain = _encode_pairs(tokenizer, retain_examples, with_refusals(retain_examples, refusals, seed + 1),
                            config.max_length) if spec.retain_loss is not None else []
     device = next(model.parameters()).device
-    pad = _pad_token_id(tokenizer)
+    pad = pad_token_id(tokenizer)
     step_losses = []
     with training_session(model, config, seed, needs_reference=spec.forget_loss == "dpo") as (policy, reference,
                                                                                                 optimizer):

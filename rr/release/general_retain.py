@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from rr.errors import RRError
-from rr.release.ledger import atomic_write
+from rr.core.files import atomic_write
 from rr.tasks.base import Example, SamplingParams
 
 GENERAL_PROMPTS = Path(__file__).resolve().parents[1] / "tasks" / "data" / "general_prompts.txt"

@@ -12,9 +12,7 @@ Here s_i = α_i/r_i is the PEM's LoRA scaling and w_i its merge weight (−μ fo
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import NamedTuple, Sequence
@@ -23,6 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from rr.core.files import atomic_write
 from rr.errors import RRError
 
 PEM_KINDS = ("forget", "retain", "composed")
@@ -31,20 +30,6 @@ ADAPTER_CONFIG = "adapter_config.json"
 PEM_SIDECAR = "pem.json"  # rr's own fields (name, kind); PEFT and vLLM ignore it
 _PEFT_PREFIX = "base_model.model."
 LEDGER_FORMAT = 1
-
-
-def atomic_write(path: Path, write) -> None:
-    """write(tmp_path) into a temp file beside `path`, then os.replace: never a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _read_json(path: Path) -> dict:

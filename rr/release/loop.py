@@ -9,15 +9,15 @@ data (`entries`); the job's executor realizes it wherever generation and trainin
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from rr.core.files import atomic_write_text
 from rr.release.general_retain import general_retain_examples
 from rr.release.ledger import Ledger, LedgerEntry, Pem, WeightedPem
 from rr.release.weights import (RULE_FORGET_TARGET, RULE_RECOVER_TARGET, CandidateResult, WeightChoice,
-                                candidate_grid, choose_forget_weight, choose_retain_weight)
+                                candidate_grid, choose_forget_weight, choose_retain_weight, utility_floor)
 from rr.tasks.base import Evaluation, Example
 
 
@@ -59,9 +59,7 @@ class ReleaseState:
                    raw["finished"])
 
     def save(self, path: Path) -> None:
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(asdict(self), indent=1))
-        os.replace(tmp, path)
+        atomic_write_text(path, json.dumps(asdict(self), indent=1))
 
 
 def step_plan(iterations: int) -> list[str]:
@@ -237,7 +235,8 @@ class ReleaseLoop:
     def _choose(self, kind: str, results: list[CandidateResult], previous: dict, base: dict) -> WeightChoice:
         if kind == "forget":
             return choose_forget_weight(results, previous["forget_score"], previous["utility_score"],
-                                        self.config.forget_fraction)
+                                        self.config.forget_fraction,
+                                        utility_floor(self.config.forget_utility_floor, base["utility_score"]))
         return choose_retain_weight(results, previous["forget_score"], base["utility_score"],
                                     self.config.recover_fraction, self.config.forget_bounce)
 

@@ -21,80 +21,16 @@ import torch
 from torch import nn
 
 from rr.config import LoraTrainingConfig  # the `release.lora` block
-from rr.core.prompt import as_prompt
+from rr.core.files import atomic_write
+from rr.core.tokens import IGNORE_INDEX, collate, encode_examples, pad_token_id
 from rr.errors import RRError
-from rr.release.ledger import Pem, atomic_write
+from rr.release.ledger import Pem
 from rr.tasks.base import Example
 
-IGNORE_INDEX = -100  # label value the causal-LM loss skips (prompt and padding tokens)
 ADAPTER_NAME = "default"
 
 
 # ---- data ------------------------------------------------------------------------------------------------
-
-
-def encode_example(tokenizer, example: Example, max_length: int,
-                   chat_template: bool = True) -> tuple[list[int], list[int]]:
-    """(input_ids, labels) with the prompt masked: the prompt is a user turn (or a Prompt's turns), the response
-    the assistant's; a raw-completion Prompt is continued by the response, without the chat template."""
-    prompt = as_prompt(example.prompt)
-    if prompt.is_completion:
-        response_text = example.response + (tokenizer.eos_token or "")
-        prompt_ids = tokenizer(prompt.render(tokenizer), add_special_tokens=False)["input_ids"]  # as generators do
-    elif chat_template:
-        if not getattr(tokenizer, "chat_template", None):
-            raise RRError("the tokenizer has no chat template: train with chat_template=False (plain prompt + "
-                          "response), or load the model's instruct tokenizer (model.name_or_path)")
-        user = prompt.message_dicts()
-        prompt_text = tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
-        full_text = tokenizer.apply_chat_template(user + [{"role": "assistant", "content": example.response}],
-                                                  tokenize=False)
-        # Templates render the prompt identically in both; if one does not, the response alone is the target.
-        response_text = full_text[len(prompt_text):] if full_text.startswith(prompt_text) else \
-            example.response + (tokenizer.eos_token or "")
-        prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
-    else:
-        response_text = example.response + (tokenizer.eos_token or "")
-        plain = "\n\n".join(turn.content for turn in prompt.messages)  # every turn's text, no template
-        prompt_ids = tokenizer(plain, add_special_tokens=True)["input_ids"]
-    response_ids = tokenizer(response_text, add_special_tokens=False)["input_ids"]
-    input_ids = (prompt_ids + response_ids)[:max_length]
-    labels = ([IGNORE_INDEX] * len(prompt_ids) + response_ids)[:max_length]
-    return input_ids, labels
-
-
-def encode_examples(tokenizer, examples: Sequence[Example], max_length: int,
-                    chat_template: bool = True) -> list[tuple[list[int], list[int]]]:
-    """Encoded examples that keep at least one response token within max_length."""
-    if not examples:
-        raise RRError("a PEM needs at least one training example (the forget set or the task's retain data is empty)")
-    encoded = [encode_example(tokenizer, e, max_length, chat_template) for e in examples]
-    kept = [pair for pair in encoded if any(label != IGNORE_INDEX for label in pair[1])]
-    if not kept:
-        raise RRError(f"every example's prompt fills release.lora.max_length={max_length} tokens, leaving no "
-                      "response token to train on: raise release.lora.max_length")
-    return kept
-
-
-def collate(encoded: Sequence[tuple[list[int], list[int]]], pad_token_id: int,
-            device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
-    """Right-padded input_ids / attention_mask / labels (padding is masked out of the loss)."""
-    width = max(len(ids) for ids, _ in encoded)
-    input_ids = torch.full((len(encoded), width), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(encoded), width), dtype=torch.long)
-    labels = torch.full((len(encoded), width), IGNORE_INDEX, dtype=torch.long)
-    for row, (ids, labs) in enumerate(encoded):
-        input_ids[row, :len(ids)] = torch.tensor(ids)
-        attention_mask[row, :len(ids)] = 1
-        labels[row, :len(labs)] = torch.tensor(labs)
-    return {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device), "labels": labels.to(device)}
-
-
-def _pad_token_id(tokenizer) -> int:
-    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):
-        if candidate is not None:
-            return int(candidate)
-    return 0
 
 
 def response_loss(model: nn.Module, tokenizer, examples: Sequence[Example], max_length: int = 384,
@@ -105,7 +41,7 @@ def response_loss(model: nn.Module, tokenizer, examples: Sequence[Example], max_
     total, tokens = 0.0, 0
     with torch.no_grad():
         for start in range(0, len(encoded), batch_size):
-            batch = collate(encoded[start:start + batch_size], _pad_token_id(tokenizer), device)
+            batch = collate(encoded[start:start + batch_size], pad_token_id(tokenizer), device)
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
             targets = batch["labels"][:, 1:]
             losses = nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), targets,
@@ -149,7 +85,7 @@ def train_pem(model: nn.Module, tokenizer, examples: Sequence[Example], config: 
             except ValueError as error:
                 raise RRError(f"release.lora.target_modules={config.target_modules} do not fit the model "
                               f"({error}); name Linear layers it has, e.g. q_proj, v_proj") from error
-            epoch_losses = _fit(peft_model, encoded, config, seed, _pad_token_id(tokenizer), device)
+            epoch_losses = _fit(peft_model, encoded, config, seed, pad_token_id(tokenizer), device)
             pem = _extract_pem(peft_model, name, kind, config)
     finally:
         # unload puts the original Linears (and their hooks) back

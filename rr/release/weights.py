@@ -67,31 +67,41 @@ def _check_scores(candidates: Sequence[CandidateResult], **references: float) ->
 
 
 def choose_forget_weight(candidates: Sequence[CandidateResult], forget_ref: float, utility_ref: float,
-                         forget_fraction: float = 0.9) -> WeightChoice:
+                         forget_fraction: float = 0.9, utility_floor: float | None = None) -> WeightChoice:
     """The μ rule: the smallest |μ| with s ≤ (1 − forget_fraction)·s_ref (rule 1); if none, among the
     candidates whose relative forget drop exceeds their relative utility drop,
     (s_ref − s)/s_ref > (u_ref − u)/u_ref (rule 2), the one with the lowest s; if none, no weight.
 
     A reference of 0 counts as no relative change (see relative_drop). Rule 2 is taken literally: a
     candidate that raises s but raises u relatively more also satisfies it.
+
+    utility_floor (an absolute utility score; None: the paper's rule) removes every candidate with
+    u < utility_floor before either rule looks: the paper's rule 1 never looks at utility, so the last
+    forget step of a job, with no retain step after it, could otherwise keep a weight that wrecks it.
     """
     if not 0 < forget_fraction <= 1:
         raise ValueError(f"forget_fraction must be in (0, 1]; got {forget_fraction}")
+    if utility_floor is not None and (not math.isfinite(utility_floor) or utility_floor < 0):
+        raise ValueError(f"utility_floor must be a finite utility score ≥ 0 or None; got {utility_floor}")
     evaluated = _check_scores(candidates, forget_ref=forget_ref, utility_ref=utility_ref)
     threshold = (1 - forget_fraction) * forget_ref
+    eligible = [c for c in evaluated if utility_floor is None or c.utility_score >= utility_floor]
+    floor_note = "" if len(eligible) == len(evaluated) else (
+        f"; {len(evaluated) - len(eligible)} of {len(evaluated)} candidates left out for utility below the floor "
+        f"{utility_floor:.4f}")
 
-    meeting_target = [c for c in evaluated if c.forget_score <= threshold]
+    meeting_target = [c for c in eligible if c.forget_score <= threshold]
     if meeting_target:
         chosen = meeting_target[0]
         return WeightChoice(chosen.weight, RULE_FORGET_TARGET, True,
                             f"forget weight {chosen.weight:g} meets the forget target: forget score "
                             f"{chosen.forget_score:.4f} ≤ {1 - forget_fraction:g} × {forget_ref:.4f} = {threshold:.4f} "
-                            f"(smallest of {len(meeting_target)} qualifying weights)", evaluated)
+                            f"(smallest of {len(meeting_target)} qualifying weights){floor_note}", evaluated)
 
     def drops(c: CandidateResult) -> tuple[float, float]:
         return relative_drop(forget_ref, c.forget_score), relative_drop(utility_ref, c.utility_score)
 
-    meeting_drop = [c for c in evaluated if drops(c)[0] > drops(c)[1]]
+    meeting_drop = [c for c in eligible if drops(c)[0] > drops(c)[1]]
     if meeting_drop:
         chosen = min(meeting_drop, key=lambda c: (c.forget_score, abs(c.weight)))
         forget_drop, utility_drop = drops(chosen)
@@ -99,7 +109,7 @@ def choose_forget_weight(candidates: Sequence[CandidateResult], forget_ref: floa
                             f"no weight reaches forget score ≤ {threshold:.4f}; forget weight {chosen.weight:g} has "
                             f"the lowest forget score ({chosen.forget_score:.4f}) among {len(meeting_drop)} whose "
                             f"relative forget drop {forget_drop:.4f} exceeds the relative utility drop "
-                            f"{utility_drop:.4f}", evaluated)
+                            f"{utility_drop:.4f}{floor_note}", evaluated)
 
     best = min(evaluated, key=lambda c: c.forget_score, default=None)
     detail = (f"; the lowest forget score was {best.forget_score:.4f} at weight {best.weight:g}" if best
@@ -107,7 +117,12 @@ def choose_forget_weight(candidates: Sequence[CandidateResult], forget_ref: floa
     return WeightChoice(None, RULE_NONE, False,
                         f"no forget weight reaches forget score ≤ {threshold:.4f} or drops the forget score "
                         f"relatively more than the utility score (reference forget {forget_ref:.4f}, utility "
-                        f"{utility_ref:.4f}){detail}", evaluated)
+                        f"{utility_ref:.4f}){detail}{floor_note}", evaluated)
+
+
+def utility_floor(fraction_of_base: float | None, utility_base: float) -> float | None:
+    """release.forget_utility_floor as the absolute utility score choose_forget_weight takes (None: no floor)."""
+    return None if fraction_of_base is None else fraction_of_base * utility_base
 
 
 def choose_retain_weight(candidates: Sequence[CandidateResult], forget_ref: float, utility_base: float,

@@ -19,6 +19,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from rr.core.files import atomic_write, atomic_write_text
 from rr.core.prompt import Prompt, prompt_to_json
 from rr.errors import RRError
 from rr.generation.base import request_seed
@@ -143,20 +144,18 @@ class RevealCheckpoint:
         """Records, Gram and bandit first, state last, each atomically: a kill leaves the last saved state
         with the files it names (see the class docstring)."""
         state.n_records = len(records)
-        _atomic_write(self.records_path, "".join(json.dumps(r) + "\n" for r in records))
+        atomic_write_text(self.records_path, "".join(json.dumps(r) + "\n" for r in records))
         keep = {self.state_path, self.records_path, self.gram_path(len(records))}
         if bandit is not None:
             bandit_state = bandit.state_dict()
             bandit_state["design_diagonal"] = bandit_state["design_diagonal"].tolist()
             bandit_path = self.bandit_path(state.outer_loop, state.round)
-            _atomic_write(bandit_path, json.dumps({"outer_loop": state.outer_loop, "round": state.round,
+            atomic_write_text(bandit_path, json.dumps({"outer_loop": state.outer_loop, "round": state.round,
                                                    "state": bandit_state}))
             keep.add(bandit_path)
         gram_path = self.gram_path(len(records))
-        tmp = gram_path.with_suffix(".tmp.npz")
-        np.savez(tmp, **gram.state_dict())
-        os.replace(tmp, gram_path)
-        _atomic_write(self.state_path, json.dumps(asdict(state), indent=1))
+        atomic_write(gram_path, lambda tmp: _savez(tmp, gram.state_dict()))
+        atomic_write_text(self.state_path, json.dumps(asdict(state), indent=1))
         # Only now are older Gram and bandit files unreachable from the state.
         for stale in [*self.directory.glob("gram-*.npz"), *self.directory.glob("bandit-*.json"),
                       self.legacy_gram_path, self.legacy_bandit_path]:
@@ -164,12 +163,9 @@ class RevealCheckpoint:
                 stale.unlink()
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as handle:
-        handle.write(text)
-    os.replace(tmp, path)
+def _savez(path: str, arrays: dict) -> None:
+    with open(path, "wb") as handle:  # a handle: np.savez would append ".npz" to a path
+        np.savez(handle, **arrays)
 
 
 class RevealSearch:

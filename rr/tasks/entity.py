@@ -29,7 +29,6 @@ also a fill-in-the-blank, an indirect question and a French question (held out).
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Sequence
 
@@ -41,28 +40,13 @@ from rr.evaluation.memorization import (forget_efficacy, model_utility, rouge_l_
 from rr.evaluation.metrics import wilson_interval
 from rr.generation.base import request_seed
 from rr.tasks.base import SPLITS, Context, Evaluation, Example, ModelHandle, SamplingParams, check_forms
-from rr.tasks.entity_forms import ENTITY_FORMS, ENTITY_FORMS_BY_SPLIT, ENTITY_HELD_OUT_FORMS, EntityFormItem, \
-    entity_form_items, split_forms
+from rr.tasks.entity_forms import (ENTITY_FORMS, ENTITY_FORMS_BY_SPLIT, ENTITY_HELD_OUT_FORMS, SEPARATOR, EntityFormItem,
+                                   Fact, entity_form_items, split_forms)
 
 SHIPPED_ENTITIES = Path(__file__).parent / "data" / "entities.json"
-_SEPARATOR = "::"
 _OPEN_PROMPTS = ("Tell me about {name}.", "Write a short biography of {name}.")
 DEFAULT_FORGET_PEOPLE = ("Marisol Quenby", "Oren Vasquel", "Tamsin Holloway-Reyes", "Henrike Solvang",
                          "Amadou Kerrigan", "Liesl Marchetti", "Teodor Blackwood")
-
-
-@dataclass(frozen=True)
-class Fact:
-    person: str
-    id: str
-    question: str
-    statement: str
-    answer: str
-    split: str
-
-    @property
-    def context(self) -> Context:
-        return Context(f"{self.person}{_SEPARATOR}{self.id}", self.question)
 
 
 def load_people(path: Path) -> dict[str, list[dict]]:
@@ -171,7 +155,7 @@ class EntityTask:
         completion as its Prompt); the reveal split adds open prompts about each person."""
         contexts = [Context(item.id, item.request()) for item in self.form_items(self.forget_people, split)]
         if split == "reveal":
-            contexts += [Context(f"{name}{_SEPARATOR}open{i}", template.format(name=name))
+            contexts += [Context(f"{name}{SEPARATOR}open{i}", template.format(name=name))
                          for name in self.forget_people for i, template in enumerate(_OPEN_PROMPTS)]
         return contexts
 
@@ -184,7 +168,7 @@ class EntityTask:
             raise RRError(f"relevance: {len(contexts)} contexts but {len(responses)} responses")
         scores = []
         for context, response in zip(contexts, responses):
-            person = context.id.split(_SEPARATOR)[0]
+            person = context.id.split(SEPARATOR)[0]
             answers = self._answers.get(person)
             if answers is None:  # a context from elsewhere: any forget person's fact counts
                 answers = [a for name in self.forget_people for a in self._answers[name]]
@@ -296,9 +280,8 @@ def learn_facts(model, tokenizer, examples: Sequence[Example], epochs: int = 8, 
     """Full-weight fine-tuning on the statements (TOFU's first step); returns the mean loss of each epoch."""
     import torch
 
-    from rr.methods.session import batches
+    from rr.core.tokens import batches, collate, encode_examples, pad_token_id
     from rr.methods.losses import nll_loss
-    from rr.release.pem import _pad_token_id, collate, encode_examples
 
     encoded = encode_examples(tokenizer, examples, 256)
     device = next(model.parameters()).device
@@ -311,7 +294,7 @@ def learn_facts(model, tokenizer, examples: Sequence[Example], epochs: int = 8, 
     for _ in range(epochs):
         total = 0.0
         for _ in range(per_epoch):
-            batch = collate([encoded[i] for i in next(order)], _pad_token_id(tokenizer), device)
+            batch = collate([encoded[i] for i in next(order)], pad_token_id(tokenizer), device)
             loss = nll_loss(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
                             batch["labels"])
             loss.backward()

@@ -5,15 +5,13 @@ the test split). The answer is graded as the task grades it (the short answer fo
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import Callable, Sequence
 
 from rr.core.prompt import Prompt
-from rr.tasks.base import SPLITS
-
-if TYPE_CHECKING:  # rr.tasks.entity imports this module
-    from rr.tasks.entity import Fact
+from rr.tasks.base import SPLITS, Context
 
 BLANK = "____"
+SEPARATOR = "::"  # between person and fact id in a context id
 
 # Hand-written per kind of fact (the shipped people share the nine fact ids of rr/tasks/data/entities.json).
 PARAPHRASES: dict[str, str] = {
@@ -49,6 +47,22 @@ FRENCH: dict[str, str] = {
     "food": "Quel est le plat préféré de {name} ?",
     "sibling": "Comment s'appelle le frère ou la sœur de {name} ?",
 }
+
+
+@dataclass(frozen=True)
+class Fact:
+    """One shipped fact about one person, dealt to one split."""
+
+    person: str
+    id: str
+    question: str
+    statement: str
+    answer: str
+    split: str
+
+    @property
+    def context(self) -> Context:
+        return Context(f"{self.person}{SEPARATOR}{self.id}", self.question)
 
 
 def _template(table: dict[str, str], form: str, fact: Fact) -> str:

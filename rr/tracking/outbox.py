@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
-from rr.release.ledger import atomic_write
+from rr.core.files import atomic_write
 
 # Errors that resending cannot fix (the record itself is wrong): they go to rejected.jsonl, with the reason.
 PERMANENT_ERRORS = {"INVALID_PARAMETER_VALUE", "RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST", "BAD_REQUEST",

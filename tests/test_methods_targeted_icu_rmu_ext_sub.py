@@ -1,4 +1,4 @@
-"""Release methods of part 2 (targeted IDK/DPO/AP, ICU, RMU, Ext-Sub): each loss on hand-checked values and a
+"""The release methods beyond fine-tuning (targeted IDK/DPO/AP, ICU, RMU, Ext-Sub): each loss on hand-checked values and a
 few steps on a tiny model doing what the method intends."""
 
 import math
@@ -6,24 +6,26 @@ import math
 import numpy as np
 import pytest
 import torch
-from test_methods import FORGET, RETAIN, finetune, learned_model, learned_state  # noqa: F401 (fixture)
-from test_pem import char_tokenizer, one_thread, tiny_model  # noqa: F401 (one_thread: autouse)
+from support import FORGET, RETAIN, char_embed, char_tokenizer, learned_model
 
 from rr.config import CompareConfig, IcuConfig, JobConfig, RmuConfig, TargetedConfig
 from rr.errors import RRError
 from rr.methods import METHODS, TARGETED_METHODS, get_method
 from rr.methods.ext_sub import deficiency, ext_sub_delta
 from rr.methods.icu import forgotten, icu_objective, nearest_neighbours, train_icu
-from rr.methods.losses import sequence_log_probs
 from rr.methods.rmu import control_vector, layer_activations, rmu_loss, train_rmu
 from rr.methods.targeted import ap_loss, dpo_loss, load_refusals, train_targeted, with_refusals
-from rr.release.pem import collate, encode_examples, response_loss
+from rr.core.tokens import collate, encode_examples
+from rr.release.pem import response_loss
 from rr.tasks.base import Example
+
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---- registry and config ---------------------------------------------------------------------------------
 
-def test_part_two_methods_are_registered_with_their_config_blocks():
+def test_targeted_icu_rmu_and_ext_sub_are_registered_with_their_config_blocks():
     assert set(TARGETED_METHODS) == {"idk+gd", "idk+ap", "dpo", "dpo+gd", "dpo+ap"}
     assert {"icu", "rmu", "ext-sub"} <= set(METHODS)
     assert get_method("idk+ap").forget_loss == "idk" and get_method("idk+ap").retain_loss == "ap"
@@ -122,14 +124,6 @@ def test_the_forgetting_gate_needs_both_scores_below_their_thresholds():
     assert forgotten([0.1, 0.1, 0.5, 0.5], [0.0, 0.5, 0.0, 0.5], 0.3, 0.01) == [True, False, False, False]
 
 
-def _char_embed(texts):
-    vectors = np.zeros((len(texts), 128))
-    for row, text in enumerate(texts):
-        for ch in text:
-            vectors[row, ord(ch) % 128] += 1
-    return vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
-
-
 def test_icu_objective_has_no_kl_at_the_start_and_training_forgets(learned_state):
     tokenizer, model = char_tokenizer(), learned_model(learned_state)
     config = IcuConfig(learning_rate=1e-2, batch_size=4, epochs=10, similarity_threshold=-1.0)  # gate never fires
@@ -143,7 +137,7 @@ def test_icu_objective_has_no_kl_at_the_start_and_training_forgets(learned_state
     assert losses["total"].item() == pytest.approx(losses["forget"].item() + 0.5 * losses["learn"].item(), rel=1e-5)
 
     before_forget, before_retain = response_loss(model, tokenizer, FORGET), response_loss(model, tokenizer, RETAIN)
-    result = train_icu(model, tokenizer, FORGET, RETAIN, config, _char_embed)
+    result = train_icu(model, tokenizer, FORGET, RETAIN, config, char_embed)
     assert len(result["step_losses"]) == 10 and len(result["gates"]) == 10 and result["remaining"] == 4
     assert response_loss(model, tokenizer, FORGET) > before_forget + 0.5
     assert response_loss(model, tokenizer, RETAIN) < before_retain + 0.5  # the paired learning holds retain data
@@ -157,11 +151,11 @@ def test_icu_drops_forgotten_samples_and_stops_when_none_is_left(learned_state, 
     monkeypatch.setattr(icu, "forgotten", lambda similarities, bleus, *_: [True] * len(similarities))
     tokenizer, model = char_tokenizer(), learned_model(learned_state)
     config = IcuConfig(learning_rate=1e-2, batch_size=2, epochs=5)
-    result = train_icu(model, tokenizer, FORGET, RETAIN, config, _char_embed)
+    result = train_icu(model, tokenizer, FORGET, RETAIN, config, char_embed)
     assert result["gates"] == [{**result["gates"][0], "epoch": 1, "active": 4, "forgotten": 4}]
     assert len(result["step_losses"]) == 2 and result["remaining"] == 0  # one epoch of 4 / 2 batches
     with pytest.raises(RRError, match="retain pool"):
-        train_icu(model, tokenizer, FORGET, [], config, _char_embed)
+        train_icu(model, tokenizer, FORGET, [], config, char_embed)
 
 
 # ---- RMU ------------------------------------------------------------------------------------------------
