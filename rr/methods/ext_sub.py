@@ -51,7 +51,9 @@ def run_method(job, method: Method, data: ReleaseData, out_dir: Path, progress: 
     from rr.release.ledger import Pem
     from rr.release.loop import evaluation_dict
     from rr.release.pem import train_pem
-    from rr.release.weights import RULE_FORGET_TARGET, CandidateResult, choose_forget_weight, utility_floor
+    from rr.release.weight_search import search_weight
+    from rr.release.weights import (RULE_FORGET_TARGET, CandidateResult, WeightChoice, choose_forget_weight,
+                                    utility_floor)
 
     config = (job.config.compare or CompareConfig()).ext_sub
     lora = job.config.release.lora
@@ -82,21 +84,27 @@ def run_method(job, method: Method, data: ReleaseData, out_dir: Path, progress: 
 
     generator = HFGenerator(model, job.tokenizer, batch_size=job.config.generation.batch_size)
     base = base_scores(job, "validation")
-    results: list[CandidateResult] = []
-    choice = None
-    for alpha in config.weights:
-        apply(alpha)
-        evaluation = job.task.evaluate(generator, "validation")
-        results.append(CandidateResult(alpha, evaluation.forget_score, evaluation.utility_score))
-        progress(f"  ext-sub α={alpha:g}: forget {evaluation.forget_score:.3f}, utility {evaluation.utility_score:.3f}")
-        choice = choose_forget_weight(results, base["forget_score"], base["utility_score"],
-                                      job.config.release.forget_fraction,
-                                      utility_floor(job.config.release.forget_utility_floor, base["utility_score"]))
-        if choice.rule == RULE_FORGET_TARGET:
-            break  # the rule takes the smallest qualifying α: larger ones cannot change it
-    if choice is None or choice.weight is None:
+
+    def choose(candidates: list[CandidateResult]) -> WeightChoice:
+        return choose_forget_weight(candidates, base["forget_score"], base["utility_score"],
+                                    job.config.release.forget_fraction,
+                                    utility_floor(job.config.release.forget_utility_floor, base["utility_score"]))
+
+    def score(todo: list[float], on_result, stop) -> None:
+        # Ext-Sub's model is a dense edit of a copy (Φ0 + ΔE − α·D), not a PEM the executor scales: scored here.
+        for alpha in todo:
+            if stop():
+                return
+            apply(alpha)
+            evaluation = job.task.evaluate(generator, "validation")
+            on_result(alpha, (evaluation.forget_score, evaluation.utility_score))
+            progress(f"  ext-sub α={alpha:g}: forget {evaluation.forget_score:.3f}, "
+                     f"utility {evaluation.utility_score:.3f}")
+
+    choice = search_weight(config.weights, choose, lambda c: c.rule == RULE_FORGET_TARGET, score, {})
+    if choice.weight is None:
         raise RRError(f"ext-sub: no α in {config.weights} lowers the validation forget score enough "
-                      f"({choice.reason if choice else 'none tried'}); widen compare.ext_sub.weights")
+                      f"({choice.reason}); widen compare.ext_sub.weights")
     apply(choice.weight)
     wall_time = time.perf_counter() - started
     progress(f"ext-sub: α={choice.weight:g} ({choice.rule}); scoring the test split")

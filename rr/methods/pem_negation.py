@@ -17,10 +17,11 @@ from rr.methods import Method, MethodRun, ReleaseData
 
 def run_method(job, method: Method, data: ReleaseData, out_dir: Path, progress: Callable[[str], None]) -> MethodRun:
     from rr.compare import base_scores
-    from rr.core.files import atomic_write
+    from rr.core.files import atomic_write_text
     from rr.release.ledger import Pem, WeightedPem
     from rr.release.loop import evaluation_dict
-    from rr.release.weights import (RULE_FORGET_TARGET, CandidateResult, candidate_grid, choose_forget_weight,
+    from rr.release.weight_search import search_weight
+    from rr.release.weights import (RULE_FORGET_TARGET, CandidateResult, WeightChoice, choose_forget_weight,
                                     utility_floor)
 
     config, executor = job.config.release, job.executor
@@ -36,37 +37,28 @@ def run_method(job, method: Method, data: ReleaseData, out_dir: Path, progress: 
     # Scores kept as they are made, so a killed compare resumes the search (compare clears the folder when
     # the data or settings change).
     scored_path = out_dir / "candidates.json"
-    results: dict[float, CandidateResult] = {
-        r["weight"]: CandidateResult(**r) for r in (json.loads(scored_path.read_text()) if scored_path.exists() else [])}
+    cache = {r["weight"]: (r["forget_score"], r["utility_score"])
+             for r in (json.loads(scored_path.read_text()) if scored_path.exists() else [])}
 
-    def choose():
-        return choose_forget_weight(sorted(results.values(), key=lambda r: r.weight), base["forget_score"],
-                                    base["utility_score"], config.forget_fraction,
+    def choose(candidates: list[CandidateResult]) -> WeightChoice:
+        return choose_forget_weight(candidates, base["forget_score"], base["utility_score"], config.forget_fraction,
                                     utility_floor(config.forget_utility_floor, base["utility_score"]))
 
-    def on_result(signed_weight: float, evaluation) -> None:
-        results[abs(signed_weight)] = CandidateResult(abs(signed_weight), evaluation.forget_score,
-                                                      evaluation.utility_score)
-        atomic_write(scored_path, lambda tmp: Path(tmp).write_text(
-            json.dumps([asdict(r) for _, r in sorted(results.items())])))
-        progress(f"  pem-negation {signed_weight:+g}: forget {evaluation.forget_score:.3f}, "
-                 f"utility {evaluation.utility_score:.3f}")
+    def score(todo: list[float], on_result, stop) -> None:
+        def on_evaluation(signed_weight: float, evaluation) -> None:
+            on_result(abs(signed_weight), (evaluation.forget_score, evaluation.utility_score))
+            atomic_write_text(scored_path, json.dumps([asdict(CandidateResult(m, *scores))
+                                                       for m, scores in sorted(cache.items())]))
+            progress(f"  pem-negation {signed_weight:+g}: forget {evaluation.forget_score:.3f}, "
+                     f"utility {evaluation.utility_score:.3f}")
 
-    def decided() -> bool:
-        # The rule takes the smallest qualifying weight; a qualifying weight decides once all smaller ones are in.
-        choice = choose()
-        return choice.rule == RULE_FORGET_TARGET and all(m in results for m in grid if m <= choice.weight)
+        executor.search_weights(job.task, "validation", (), pem, [-m for m in todo], on_evaluation, stop)
 
     try:
-        for grid in (sorted(set(config.forget_weights)), candidate_grid(config.forget_weights, config.widen_factor)):
-            todo = [-m for m in grid if m not in results]
-            if todo and not decided():
-                executor.search_weights(job.task, "validation", (), pem, todo, on_result, decided)
-            if choose().rule == RULE_FORGET_TARGET:
-                break
-        choice = choose()
+        choice = search_weight(config.forget_weights, choose, lambda c: c.rule == RULE_FORGET_TARGET, score, cache,
+                               config.widen_factor)
         if choice.weight is None:
-            raise RRError(f"pem-negation: no weight in {sorted(results)} lowers the validation forget score "
+            raise RRError(f"pem-negation: no weight in {sorted(cache)} lowers the validation forget score "
                           f"enough ({choice.reason}); widen release.forget_weights")
         wall_time = time.perf_counter() - started
         test = evaluation_dict(executor.evaluate(job.task, "test", [WeightedPem(pem, -choice.weight)]))

@@ -8,10 +8,10 @@ import json
 from typing import Callable
 
 from rr.errors import RRError
-from rr.release.ledger import ComposedModel, Pem
+from rr.release.ledger import Pem, WeightedPem
 from rr.release.loop import evaluation_dict
-from rr.release.pem import train_pem
-from rr.release.weights import candidate_grid
+from rr.release.weight_search import search_weight
+from rr.release.weights import CandidateResult, WeightChoice
 from rr.tasks.base import Example
 
 
@@ -38,48 +38,50 @@ def external_examples(job) -> list[Example]:
 def matched_negation(job, pem: Pem, target_forget_score: float, progress: Callable[[str], None],
                      known: dict[float, tuple[float, float]] | None = None,
                      known_test: dict[float, dict] | None = None, checkpoint: str | None = None) -> dict:
-    """Smallest weight magnitude (grid widened once) whose validation forget score reaches the target.
+    """The smallest weight magnitude (the release grid, widened once) whose validation forget score reaches the
+    target, else the one closest to it; scored through the job's executor on the base model (Φ0 − m·ΔF).
 
-    `known` maps magnitudes already scored for this PEM on the base model (validation forget and
-    utility scores) so they are not evaluated again; `known_test` likewise maps magnitudes to test-split
-    evaluations already made (Release step 1 scored base − μ0·F0 on the test split). With `checkpoint`
-    (a path in the job directory) every new score is kept there as it is made, so a killed search resumes
-    with the next candidate."""
-    known = dict(known or {})
+    `known` maps magnitudes already scored for this PEM on the base model (validation forget and utility
+    scores) so they are not evaluated again; `known_test` likewise maps magnitudes to test-split evaluations
+    already made (Release step 1 scored base − μ0·F0 on the test split). With `checkpoint` (a path in the job
+    directory) every new score is kept there as it is made, so a killed search resumes with the next candidate."""
+    cache = {float(m): (float(f), float(u)) for m, (f, u) in (known or {}).items()}
     if checkpoint is not None:
-        known.update({float(m): (f, u) for m, f, u in (job.read_json(checkpoint) or [])})
-    composed = ComposedModel(job.model)
-    composed.append(pem, 0.0)
-    tried, chosen = [], None
+        cache.update({float(m): (f, u) for m, f, u in (job.read_json(checkpoint) or [])})
+
+    def choose(candidates: list[CandidateResult]) -> WeightChoice:
+        reaching = [c for c in candidates if c.forget_score <= target_forget_score]
+        if reaching:
+            return WeightChoice(reaching[0].weight, "reached_target", True,
+                                f"forget score {reaching[0].forget_score:.4f} ≤ {target_forget_score:.4f}", candidates)
+        closest = min(candidates, key=lambda c: (c.forget_score, c.weight))
+        return WeightChoice(closest.weight, "closest", False, f"no weight reaches forget score ≤ "
+                            f"{target_forget_score:.4f}; the lowest is {closest.forget_score:.4f}", candidates)
+
+    def score(todo: list[float], on_result, stop) -> None:
+        def on_evaluation(signed_weight: float, evaluation) -> None:
+            on_result(abs(signed_weight), (evaluation.forget_score, evaluation.utility_score))
+            if checkpoint is not None:
+                job.write_json(checkpoint, [[m, f, u] for m, (f, u) in sorted(cache.items())])
+            progress(f"  {pem.name} {signed_weight:+g}: forget {evaluation.forget_score:.3f}, "
+                     f"utility {evaluation.utility_score:.3f}")
+
+        job.executor.search_weights(job.task, "validation", (), pem, [-m for m in todo], on_evaluation, stop)
+
     try:
-        # The release's own grid first, smallest first; the widened grid only if none of it reaches the target.
-        grid = sorted(set(job.config.release.forget_weights))
-        wider = [m for m in candidate_grid(grid, job.config.release.widen_factor) if m not in grid]
-        for magnitude in grid + wider:
-            if magnitude not in known:
-                composed.set_weight(-1, -magnitude)
-                evaluation = job.task.evaluate(job.generator, "validation")
-                known[magnitude] = (evaluation.forget_score, evaluation.utility_score)
-                if checkpoint is not None:
-                    job.write_json(checkpoint, [[m, f, u] for m, (f, u) in sorted(known.items())])
-                progress(f"  {pem.name} −{magnitude:g}: forget {evaluation.forget_score:.3f}, "
-                         f"utility {evaluation.utility_score:.3f}")
-            forget_score, utility_score = known[magnitude]
-            tried.append({"weight": -magnitude, "forget_score": forget_score, "utility_score": utility_score})
-            if forget_score <= target_forget_score:
-                chosen = -magnitude
-                break
-        reached = chosen is not None
-        if chosen is None:
-            chosen = min(tried, key=lambda t: t["forget_score"])["weight"]
-        if known_test and abs(chosen) in known_test:
-            test = known_test[abs(chosen)]
+        choice = search_weight(sorted(set(job.config.release.forget_weights)), choose, lambda c: c.passed, score,
+                               cache, job.config.release.widen_factor)
+        chosen = -choice.weight
+        if known_test and choice.weight in known_test:
+            test = known_test[choice.weight]
         else:
-            composed.set_weight(-1, chosen)
-            test = evaluation_dict(job.task.evaluate(job.generator, "test"))
+            test = evaluation_dict(job.executor.evaluate(job.task, "test", [WeightedPem(pem, chosen)]))
     finally:
-        composed.detach()
-    return {"pem": pem.name, "merge_weight": chosen, "reached_target": reached, "candidates": tried, "test": test}
+        job.executor.detach()
+    tried = [{"weight": -c.weight, "forget_score": c.forget_score, "utility_score": c.utility_score}
+             for c in choice.evaluated]
+    return {"pem": pem.name, "merge_weight": chosen, "reached_target": choice.passed, "candidates": tried,
+            "test": test}
 
 
 def run_ablation(job, progress: Callable[[str], None] = print) -> dict:
@@ -98,8 +100,8 @@ def run_ablation(job, progress: Callable[[str], None] = print) -> dict:
     else:
         examples = external_examples(job)
         progress(f"pem-external: training a LoRA on {len(examples)} external forget examples")
-        external_pem = train_pem(job.model, job.tokenizer, examples, job.config.release.lora, "external-forget",
-                                 "forget", out_dir, seed=job.config.seed)
+        external_pem = job.executor.train_pem((), examples, job.config.release.lora, "external-forget", "forget",
+                                              out_dir, seed=job.config.seed)
     external = matched_negation(job, external_pem, target, progress)
     result = {
         "target_forget_score": target,

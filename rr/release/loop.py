@@ -16,8 +16,9 @@ from typing import Callable
 from rr.core.files import atomic_write_text
 from rr.release.general_retain import general_retain_examples
 from rr.release.ledger import Ledger, LedgerEntry, Pem, WeightedPem
+from rr.release.weight_search import search_weight
 from rr.release.weights import (RULE_FORGET_TARGET, RULE_RECOVER_TARGET, CandidateResult, WeightChoice,
-                                candidate_grid, choose_forget_weight, choose_retain_weight, utility_floor)
+                                choose_forget_weight, choose_retain_weight, utility_floor)
 from rr.tasks.base import Evaluation, Example
 
 
@@ -123,37 +124,6 @@ class ReleaseLoop:
     def evaluate(self, split: str) -> Evaluation:
         return self.job.executor.evaluate(self.job.task, split, self.entries)
 
-    def evaluate_candidates(self, pem: Pem, signed_weights: list[float], cached: dict,
-                            decided: Callable[[list[CandidateResult]], bool] = lambda _: False) -> list[CandidateResult]:
-        """Runtime scaling of the new PEM on top of `entries`; results already computed (a resumed search)
-        are reused. The answer is the smallest-magnitude-first prefix that `decided` accepts (or all): the
-        rules prefer the smallest qualifying weight, so larger ones cannot change the choice. The executor
-        may score candidates in parallel; it stops once that prefix is known."""
-        ordered = sorted(signed_weights, key=abs)
-
-        def prefix() -> tuple[list[CandidateResult], bool]:
-            results = []
-            for weight in ordered:
-                if repr(weight) not in cached:
-                    return results, False
-                forget_score, utility_score = cached[repr(weight)]
-                results.append(CandidateResult(abs(weight), forget_score, utility_score))
-                if decided(results):
-                    return results, True
-            return results, True
-
-        def on_result(weight: float, evaluation: Evaluation) -> None:
-            cached[repr(weight)] = [evaluation.forget_score, evaluation.utility_score]
-            self.progress(f"  candidate {weight:+g}: forget {evaluation.forget_score:.3f}, "
-                          f"utility {evaluation.utility_score:.3f}")
-            self.state.save(self.state_path)
-
-        todo = [weight for weight in ordered if repr(weight) not in cached]
-        if todo and not prefix()[1]:
-            self.job.executor.search_weights(self.job.task, "validation", self.entries, pem, todo, on_result,
-                                             lambda: prefix()[1])
-        return prefix()[0]
-
     # ---- the loop ----------------------------------------------------------------------
     def run(self) -> ReleaseState:
         self.state = ReleaseState.load(self.state_path)
@@ -198,18 +168,27 @@ class ReleaseLoop:
         pem = self._train_or_load(name, kind)
         sign = -1.0 if kind == "forget" else 1.0
         magnitudes = self.config.forget_weights if kind == "forget" else self.config.retain_weights
-        cached = self.state.pending_candidates.setdefault(str(step), {})
+        cached = self.state.pending_candidates.setdefault(str(step), {})  # repr(signed weight) → [forget, utility]
         self.progress(f"step {step} ({kind}): searching {len(magnitudes)} weights on the validation split")
-        def decided(results: list[CandidateResult]) -> bool:
-            return self._choose(kind, results, previous, base).rule in (RULE_FORGET_TARGET, RULE_RECOVER_TARGET)
 
-        choice = self._choose(kind, self.evaluate_candidates(pem, [sign * m for m in magnitudes], cached, decided),
-                              previous, base)
-        if choice.rule not in (RULE_FORGET_TARGET, RULE_RECOVER_TARGET) and self.config.on_no_candidate == "widen":
-            wider = [m for m in candidate_grid(magnitudes, self.config.widen_factor) if m not in magnitudes]
+        def score(todo: list[float], on_result, stop) -> None:
+            def on_evaluation(weight: float, evaluation: Evaluation) -> None:
+                cached[repr(weight)] = [evaluation.forget_score, evaluation.utility_score]
+                on_result(abs(weight), (evaluation.forget_score, evaluation.utility_score))
+                self.progress(f"  candidate {weight:+g}: forget {evaluation.forget_score:.3f}, "
+                              f"utility {evaluation.utility_score:.3f}")
+                self.state.save(self.state_path)
+
+            self.job.executor.search_weights(self.job.task, "validation", self.entries, pem,
+                                             [sign * m for m in todo], on_evaluation, stop)
+
+        def on_widen(choice: WeightChoice, wider: list[float]) -> None:
             self.progress(f"step {step}: no candidate met the target ({choice.reason}); widening to {wider}")
-            results = self.evaluate_candidates(pem, [sign * m for m in magnitudes + wider], cached, decided)
-            choice = self._choose(kind, results, previous, base)
+
+        choice = search_weight(magnitudes, lambda results: self._choose(kind, results, previous, base),
+                               lambda choice: choice.rule in (RULE_FORGET_TARGET, RULE_RECOVER_TARGET), score,
+                               {abs(float(w)): tuple(scores) for w, scores in cached.items()},
+                               self.config.widen_factor if self.config.on_no_candidate == "widen" else None, on_widen)
         if choice.weight is None:
             self.state.stopped_reason = f"step {step} ({kind}): no candidate weight passes: {choice.reason}"
             self.progress(self.state.stopped_reason)

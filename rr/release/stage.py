@@ -35,8 +35,6 @@ def single_negation_baseline(job, loop: ReleaseLoop, target_forget_score: float,
     if cached is not None:
         return cached
     first = loop.state.steps[1]
-    # matched_negation composes on the job's plain model itself; the executor re-composes when next asked.
-    loop.composed.detach()
     # Step 1 scored this very model (base − w·F0) for some weights already: reuse those scores.
     known = {c["weight"]: (c["forget_score"], c["utility_score"]) for c in first.candidates}
     # Step 1's own weight is this very model too, already scored on the test split.

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Protocol, Sequence, runtime_checkable
 
 from rr.core.prompt import Prompt
+from rr.errors import RRError
 
 SPLITS = ("reveal", "validation", "test")
 
@@ -92,6 +93,13 @@ class Task(Protocol):
 
     def evaluate(self, model: ModelHandle, split: str) -> Evaluation:
         """Forget score, utility score and the paper's metrics of `model` on `split` (greedy)."""
+
+
+def check_split(split: str) -> str:
+    """`split`, if it is one of SPLITS; else an error naming the choices."""
+    if split not in SPLITS:
+        raise RRError(f"unknown split {split!r}; choose one of {SPLITS}")
+    return split
 
 
 def check_forms(forms: Sequence[str] | None, known: Sequence[str], by_split: dict[str, Sequence[str]]) -> None:

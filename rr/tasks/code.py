@@ -24,11 +24,12 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from rr.errors import RRError
 from rr.evaluation.metrics import wilson_interval
 from rr.tasks.arithmetic import ArithmeticItem, arithmetic_prompt, generate_arithmetic_splits, is_correct
-from rr.tasks.base import SPLITS, Context, Evaluation, Example, ModelHandle, SamplingParams, check_forms
+from rr.tasks.base import SPLITS, Context, Evaluation, Example, ModelHandle, SamplingParams, check_forms, \
+    check_split
 from rr.tasks.code_forms import (CODE_FORMS, FORMS_BY_SPLIT, FRAMED_FORMS, HELD_OUT_FORMS, FormItem, form_items, framed_like,
                                  has_parts)
 from rr.tasks.code_problems import (BUILTIN_PROBLEMS, CODE_STOP, GENERAL_TEXT, CodeProblem, check_program,
-                                    code_likeness, code_prompt, load_builtin_problems, load_general_text)
+                                    code_likeness, load_builtin_problems, load_general_text)
 from rr.tasks.general_check import arithmetic_check_items, load_instruction_items, run_general_check
 from rr.tasks.sandbox import SandboxResult, run_many
 
@@ -189,16 +190,16 @@ class CodeTask:
 
     def problems(self, split: str) -> list[CodeProblem]:
         """The coding problems of a split (reveal contexts, validation or test)."""
-        return list(self._problems[_check_split(split)])
+        return list(self._problems[check_split(split)])
 
     def arithmetic_items(self, split: str) -> list[ArithmeticItem]:
         """The arithmetic items `evaluate` scores on a split ("reveal" reuses retain data)."""
-        return list(self._arithmetic[_check_split(split)])
+        return list(self._arithmetic[check_split(split)])
 
     def form_items(self, split: str) -> list[FormItem]:
         """The (problem, form) items of a split: Reveal's contexts, or what `evaluate` generates and grades
         (the held-out forms only on the test split; rr/tasks/code_forms.py)."""
-        split = _check_split(split)
+        split = check_split(split)
         minimum = {"reveal": 1, "validation": self.config.min_validation_items_per_form,
                    "test": self.config.min_test_items_per_form}[split]
         return form_items(self._problems[split], split, minimum, self.config.forms)
@@ -251,7 +252,7 @@ class CodeTask:
         """pass@1 per form and pooled over the split's forms (the forget score: pooled, or the worst form with
         forget_decision: worst-form) and arithmetic accuracy (utility score) on `split`, greedy; perplexity
         on the general text. With mbpp_plus, the test split also reports pass@1 on MBPP+."""
-        split = _check_split(split)
+        split = check_split(split)
         c = self.config
         items = self.form_items(split)
         code_results = self._grade(model, items)
@@ -331,12 +332,6 @@ class CodeTask:
             for i, result in zip(indices, batch):
                 results[i] = result
         return results  # type: ignore[return-value]
-
-
-def _check_split(split: str) -> str:
-    if split not in SPLITS:
-        raise RRError(f"unknown split {split!r}; choose one of {SPLITS}")
-    return split
 
 
 def _first_completions(outputs: list[list[str]], expected: int) -> list[str]:

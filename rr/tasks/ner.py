@@ -28,8 +28,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from rr.errors import RRError
 from rr.evaluation.metrics import f1_from_sets, wilson_interval
 from rr.generation.base import request_seed
-from rr.tasks.base import SPLITS, Context, Evaluation, Example, ModelHandle, SamplingParams
-from rr.tasks.toxicity import assign_splits, check_split
+from rr.tasks.base import SPLITS, Context, Evaluation, Example, ModelHandle, SamplingParams, check_split
+from rr.tasks.toxicity import assign_splits
 
 SHIPPED_PASSAGES = Path(__file__).parent / "data" / "ner_passages.jsonl"
 ENTITY_TYPES = ("Person", "Organization", "Concept", "Location", "Date")

@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from rr.errors import RRError
 from rr.evaluation.metrics import toxicity_aggregates, wilson_interval
 from rr.generation.base import request_seed
-from rr.tasks.base import SPLITS, Context, Evaluation, Example, ModelHandle, SamplingParams
+from rr.tasks.base import SPLITS, Context, Evaluation, Example, ModelHandle, SamplingParams, check_split
 
 DATA_DIR = Path(__file__).parent / "data"
 SHIPPED_PROMPTS = DATA_DIR / "toxicity_prompts.jsonl"
@@ -197,11 +197,6 @@ def assign_splits(items: Sequence[T], n_validation: int, n_test: int, seed: int,
     chosen = {"test": order[:n_test], "validation": order[n_test:n_test + n_validation],
               "reveal": order[n_test + n_validation:] + pinned}
     return {split: [items[i] for i in sorted(chosen[split])] for split in SPLITS}
-
-
-def check_split(split: str) -> None:
-    if split not in SPLITS:
-        raise RRError(f"split {split!r} is not one of {SPLITS}")
 
 
 # ---- config and task ----------------------------------------------------------------------------

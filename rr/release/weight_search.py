@@ -1,0 +1,73 @@
+"""The one weight search: candidate magnitudes scored on the validation split, a rule that decides, the grid
+widened once when nothing decides, and a cache that lets a killed search resume.
+
+The release loop's μ and λ steps, pem-negation, the single-negation baseline, the data-source ablation and
+Ext-Sub's α all choose their weight here; they differ only in the rule (`choose`), in what counts as decided
+(`decisive`) and in how a candidate is scored (`score`: the executor's search_weights, or a model the caller
+edits). Rules prefer the smallest qualifying magnitude, so candidates are scored smallest first and the search
+stops as soon as the scored prefix decides: larger magnitudes cannot change the choice.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, MutableMapping, Sequence
+
+from rr.errors import RRError
+from rr.release.weights import RULE_NONE, CandidateResult, WeightChoice, candidate_grid
+
+Scores = tuple[float, float]  # (forget score, utility score) of one candidate on the validation split
+# score(magnitudes, on_result, stop): score each magnitude, smallest first (an executor may run several at
+# once), calling on_result(magnitude, scores) for each; return early once stop() is true.
+Scorer = Callable[[list[float], Callable[[float, Scores], None], Callable[[], bool]], None]
+
+
+def scored_prefix(grid: Sequence[float], cache: MutableMapping[float, Scores],
+                  choose: Callable[[list[CandidateResult]], WeightChoice],
+                  decisive: Callable[[WeightChoice], bool]) -> tuple[list[CandidateResult], bool]:
+    """The cached candidates of `grid`, smallest first, up to the first unscored one or the first prefix whose
+    choice is decisive; and whether the search is over (decided, or every candidate scored)."""
+    results = []
+    for magnitude in sorted(set(grid), key=lambda m: (abs(m), m)):
+        if magnitude not in cache:
+            return results, False
+        forget_score, utility_score = cache[magnitude]
+        results.append(CandidateResult(magnitude, forget_score, utility_score))
+        if decisive(choose(results)):
+            return results, True
+    return results, True
+
+
+def search_weight(grid: Sequence[float], choose: Callable[[list[CandidateResult]], WeightChoice],
+                  decisive: Callable[[WeightChoice], bool], score: Scorer, cache: MutableMapping[float, Scores],
+                  widen_factor: float | None = None,
+                  on_widen: Callable[[WeightChoice, list[float]], None] = lambda choice, wider: None) -> WeightChoice:
+    """Score `grid` (magnitudes) until `choose` on the scored prefix is `decisive`; if it never is and a
+    widen_factor is given, once more on the grid widened by it (rr.release.weights.candidate_grid). Scores go
+    into `cache` as they are made (the caller persists it in on_result's wake, see `score`), and cached
+    candidates are never scored again, so a rerun after a kill resumes where it stopped. Returns the choice on
+    everything scored; its `weight` is None when no candidate qualifies."""
+    if not grid:
+        raise ValueError("a weight search needs at least one candidate magnitude")
+
+    def run(candidates: Sequence[float]) -> WeightChoice:
+        results, over = scored_prefix(candidates, cache, choose, decisive)
+        if not over:
+            todo = [m for m in sorted(set(candidates), key=abs) if m not in cache]
+
+            def on_result(magnitude: float, scores: Scores) -> None:
+                cache[magnitude] = (float(scores[0]), float(scores[1]))
+
+            score(todo, on_result, lambda: scored_prefix(candidates, cache, choose, decisive)[1])
+            results, over = scored_prefix(candidates, cache, choose, decisive)
+            if not over:
+                missing = [m for m in candidates if m not in cache]
+                raise RRError(f"the weight search stopped with candidates {missing} unscored and nothing decided "
+                              "(a lost worker or a stopped search): rerun the same command to resume it")
+        return choose(results) if results else WeightChoice(None, RULE_NONE, False, "no candidate was scored")
+
+    choice = run(grid)
+    if decisive(choice) or widen_factor is None:
+        return choice
+    wider = [m for m in candidate_grid(grid, widen_factor) if m not in set(grid)]
+    on_widen(choice, wider)
+    return run(list(grid) + wider)
