@@ -86,7 +86,7 @@ RELEASE = {"iterations": 1, "forget_weights": [1.0, 2.0], "retain_weights": [0.2
            "widen_factor": 2.0, "forget_fraction": 0.9, "recover_fraction": 0.95, "forget_bounce": 0.3}
 
 
-def make_job(job_dir, monkeypatch, compare=None):
+def make_job(job_dir, monkeypatch, compare=None, release=None):
     from rr.config import CompareConfig
 
     import rr.evaluation.report as report_module
@@ -98,7 +98,7 @@ def make_job(job_dir, monkeypatch, compare=None):
     monkeypatch.setattr(report_module, "plot_tradeoff", lambda *args, **kwargs: None)
     config = load_config(CI_CONFIG, job_dir)
     config = config.model_copy(update={
-        "release": config.release.model_copy(update=RELEASE),
+        "release": config.release.model_copy(update={**RELEASE, **(release or {})}),
         "tracking": config.tracking.model_copy(update={"enabled": False}),
         "compare": CompareConfig(**compare) if compare else None})
     job = Job(config)
@@ -152,6 +152,21 @@ def test_the_scenario_widens_stops_early_and_needs_new_baseline_candidates(unkil
     assert result["summary"]["stopped_reason"].startswith("targets met")
     baseline = result["summary"]["baseline"]
     assert baseline["merge_weight"] == -4.0 and baseline["reached_target"]
+
+
+def test_a_utility_floor_refuses_the_weight_rule_1_would_take(tmp_path, monkeypatch):
+    """release.forget_utility_floor reaches the loop's μ rule: −2 meets rule 1 (forget 0.059) but leaves utility
+    0.50 < 0.9 × base 0.60; nothing in the widened grid meets rule 1 within the floor, so rule 2 takes −1."""
+    from rr.release.stage import run_release
+
+    job = make_job(tmp_path / "job", monkeypatch, release={"forget_utility_floor": 0.9})
+    try:
+        run_release(job, progress=lambda _: None)
+    finally:
+        job.close()
+    step = json.loads((tmp_path / "job" / "release" / "state.json").read_text())["steps"][1]
+    assert (step["merge_weight"], step["rule"]) == (-1.0, "relative_drop")
+    assert "left out for utility below the floor 0.5400" in step["reason"]
 
 
 def test_a_release_killed_at_any_evaluation_resumes_to_the_same_result(tmp_path, monkeypatch, unkilled):
