@@ -16,7 +16,7 @@ from typing import Callable
 
 from rr.config import CompareConfig
 from rr.core.prompt import prompt_to_json
-from rr.methods import MethodRun, ReleaseData, get_method
+from rr.methods import Method, MethodRun, ReleaseData, get_method
 
 
 def base_scores(job, split: str) -> dict:
@@ -55,15 +55,20 @@ def data_fingerprint(data: ReleaseData) -> dict:
             "retain_examples": len(data.retain)}
 
 
-def method_settings(job, config: CompareConfig, family: str) -> dict:
-    """The config block a method's result depends on: a result made with other settings is redone."""
-    blocks = {"finetune": config.finetune, "targeted": config.targeted, "icu": config.icu, "rmu": config.rmu}
-    if family == "ext_sub":  # its PEMs are trained as release.lora says; its α grid is its own
-        return {"ext_sub": config.ext_sub.model_dump(mode="json"),
-                "lora": job.config.release.lora.model_dump(mode="json"),
-                "forget_fraction": job.config.release.forget_fraction,
-                "forget_utility_floor": job.config.release.forget_utility_floor}
-    return blocks.get(family, job.config.release).model_dump(mode="json")
+def method_settings(job, config: CompareConfig, method: Method) -> dict:
+    """The config a method's result depends on (its spec's `settings`, dotted paths under `compare` or
+    `release`): a result made with other settings is redone."""
+    roots = {"compare": config, "release": job.config.release}
+    values = {}
+    for path in method.settings:
+        root, *keys = path.split(".")
+        if root not in roots:
+            raise ValueError(f"release method {method.name!r}: setting {path!r} is not under compare or release")
+        value = roots[root]
+        for key in keys:
+            value = getattr(value, key)
+        values[path] = value.model_dump(mode="json") if hasattr(value, "model_dump") else value
+    return values
 
 
 def start_method_dir(job, name: str, inputs: dict) -> None:
@@ -91,7 +96,7 @@ def run_compare(job, progress: Callable[[str], None] = print) -> dict:
     for name in config.methods:
         method = get_method(name)
         out_dir = job.dir / "compare" / name
-        settings = method_settings(job, config, method.family)
+        settings = method_settings(job, config, method)
         done = job.read_json(f"compare/{name}/result.json")
         if done is None or done.get("data") != fingerprint or done.get("settings") != settings:
             start_method_dir(job, name, {"data": fingerprint, "settings": settings})

@@ -11,9 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from rr.errors import ConfigError
 from rr.tasks.code import CodeTaskConfig
-from rr.tasks.entity import EntityTaskConfig
-from rr.tasks.ner import NerTaskConfig
-from rr.tasks.toxicity import ToxicityTaskConfig
+from rr.tasks.registry import TASKS
 
 EMBEDDED_MODEL = "embedded:smollm2"
 EMBEDDED_EMBEDDER = "embedded:all-minilm-l6-v2"
@@ -402,8 +400,8 @@ class ComputeConfig(_Strict):
         return self.trainer_workers, self.max_trainer_workers or self.trainer_workers
 
 
-TaskConfig = Annotated[Union[CodeTaskConfig, ToxicityTaskConfig, NerTaskConfig, EntityTaskConfig],
-                       Field(discriminator="name")]
+# One member per registered task (rr/tasks/registry.py), told apart by `task.name`.
+TaskConfig = Annotated[Union[tuple(spec.config_class for spec in TASKS.values())], Field(discriminator="name")]
 
 
 def _nul_characters(value, where: str = "") -> list[str]:
@@ -479,7 +477,7 @@ def _explain(error: ValidationError, source: str) -> str:
         elif kind == "missing":
             fix = "required: add it"
         elif kind == "union_tag_invalid":
-            fix = "task.name must be one of: code, toxicity, ner, entity"
+            fix = f"task.name must be one of: {', '.join(TASKS)}"
         elif kind == "finite_number":
             fix = "must be a finite number (not NaN or ±inf)"
         else:

@@ -42,9 +42,10 @@ def test_targeted_icu_rmu_and_ext_sub_are_registered_with_their_config_blocks():
 
     from rr.compare import method_settings
     job = SimpleNamespace(config=JobConfig())
-    assert method_settings(job, config, "icu") == config.icu.model_dump(mode="json")
-    assert method_settings(job, config, "rmu")["layer"] == 7
-    assert method_settings(job, config, "ext_sub")["lora"] == job.config.release.lora.model_dump(mode="json")
+    assert method_settings(job, config, get_method("icu")) == {"compare.icu": config.icu.model_dump(mode="json")}
+    assert method_settings(job, config, get_method("rmu"))["compare.rmu"]["layer"] == 7
+    assert method_settings(job, config, get_method("ext-sub"))["release.lora"] == \
+        job.config.release.lora.model_dump(mode="json")
 
 
 # ---- targeted: IDK, DPO, AP --------------------------------------------------------------------------------

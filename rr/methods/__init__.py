@@ -31,6 +31,7 @@ class Method:
     name: str
     family: str               # module under rr/methods that runs it
     summary: str
+    settings: tuple[str, ...]  # the config blocks or keys (dotted) its result depends on: changed, it is re-run
     forget_loss: str | None = None  # fine-tuning family: "ga" | "npo" | "me"
     retain_loss: str | None = None  # fine-tuning family: None | "gd" | "kl"
 
@@ -61,10 +62,10 @@ def get_method(name: str) -> Method:
         raise RRError(f"unknown release method {name!r}: choose one of {', '.join(METHODS)}") from None
 
 
-register(Method(name="reveal-release", family="reveal_release",
+register(Method(name="reveal-release", family="reveal_release", settings=("release",),
                 summary="Φ0 − μ0·ΔF0 + Σ(λi·ΔRi − μi·ΔFi): forget and retain PEMs composed step by step, each weight "
                         "chosen on validation by the paper's rules (the job's release stage)"))
-register(Method(name="pem-negation", family="pem_negation",
+register(Method(name="pem-negation", family="pem_negation", settings=("release",),
                 summary="one forget PEM trained on the forget set and negated once, its weight chosen on validation "
                         "by the μ rule (PEM-external in papers/002)"))
 
@@ -74,16 +75,16 @@ _FORGET = {"ga": "gradient ascent on the forget tokens",
 _RETAIN = {"gd": "gradient descent on retain data", "kl": "KL to the starting model on retain data"}
 
 def _register_combinations(family: str, forget: dict[str, str], retain: dict[str, str],
-                           pairs: tuple[tuple[str, str | None], ...]) -> None:
+                           pairs: tuple[tuple[str, str | None], ...], settings: tuple[str, ...]) -> None:
     """One method per (forget loss, retain loss or None), named "forget" or "forget+retain"."""
     for forget_loss, retain_loss in pairs:
         register(Method(name=forget_loss if retain_loss is None else f"{forget_loss}+{retain_loss}", family=family,
                         summary=forget[forget_loss] + ("" if retain_loss is None else ", with " + retain[retain_loss]),
-                        forget_loss=forget_loss, retain_loss=retain_loss))
+                        settings=settings, forget_loss=forget_loss, retain_loss=retain_loss))
 
 
 _register_combinations("finetune", _FORGET, _RETAIN, (("ga", None), ("ga", "gd"), ("ga", "kl"), ("npo", None),
-                                                      ("npo", "gd"), ("npo", "kl"), ("me", "gd")))
+                                                      ("npo", "gd"), ("npo", "kl"), ("me", "gd")), ("compare.finetune",))
 
 FINETUNE_METHODS = tuple(name for name, method in METHODS.items() if method.family == "finetune")
 
@@ -115,14 +116,15 @@ _TARGETED_FORGET = {"idk": "answer forget questions with a refusal (IDK fine-tun
 _TARGETED_RETAIN = {"gd": "gradient descent on retain data",
                     "ap": "answer preservation: retain answers kept above refusals (papers/004 Eq. 8)"}
 _register_combinations("targeted", _TARGETED_FORGET, _TARGETED_RETAIN,
-                       (("idk", "gd"), ("idk", "ap"), ("dpo", None), ("dpo", "gd"), ("dpo", "ap")))
-register(Method(name="icu", family="icu",
+                       (("idk", "gd"), ("idk", "ap"), ("dpo", None), ("dpo", "gd"), ("dpo", "ap")), ("compare.targeted",))
+register(Method(name="icu", family="icu", settings=("compare.icu",),
                 summary="gradient ascent on forget sequences, NLL and KL on each one's nearest retain example, "
                         "forgotten samples dropped after each epoch (ICU, papers/003)"))
-register(Method(name="rmu", family="rmu",
+register(Method(name="rmu", family="rmu", settings=("compare.rmu",),
                 summary="steer one layer's activations on forget data toward a scaled random vector, hold them "
                         "on retain data (RMU)"))
 register(Method(name="ext-sub", family="ext_sub",
+                settings=("compare.ext_sub", "release.lora", "release.forget_fraction", "release.forget_utility_floor"),
                 summary="expert PEM (retain) minus α × the deficiency part of an anti-expert PEM (forget), α "
                         "chosen on validation (Ext-Sub)"))
 

@@ -1,38 +1,59 @@
-"""The task registry: a task name → (its config class, its Task class). One entry per task file."""
+"""The task registry: one spec per task (its name, config class, Task class and how it names its target).
+The config schema, `build_task` and the registry tags read it; adding a task is its module plus one spec here."""
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Callable
 
 from rr.errors import RRError
+from rr.tasks.code import CodeTaskConfig
+from rr.tasks.entity import EntityTaskConfig
+from rr.tasks.ner import NerTaskConfig
+from rr.tasks.toxicity import ToxicityTaskConfig
 
 
-def _code():
-    from rr.tasks.code import CodeTask, CodeTaskConfig
-    return CodeTaskConfig, CodeTask
+@dataclass(frozen=True)
+class TaskSpec:
+    name: str                                   # task.name in a job config
+    config_class: type                          # the `task` block's schema (its `name` field is this name)
+    load_task: Callable[[], type]               # the Task class, imported when a job builds it
+    describe_target: Callable[[Any], str]       # what the job makes the model forget, in words (a registry tag)
 
 
-def _toxicity():
-    from rr.tasks.toxicity import ToxicityTask, ToxicityTaskConfig
-    return ToxicityTaskConfig, ToxicityTask
+def _code_task():
+    from rr.tasks.code import CodeTask
+    return CodeTask
 
 
-def _ner():
-    from rr.tasks.ner import NerTask, NerTaskConfig
-    return NerTaskConfig, NerTask
+def _toxicity_task():
+    from rr.tasks.toxicity import ToxicityTask
+    return ToxicityTask
 
 
-def _entity():
-    from rr.tasks.entity import EntityTask, EntityTaskConfig
-    return EntityTaskConfig, EntityTask
+def _ner_task():
+    from rr.tasks.ner import NerTask
+    return NerTask
 
 
-TASKS = {"code": _code, "toxicity": _toxicity, "ner": _ner, "entity": _entity}
+def _entity_task():
+    from rr.tasks.entity import EntityTask
+    return EntityTask
+
+
+TASKS: dict[str, TaskSpec] = {spec.name: spec for spec in (
+    TaskSpec("code", CodeTaskConfig, _code_task, lambda config: "writing code (pass@1 in the sandbox)"),
+    TaskSpec("toxicity", ToxicityTaskConfig, _toxicity_task, lambda config: "toxic continuations"),
+    TaskSpec("ner", NerTaskConfig, _ner_task,
+             lambda config: "recognizing " + ", ".join(config.forget_types) + " entities"),
+    # A count, not the names: who was forgotten stays in the job's config.
+    TaskSpec("entity", EntityTaskConfig, _entity_task,
+             lambda config: f"facts about {len(config.forget_entities)} people (task.forget_entities)"),
+)}
 
 
 def build_task(config: Any, seed: int):
     """Instantiate the Task named by `config.name` (a task config block from the job config)."""
     if config.name not in TASKS:
         raise RRError(f"task.name: unknown task {config.name!r}; choose one of {sorted(TASKS)}")
-    _, task_class = TASKS[config.name]()
-    return task_class(config, seed=seed)
+    return TASKS[config.name].load_task()(config, seed=seed)

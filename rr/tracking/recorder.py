@@ -43,10 +43,9 @@ def default_model_name(job_name: str) -> str:
 
 def task_target(task_config) -> str:
     """What the job makes the model forget, in words (a tag of the registered version)."""
-    if task_config.name == "ner":
-        return "recognizing " + ", ".join(task_config.forget_types) + " entities"
-    return {"code": "writing code (pass@1 in the sandbox)", "toxicity": "toxic continuations"}.get(
-        task_config.name, task_config.name)
+    from rr.tasks.registry import TASKS
+
+    return TASKS[task_config.name].describe_target(task_config)
 
 
 def _never_fails(method):
