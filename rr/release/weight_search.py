@@ -45,7 +45,7 @@ def search_weight(grid: Sequence[float], choose: Callable[[list[CandidateResult]
     widen_factor is given, once more on the grid widened by it (rr.release.weights.candidate_grid). Scores go
     into `cache` as they are made (the caller persists it in on_result's wake, see `score`), and cached
     candidates are never scored again, so a rerun after a kill resumes where it stopped. Returns the choice on
-    everything scored; its `weight` is None when no candidate qualifies."""
+    the scored prefix (every candidate up to the one that decided); its `weight` is None when none qualifies."""
     if not grid:
         raise ValueError("a weight search needs at least one candidate magnitude")
 
