@@ -19,6 +19,7 @@ from rr.config import JobConfig  # noqa: E402
 from rr.execution.local import LocalExecutor  # noqa: E402
 from rr.release.ledger import Pem, WeightedPem  # noqa: E402
 from rr.release.loop import ReleaseLoop, ReleaseState  # noqa: E402
+from rr.release.weights import WeightChoice  # noqa: E402
 from rr.tasks.base import Example, SamplingParams  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -121,13 +122,18 @@ def test_release_loop_weight_search_runs_as_tune_trials_scores_as_in_process_and
     # The loop as run_release builds it: its callbacks close over the job (tracker, models, Ray executor).
     loop = ReleaseLoop(ray_job, [], progress=lambda message: None, on_step=ray_job.tracker.release_step)
     loop.state = ReleaseState.load(loop.state_path)
-    cached = loop.state.pending_candidates.setdefault("1", {})
     ray_job.config.compute.parallel_candidates = 2  # two trials at a time: the later ones wait
+    # A stand-in rule that decides once two candidates are scored (the real rules are tested without Ray).
+    def take_the_last(results):
+        return WeightChoice(results[-1].weight, "test", True, "two scored", results)
+
     try:
-        chosen = loop.evaluate_candidates(pem, weights, cached, lambda prefix: len(prefix) >= 2)
+        choice = loop.search(1, -1.0, pem, [abs(w) for w in weights], take_the_last,
+                             lambda choice: len(choice.evaluated) >= 2)
     finally:
         ray_job.config.compute.parallel_candidates = None
-    assert [c.weight for c in chosen] == [0.5, 1.0]
+    cached = loop.state.pending_candidates["1"]
+    assert [c.weight for c in choice.evaluated] == [0.5, 1.0]
     assert 2 <= len(cached) < len(weights), "the experiment did not stop once decided"
     assert ReleaseState.load(loop.state_path).pending_candidates["1"] == cached, "results were not checkpointed"
     for weight in (-0.5, -1.0):  # each trial scored its own composition, as the in-process executor does

@@ -168,27 +168,11 @@ class ReleaseLoop:
         pem = self._train_or_load(name, kind)
         sign = -1.0 if kind == "forget" else 1.0
         magnitudes = self.config.forget_weights if kind == "forget" else self.config.retain_weights
-        cached = self.state.pending_candidates.setdefault(str(step), {})  # repr(signed weight) → [forget, utility]
         self.progress(f"step {step} ({kind}): searching {len(magnitudes)} weights on the validation split")
-
-        def score(todo: list[float], on_result, stop) -> None:
-            def on_evaluation(weight: float, evaluation: Evaluation) -> None:
-                cached[repr(weight)] = [evaluation.forget_score, evaluation.utility_score]
-                on_result(abs(weight), (evaluation.forget_score, evaluation.utility_score))
-                self.progress(f"  candidate {weight:+g}: forget {evaluation.forget_score:.3f}, "
-                              f"utility {evaluation.utility_score:.3f}")
-                self.state.save(self.state_path)
-
-            self.job.executor.search_weights(self.job.task, "validation", self.entries, pem,
-                                             [sign * m for m in todo], on_evaluation, stop)
-
-        def on_widen(choice: WeightChoice, wider: list[float]) -> None:
-            self.progress(f"step {step}: no candidate met the target ({choice.reason}); widening to {wider}")
-
-        choice = search_weight(magnitudes, lambda results: self._choose(kind, results, previous, base),
-                               lambda choice: choice.rule in (RULE_FORGET_TARGET, RULE_RECOVER_TARGET), score,
-                               {abs(float(w)): tuple(scores) for w, scores in cached.items()},
-                               self.config.widen_factor if self.config.on_no_candidate == "widen" else None, on_widen)
+        choice = self.search(step, sign, pem, magnitudes, lambda results: self._choose(kind, results, previous, base),
+                             lambda choice: choice.rule in (RULE_FORGET_TARGET, RULE_RECOVER_TARGET),
+                             self.config.widen_factor if self.config.on_no_candidate == "widen" else None)
+        cached = self.state.pending_candidates.get(str(step), {})
         if choice.weight is None:
             self.state.stopped_reason = f"step {step} ({kind}): no candidate weight passes: {choice.reason}"
             self.progress(self.state.stopped_reason)
@@ -210,6 +194,30 @@ class ReleaseLoop:
         self.progress(f"step {step}: applied {merge_weight:+g} ({choice.rule}); test forget "
                       f"{record.test['forget_score']:.3f}, utility {record.test['utility_score']:.3f}")
         return record
+
+    def search(self, step: int, sign: float, pem: Pem, magnitudes, choose, decisive,
+               widen_factor: float | None = None) -> WeightChoice:
+        """Step `step`'s weight search (rr/release/weight_search.py) for `pem` applied with `sign` on top of the
+        composition so far, scored on the validation split through the job's executor; every score is
+        checkpointed in the release state as it arrives, so a killed search resumes with the next candidate."""
+        cached = self.state.pending_candidates.setdefault(str(step), {})  # repr(signed weight) → [forget, utility]
+
+        def score(todo: list[float], on_result, stop) -> None:
+            def on_evaluation(weight: float, evaluation: Evaluation) -> None:
+                cached[repr(weight)] = [evaluation.forget_score, evaluation.utility_score]
+                on_result(abs(weight), (evaluation.forget_score, evaluation.utility_score))
+                self.progress(f"  candidate {weight:+g}: forget {evaluation.forget_score:.3f}, "
+                              f"utility {evaluation.utility_score:.3f}")
+                self.state.save(self.state_path)
+
+            self.job.executor.search_weights(self.job.task, "validation", self.entries, pem,
+                                             [sign * m for m in todo], on_evaluation, stop)
+
+        def on_widen(choice: WeightChoice, wider: list[float]) -> None:
+            self.progress(f"step {step}: no candidate met the target ({choice.reason}); widening to {wider}")
+
+        return search_weight(magnitudes, choose, decisive, score,
+                             {abs(float(w)): tuple(scores) for w, scores in cached.items()}, widen_factor, on_widen)
 
     def _choose(self, kind: str, results: list[CandidateResult], previous: dict, base: dict) -> WeightChoice:
         if kind == "forget":
