@@ -20,7 +20,7 @@ def run_method(job, method: Method, data: ReleaseData, out_dir: Path, progress: 
     from rr.core.files import atomic_write_text
     from rr.release.ledger import Pem, WeightedPem
     from rr.release.loop import evaluation_dict
-    from rr.release.weight_search import search_weight
+    from rr.release.weight_search import executor_scorer, search_weight
     from rr.release.weights import (RULE_FORGET_TARGET, CandidateResult, WeightChoice, choose_forget_weight,
                                     utility_floor)
 
@@ -44,15 +44,13 @@ def run_method(job, method: Method, data: ReleaseData, out_dir: Path, progress: 
         return choose_forget_weight(candidates, base["forget_score"], base["utility_score"], config.forget_fraction,
                                     utility_floor(config.forget_utility_floor, base["utility_score"]))
 
-    def score(todo: list[float], on_result, stop) -> None:
-        def on_evaluation(signed_weight: float, evaluation) -> None:
-            on_result(abs(signed_weight), (evaluation.forget_score, evaluation.utility_score))
-            atomic_write_text(scored_path, json.dumps([asdict(CandidateResult(m, *scores))
-                                                       for m, scores in sorted(cache.items())]))
-            progress(f"  pem-negation {signed_weight:+g}: forget {evaluation.forget_score:.3f}, "
-                     f"utility {evaluation.utility_score:.3f}")
+    def checkpoint(signed_weight: float, evaluation) -> None:
+        atomic_write_text(scored_path, json.dumps([asdict(CandidateResult(m, *scores))
+                                                   for m, scores in sorted(cache.items())]))
+        progress(f"  pem-negation {signed_weight:+g}: forget {evaluation.forget_score:.3f}, "
+                 f"utility {evaluation.utility_score:.3f}")
 
-        executor.search_weights(job.task, "validation", (), pem, [-m for m in todo], on_evaluation, stop)
+    score = executor_scorer(executor, job.task, (), pem, -1.0, checkpoint)
 
     try:
         choice = search_weight(config.forget_weights, choose, lambda c: c.rule == RULE_FORGET_TARGET, score, cache,

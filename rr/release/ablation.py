@@ -10,7 +10,7 @@ from typing import Callable
 from rr.errors import RRError
 from rr.release.ledger import Pem, WeightedPem
 from rr.release.loop import evaluation_dict
-from rr.release.weight_search import search_weight
+from rr.release.weight_search import executor_scorer, search_weight
 from rr.release.weights import CandidateResult, WeightChoice
 from rr.tasks.base import Example
 
@@ -58,15 +58,13 @@ def matched_negation(job, pem: Pem, target_forget_score: float, progress: Callab
         return WeightChoice(closest.weight, "closest", False, f"no weight reaches forget score ≤ "
                             f"{target_forget_score:.4f}; the lowest is {closest.forget_score:.4f}", candidates)
 
-    def score(todo: list[float], on_result, stop) -> None:
-        def on_evaluation(signed_weight: float, evaluation) -> None:
-            on_result(abs(signed_weight), (evaluation.forget_score, evaluation.utility_score))
-            if checkpoint is not None:
-                job.write_json(checkpoint, [[m, f, u] for m, (f, u) in sorted(cache.items())])
-            progress(f"  {pem.name} {signed_weight:+g}: forget {evaluation.forget_score:.3f}, "
-                     f"utility {evaluation.utility_score:.3f}")
+    def after_each(signed_weight: float, evaluation) -> None:
+        if checkpoint is not None:
+            job.write_json(checkpoint, [[m, f, u] for m, (f, u) in sorted(cache.items())])
+        progress(f"  {pem.name} {signed_weight:+g}: forget {evaluation.forget_score:.3f}, "
+                 f"utility {evaluation.utility_score:.3f}")
 
-        job.executor.search_weights(job.task, "validation", (), pem, [-m for m in todo], on_evaluation, stop)
+    score = executor_scorer(job.executor, job.task, (), pem, -1.0, after_each)
 
     try:
         choice = search_weight(sorted(set(job.config.release.forget_weights)), choose, lambda c: c.passed, score,

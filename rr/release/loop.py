@@ -16,7 +16,7 @@ from typing import Callable
 from rr.core.files import atomic_write_text
 from rr.release.general_retain import general_retain_examples
 from rr.release.ledger import Ledger, LedgerEntry, Pem, WeightedPem
-from rr.release.weight_search import search_weight
+from rr.release.weight_search import executor_scorer, search_weight
 from rr.release.weights import (RULE_FORGET_TARGET, RULE_RECOVER_TARGET, CandidateResult, WeightChoice,
                                 choose_forget_weight, choose_retain_weight, utility_floor)
 from rr.tasks.base import Evaluation, Example
@@ -202,16 +202,13 @@ class ReleaseLoop:
         checkpointed in the release state as it arrives, so a killed search resumes with the next candidate."""
         cached = self.state.pending_candidates.setdefault(str(step), {})  # repr(signed weight) → [forget, utility]
 
-        def score(todo: list[float], on_result, stop) -> None:
-            def on_evaluation(weight: float, evaluation: Evaluation) -> None:
-                cached[repr(weight)] = [evaluation.forget_score, evaluation.utility_score]
-                on_result(abs(weight), (evaluation.forget_score, evaluation.utility_score))
-                self.progress(f"  candidate {weight:+g}: forget {evaluation.forget_score:.3f}, "
-                              f"utility {evaluation.utility_score:.3f}")
-                self.state.save(self.state_path)
+        def checkpoint(weight: float, evaluation: Evaluation) -> None:
+            cached[repr(weight)] = [evaluation.forget_score, evaluation.utility_score]
+            self.progress(f"  candidate {weight:+g}: forget {evaluation.forget_score:.3f}, "
+                          f"utility {evaluation.utility_score:.3f}")
+            self.state.save(self.state_path)
 
-            self.job.executor.search_weights(self.job.task, "validation", self.entries, pem,
-                                             [sign * m for m in todo], on_evaluation, stop)
+        score = executor_scorer(self.job.executor, self.job.task, self.entries, pem, sign, checkpoint)
 
         def on_widen(choice: WeightChoice, wider: list[float]) -> None:
             self.progress(f"step {step}: no candidate met the target ({choice.reason}); widening to {wider}")

@@ -21,6 +21,21 @@ Scores = tuple[float, float]  # (forget score, utility score) of one candidate o
 Scorer = Callable[[list[float], Callable[[float, Scores], None], Callable[[], bool]], None]
 
 
+def executor_scorer(executor, task, composition, pem, sign: float,
+                    after_each: Callable[[float, object], None] = lambda weight, evaluation: None) -> Scorer:
+    """A Scorer that applies `pem` at sign × magnitude on top of `composition` and scores the validation split
+    through the job's executor (in-process, or Tune trials on Ray); after_each(signed weight, evaluation) runs
+    once each score is in the search's cache (checkpoint it, report it)."""
+    def score(todo: list[float], on_result: Callable[[float, Scores], None], stop: Callable[[], bool]) -> None:
+        def on_evaluation(weight: float, evaluation) -> None:
+            on_result(abs(weight), (evaluation.forget_score, evaluation.utility_score))
+            after_each(weight, evaluation)
+
+        executor.search_weights(task, "validation", composition, pem, [sign * m for m in todo], on_evaluation, stop)
+
+    return score
+
+
 def scored_prefix(grid: Sequence[float], cache: MutableMapping[float, Scores],
                   choose: Callable[[list[CandidateResult]], WeightChoice],
                   decisive: Callable[[WeightChoice], bool]) -> tuple[list[CandidateResult], bool]:
