@@ -1,5 +1,5 @@
-"""The `rr` command: reveal, release, run (both + evaluation), compare, ablate, eval, export; promote and models
-for the registry."""
+"""The `rr` command: reveal, release, run (both + evaluation), compare, ablate, audit, eval, export; promote and
+models for the registry."""
 
 from __future__ import annotations
 
@@ -163,6 +163,23 @@ def compare(config: Optional[Path] = ConfigOption, output: Optional[Path] = Outp
     _show(f"table {compare_dir / 'table.csv'}, plot {compare_dir / 'tradeoff.png'}; total {time.time() - start:.0f}s")
 
 
+@app.command()
+def audit(config: Optional[Path] = ConfigOption, output: Optional[Path] = OutputOption):
+    """Attack a finished job's models (relearning, membership inference, probes); verdict and report in JOB/audit/."""
+    from rr.audit.stage import run_audit
+
+    start = time.time()
+    try:
+        job = _job(config, output)
+        with _tracked(job, start):
+            result = run_audit(job, _progress(start))
+    except RRError as exc:
+        _fail(exc)
+    _show((job.dir / "audit" / "report.md").read_text())
+    _show(f"report {job.dir / 'audit' / 'report.html'}; total {time.time() - start:.0f}s")
+    raise typer.Exit(0 if result["verdict"]["passed"] else 1)
+
+
 @app.command("eval")
 def evaluate(config: Optional[Path] = ConfigOption, output: Optional[Path] = OutputOption,
              ledger: Optional[Path] = typer.Option(None, help="a job's release/ledger.json to compose on the base"),
@@ -274,8 +291,7 @@ def promote(name: str = typer.Argument(..., help="registered model name"),
             raise RRError(f"VERSION {quote(version)}: a version number such as 3 (see `rr models NAME`)")
         with bounded_http():
             client, gates = _registry(config, tracking_uri)
-            lines = promote_version(client, name, version, gates.max_forget_score, gates.min_utility_ratio, force,
-                                    reason, gates.max_form_forget_score)
+            lines = promote_version(client, name, version, gates.model_dump(), force, reason)
     except RRError as exc:
         _fail(exc)
     for line in lines:

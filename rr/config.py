@@ -294,6 +294,57 @@ class PromotionGates(_Strict):
     max_form_forget_score: float | None = Field(
         0.2, ge=0, le=MAX_SCORE, description="a task with forms: every counted form's forget score at most this "
                                              "(fails when no form counted); null: no limit")
+    require_audit: bool = Field(False, description="refuse a version without a passing `rr audit` (its audit.passed "
+                                "tag)")
+
+
+AUDIT_MODELS = ("base", "rr", "single-negation")
+
+
+class AuditGates(_Strict):
+    """What `rr audit` must show of rr's model for its verdict to pass (and `require_audit` to let it be promoted)."""
+
+    max_relearn_recovery: float | None = Field(
+        0.5, ge=0, le=100, description="relearning recovers at most this share of the forgotten forget score "
+        "after `relearn_gate_step` updates; null: not checked")
+    relearn_gate_step: int = Field(20, ge=1, le=100_000, description="the relearning checkpoint the gate reads "
+                                   "(one of audit.relearn_steps)")
+    max_auc_gap: float | None = Field(0.1, ge=0, le=0.5, description="every membership attack's |AUC − 0.5| at "
+                                      "most this; null: not checked")
+    max_probe_forget_score: float | None = Field(
+        None, ge=0, le=MAX_SCORE, description="the worst probe family's forget score at most this; null: "
+        "tracking.gates.max_forget_score")
+
+
+class AuditConfig(_Strict):
+    """`rr audit` on a finished job: relearning, membership inference on the forget set, adversarial probes."""
+
+    models: list[Literal[AUDIT_MODELS]] = Field(default_factory=lambda: list(AUDIT_MODELS), min_length=1,
+                                                description="which models to attack; the verdict reads rr's")
+    n_relearn: int = Field(20, ge=1, le=10_000, description="relearn split: target items no other split uses")
+    relearn_steps: list[int] = Field(default_factory=lambda: [5, 20, 50], min_length=1, max_length=10,
+                                     description="relearning checkpoints (optimizer updates) of one run")
+    relearn_lora: LoraTrainingConfig = Field(default_factory=lambda: LoraTrainingConfig(batch_size=4),
+                                             description="the attacker's LoRA (its epochs are ignored: the run stops "
+                                             "at the last checkpoint)")
+    relearn_eval_items: int = Field(40, ge=1, le=10_000, description="test-split items of the counted forms the "
+                                    "relearned models are scored on, dealt across the forms")
+    n_non_member_problems: int = Field(25, ge=1, le=10_000, description="membership non-members: problems no "
+                                       "split uses, answered by the base model with the forget set's instructions")
+    mink_k: float = Field(0.2, gt=0, le=1, description="MinK and MinK++: the share of lowest-scoring tokens averaged")
+    probe_families: list[str] | None = Field(None, description="probe families to ask (the task's audit module); "
+                                             "default all")
+    probe_items_per_family: int = Field(20, ge=1, le=10_000, description="test-split problems each family asks")
+    gates: AuditGates = Field(default_factory=AuditGates)
+
+    @model_validator(mode="after")
+    def _gate_step_is_a_checkpoint(self):
+        if self.gates.max_relearn_recovery is not None and self.gates.relearn_gate_step not in self.relearn_steps:
+            raise ValueError(f"audit.gates.relearn_gate_step {self.gates.relearn_gate_step} is not one of "
+                             f"audit.relearn_steps {self.relearn_steps}")
+        if len(set(self.models)) != len(self.models):
+            raise ValueError("audit.models: a model is listed twice")
+        return self
 
 
 def check_tracking_uri(uri: str) -> str:
@@ -458,6 +509,7 @@ class JobConfig(_Strict):
     # (dump_config leaves it out).
     compare: CompareConfig | None = Field(None, description="release methods side by side (rr/methods); "
                                           "absent: CompareConfig's defaults")
+    audit: AuditConfig | None = Field(None, description="rr audit's attacks and gates; absent: AuditConfig's defaults")
 
 
 def quote(value, limit: int = QUOTE_MAX_CHARS) -> str:
@@ -586,6 +638,14 @@ def validate_config(data: dict, source: str) -> JobConfig:
 
 def dump_config(config: JobConfig) -> str:
     """The config as YAML, every default spelled out (written into the job dir)."""
-    # An absent compare section stays absent, so a job directory's saved config reads the same as before it existed.
-    exclude = {"compare"} if config.compare is None else None
-    return yaml.safe_dump(config.model_dump(mode="json", exclude=exclude), sort_keys=False)
+    return yaml.safe_dump(config_data(config), sort_keys=False)
+
+
+def config_data(config: JobConfig) -> dict:
+    """The config as JSON-able data. An absent optional section (compare, audit) stays absent, so a job
+    directory's saved config reads the same as before the section existed."""
+    exclude = {name for name in OPTIONAL_SECTIONS if getattr(config, name) is None} or None
+    return config.model_dump(mode="json", exclude=exclude)
+
+
+OPTIONAL_SECTIONS = ("compare", "audit")

@@ -127,13 +127,14 @@ class Job:
             if "compute" in changed and isinstance(saved_compute, dict) and \
                     not _compute_changes_results(saved_compute, now["compute"]):
                 changed.remove("compute")  # where it runs, not what it computes (same seed, same results)
-            if set(changed) <= {"tracking", "compare"}:  # where results go, or which methods `rr compare` runs
-                # next to this job, changes none of its results: resume
+            if set(changed) <= {"tracking", "compare", "audit"}:  # where results go, or what `rr compare` and
+                # `rr audit` run next to this job, changes none of its results: resume
                 return
             if len(changed) > 12:
                 changed = changed[:12] + [f"… {len(changed) - 12} more"]
             # Release depends on everything; Reveal only on what is not release/tracking/compute/name.
-            stages = "reveal/, release/" if set(changed) - {"release", "tracking", "compare", "compute", "name"} else "release/"
+            stages = ("reveal/, release/" if set(changed) - {"release", "tracking", "compare", "audit", "compute", "name"}
+                      else "release/")
             raise RRError(f"{path}: this job directory was made with a different config (changed: "
                           f"{', '.join(changed)}). Resume with the same config, pass another --output for a new "
                           f"job, or delete {stages} and config.yaml in {self.dir} to redo those stages")

@@ -116,13 +116,17 @@ def rr_cli(*args, env=None):
 
 def test_gates_report_the_numbers():
     tags = {"rr.forget_score": "0.02", "rr.utility_score": "0.45", "rr.base_utility_score": "0.5"}
-    check = check_gates(tags, max_forget_score=0.1, min_utility_ratio=0.95)
+    check = check_gates(tags, {"max_forget_score": 0.1, "min_utility_ratio": 0.95})
     assert not check.passed
     assert "0.0200 ≤ max_forget_score 0.1: pass" in check.lines[0]
     assert "0.900 × base 0.5000 < min_utility_ratio 0.95: FAIL" in check.lines[1]
-    assert check_gates(tags, 0.1, 0.9).passed and check_gates(tags, None, None).passed
+    assert check_gates(tags, {"max_forget_score": 0.1, "min_utility_ratio": 0.9}).passed and check_gates(tags, {}).passed
     with pytest.raises(RRError, match="rr.forget_score"):
-        check_gates({}, 0.1, None)
+        check_gates({}, {"max_forget_score": 0.1})
+
+
+def limits(max_form: float) -> dict:
+    return {"max_forget_score": 0.1, "min_utility_ratio": 0.9, "max_form_forget_score": max_form}
 
 
 def test_the_form_gate_refuses_a_model_that_still_answers_one_form():
@@ -134,18 +138,18 @@ def test_the_form_gate_refuses_a_model_that_still_answers_one_form():
     tags = {"rr.forget_score": "0.05", "rr.utility_score": "0.5", "rr.base_utility_score": "0.5",
             **{k: str(v) for k, v in form_tags(report).items()}}
     assert tags["rr.forms.worst_form"] == "casual" and tags["rr.forms.counted"] == "mbpp,casual"
-    check = check_gates(tags, 0.1, 0.9, max_form_forget_score=0.2)
+    check = check_gates(tags, limits(0.2))
     assert not check.passed and "worst counted form casual: forget score 0.3000 > max_form_forget_score 0.2: FAIL" \
         in check.lines[-1]
-    assert check_gates(tags, 0.1, 0.9, max_form_forget_score=0.5).passed
+    assert check_gates(tags, limits(0.5)).passed
     # a task without forms registers no form tags: the gate says it does not apply, and decides nothing
     plain = {k: v for k, v in tags.items() if not k.startswith("rr.forms.")}
-    check = check_gates(plain, 0.1, 0.9, max_form_forget_score=0.2)
+    check = check_gates(plain, limits(0.2))
     assert check.passed and "not applied" in check.lines[-1]
     # a task with forms where no form counted cannot show forgetting per form: refused
     none_counted = {**plain, **form_tags({"counted_forms": [], "pooled": {}, "worst": {}})}
     assert none_counted["rr.forms.counted"] == ""
-    check = check_gates(none_counted, 0.1, 0.9, max_form_forget_score=0.2)
+    check = check_gates(none_counted, limits(0.2))
     assert not check.passed and "no form counted" in check.lines[-1]
     assert form_tags(None) == {}
 

@@ -3,6 +3,7 @@ and the shifted (log-prob, target, mask) view every loss and metric reads."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterator, Protocol, Sequence
 
 from rr.core.prompt import Prompt, as_prompt
@@ -96,6 +97,45 @@ def pad_token_id(tokenizer) -> int:
         if candidate is not None:
             return int(candidate)
     return 0
+
+
+@dataclass(frozen=True)
+class TokenStats:
+    """One answer's tokens under a model, teacher-forced after its prompt: each token's log-probability, and
+    the mean and variance of log p over the vocabulary at its position (μ = Σ p·log p, σ² = Σ p·(log p)² − μ²),
+    which MinK++ standardises by. The answer's text rides along (ZLib compresses it)."""
+
+    text: str
+    logprobs: tuple[float, ...]
+    means: tuple[float, ...]
+    variances: tuple[float, ...]
+
+    @property
+    def answer_logprob(self) -> float:
+        """log P(answer | prompt): the sum over its tokens."""
+        return float(sum(self.logprobs))
+
+    @property
+    def answer_probability(self) -> float:
+        """The mean token probability (papers/004's P)."""
+        import math
+
+        return sum(math.exp(lp) for lp in self.logprobs) / len(self.logprobs) if self.logprobs else 0.0
+
+
+def token_stats_of(logits: "torch.Tensor", labels: "torch.Tensor", texts: Sequence[str]) -> list[TokenStats]:
+    """TokenStats of each row of a right-padded batch (the label ≠ IGNORE_INDEX positions are the answer's)."""
+    log_probs, targets, mask = shifted(logits, labels)
+    token = log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    probs = log_probs.exp()
+    mean = (probs * log_probs).sum(-1)
+    variance = ((probs * log_probs.square()).sum(-1) - mean.square()).clamp(min=0)
+    out = []
+    for row, text in enumerate(texts):
+        keep = mask[row]
+        out.append(TokenStats(text, tuple(token[row][keep].tolist()), tuple(mean[row][keep].tolist()),
+                              tuple(variance[row][keep].tolist())))
+    return out
 
 
 def shifted(logits: "torch.Tensor", labels: "torch.Tensor") -> "tuple[torch.Tensor, torch.Tensor, torch.Tensor]":

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Callable, Protocol, Sequence
 
 from rr.release.ledger import Pem, WeightedPem
-from rr.tasks.base import Evaluation, Example, SamplingParams
+from rr.tasks.base import Evaluation, Example, ModelHandle, SamplingParams
 
 Composition = Sequence[WeightedPem]  # () is the base model
 
@@ -27,14 +27,19 @@ class Executor(Protocol):
     def evaluate(self, task, split: str, composition: Composition = ()) -> Evaluation:
         """task.evaluate on the composed model."""
 
+    def model(self, composition: Composition = ()) -> ModelHandle:
+        """The composed model as a ModelHandle (generate, perplexity, token_stats), for work that is not a task's
+        evaluation (the audit's attacks). Valid until the executor is asked for another composition."""
+
     def search_weights(self, task, split: str, composition: Composition, pem: Pem, signed_weights: Sequence[float],
                        on_result: Callable[[float, Evaluation], None], decided: Callable[[], bool]) -> None:
         """Score composition + (pem, w) for each w (ordered by magnitude), calling on_result(w, evaluation) in
         this process as each finishes; stop starting (and drop unfinished) candidates once decided() is true."""
 
     def train_pem(self, composition: Composition, examples: Sequence[Example], config, name: str, kind: str,
-                  out_dir: Path, seed: int) -> Pem:
-        """rr.release.pem.train_pem on the composed model; the adapter is saved in out_dir."""
+                  out_dir: Path, seed: int, checkpoints: Sequence[int] = ()) -> Pem:
+        """rr.release.pem.train_pem on the composed model; the adapter is saved in out_dir (and after each of
+        `checkpoints` updates in out_dir/step-N)."""
 
     def prepare(self, stage: str, work: int) -> None:
         """A sizing hint before a stage ("reveal": generation requests; "release": forget examples)."""

@@ -24,7 +24,7 @@ def _progress(start: float) -> Callable[[str], None]:
 def load_ray_job(argv: list[str] | None, description: str, extra: Callable[[argparse.ArgumentParser], None] = None):
     """(Job, args): the config with compute.executor forced to ray (these are Ray entrypoints; a change of
     executor alone resumes a job directory)."""
-    from rr.config import JobConfig, load_config
+    from rr.config import JobConfig, config_data, load_config
     from rr.job import Job
 
     parser = argparse.ArgumentParser(description=description)
@@ -36,7 +36,7 @@ def load_ray_job(argv: list[str] | None, description: str, extra: Callable[[argp
     args = parser.parse_args(argv)
     config = load_config(args.config, args.output)
     if config.compute.executor != "ray":
-        data = config.model_dump(mode="json", exclude={"compare"} if config.compare is None else None)
+        data = config_data(config)
         data["compute"]["executor"] = "ray"
         config = JobConfig.model_validate(data)
     return Job(config), args
@@ -50,6 +50,10 @@ def main(stage: Callable, argv: list[str] | None, description: str, extra=None) 
         job, args = load_ray_job(argv, description, extra)
         print(f"rr job {job.config.name} → {job.dir} (executor: ray)", flush=True)
         stage(job, args, _progress(start))
+    except AuditFailed:
+        job.tracker.close()
+        print(f"audit verdict: FAIL (total {time.time() - start:.0f}s)", flush=True)
+        return 1
     except RRError as error:
         print(f"error: {error}", file=sys.stderr, flush=True)
         if job is not None:
@@ -109,3 +113,17 @@ def evaluate_stage(job, args, progress) -> None:
         (job.dir / "evaluation" / f"{args.split}-forms.md").write_text(table)
         progress(table)
     print(json.dumps(result, indent=2), flush=True)
+
+
+def audit_stage(job, args, progress) -> None:
+    """`rr audit` on the Ray executor; exits 1 when the verdict fails."""
+    from rr.audit.stage import run_audit
+
+    result = run_audit(job, progress)
+    print((job.dir / "audit" / "report.md").read_text(), flush=True)
+    if not result["verdict"]["passed"]:
+        raise AuditFailed()
+
+
+class AuditFailed(Exception):
+    """The audit ran and its verdict failed (exit 1, as `rr audit`)."""

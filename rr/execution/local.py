@@ -70,6 +70,9 @@ class LocalExecutor:
     def evaluate(self, task, split: str, composition: Composition = ()) -> Evaluation:
         return task.evaluate(self._handle(composition), split)
 
+    def model(self, composition: Composition = ()):
+        return self._handle(composition)
+
     def search_weights(self, task, split: str, composition: Composition, pem: Pem, signed_weights: Sequence[float],
                        on_result: Callable[[float, Evaluation], None], decided: Callable[[], bool]) -> None:
         from rr.release.ledger import WeightedPem
@@ -80,11 +83,12 @@ class LocalExecutor:
             on_result(weight, self.evaluate(task, split, [*composition, WeightedPem(pem, weight)]))
 
     def train_pem(self, composition: Composition, examples: Sequence[Example], config, name: str, kind: str,
-                  out_dir: Path, seed: int) -> Pem:
+                  out_dir: Path, seed: int, checkpoints: Sequence[int] = ()) -> Pem:
         from rr.release.pem import train_pem
 
         self._compose(composition)  # the new PEM learns on top of the composed model
-        return train_pem(self.job.model, self.job.tokenizer, examples, config, name, kind, out_dir, seed=seed)
+        return train_pem(self.job.model, self.job.tokenizer, examples, config, name, kind, out_dir, seed=seed,
+                         checkpoints=checkpoints)
 
     def prepare(self, stage: str, work: int) -> None:
         """Nothing to size: one model, in this process."""

@@ -85,7 +85,8 @@ class GeneratorReplica:
 
     def run(self, groups: list[tuple], pem_refs: dict) -> list:
         """Each group (kind, composition, payload): ("generate", key, (prompts, request_seeds, params)) → one
-        text per request, decoded as one batch; ("perplexity", key, texts) → a float."""
+        text per request, decoded as one batch; ("perplexity", key, texts) → a float; ("token_stats", key,
+        (prompts, answers)) → TokenStats per answer."""
         for name, ref in pem_refs.items():
             if name not in self.pems:
                 self.pems[name] = ray.get(ref[0])
@@ -94,7 +95,12 @@ class GeneratorReplica:
         out = []
         for kind, key, payload in groups:
             self._compose(key)
-            out.append(self._decode(*payload) if kind == "generate" else self.generator.perplexity(payload))
+            if kind == "generate":
+                out.append(self._decode(*payload))
+            elif kind == "token_stats":
+                out.append(self.generator.token_stats(*payload))
+            else:
+                out.append(self.generator.perplexity(payload))
         return out
 
     def _compose(self, key: CompositionKey) -> None:
@@ -293,6 +299,15 @@ class GeneratorPool:
     async def perplexity(self, texts: Sequence[str], key: CompositionKey) -> float:
         return await self._submit(("perplexity", key, list(texts)))
 
+    async def token_stats(self, prompts: Sequence, answers: Sequence[str], key: CompositionKey) -> list:
+        """HFGenerator.token_stats, spread over the replicas in batch_size chunks (each answer is scored alone,
+        so the chunking changes nothing)."""
+        size = self.spec["batch_size"]
+        chunks = await asyncio.gather(*[self._submit(("token_stats", key, (list(prompts[i:i + size]),
+                                                                          list(answers[i:i + size]))))
+                                        for i in range(0, len(prompts), size)])
+        return [stats for chunk in chunks for stats in chunk]
+
 
 class PoolModel:
     """A ModelHandle (what a task's evaluate needs) for one composition, served by the pool; picklable, so a
@@ -306,6 +321,9 @@ class PoolModel:
 
     def perplexity(self, texts):
         return ray.get(self.pool.perplexity.remote(list(texts), self.key))
+
+    def token_stats(self, prompts, answers):
+        return ray.get(self.pool.token_stats.remote(list(prompts), list(answers), self.key))
 
 
 # ---- Tune trial and Train worker (module level: Ray pickles them by reference) -------------------------------
@@ -340,7 +358,7 @@ def _train_worker(config: dict) -> None:
     rank = train.get_context().get_world_rank()
     out_dir = Path(config["out_dir"]) if rank == 0 else Path(tempfile.mkdtemp(prefix="rr-pem-rank"))
     train_pem(model, tokenizer, config["examples"], config["lora"], config["name"], config["kind"], out_dir,
-              seed=config["seed"])
+              seed=config["seed"], checkpoints=config.get("checkpoints", ()))
     train.report({"rank": rank, "saved": str(out_dir)})
 
 
@@ -510,10 +528,13 @@ class RayExecutor:
     # ---- the Executor protocol ---------------------------------------------------------------------------
     def generate(self, prompts: Sequence[str], params: SamplingParams, seeds: Sequence[int] | None = None,
                  composition: Composition = ()) -> list[list[str]]:
-        return PoolModel(self._ensure_pool(), self._key(composition)).generate(prompts, params, seeds)
+        return self.model(composition).generate(prompts, params, seeds)
+
+    def model(self, composition: Composition = ()) -> PoolModel:
+        return PoolModel(self._ensure_pool(), self._key(composition))
 
     def evaluate(self, task, split: str, composition: Composition = ()) -> Evaluation:
-        return task.evaluate(PoolModel(self._ensure_pool(), self._key(composition)), split)
+        return task.evaluate(self.model(composition), split)
 
     def search_weights(self, task, split: str, composition: Composition, pem: Pem, signed_weights: Sequence[float],
                        on_result: Callable[[float, Evaluation], None], decided: Callable[[], bool]) -> None:
@@ -550,8 +571,9 @@ class RayExecutor:
             raise RRError(f"weight search {pem.name}: {len(failed)} trial(s) failed; the first: {failed[0]}")
 
     def train_pem(self, composition: Composition, examples: Sequence[Example], config, name: str, kind: str,
-                  out_dir: Path, seed: int) -> Pem:
-        """rr.release.pem.train_pem on Ray Train workers (TorchTrainer; gloo on CPU, NCCL on GPUs)."""
+                  out_dir: Path, seed: int, checkpoints: Sequence[int] = ()) -> Pem:
+        """rr.release.pem.train_pem on Ray Train workers (TorchTrainer; gloo on CPU, NCCL on GPUs); with
+        `checkpoints`, on one worker (train_pem saves checkpoints in one process only)."""
         from ray.train import RunConfig, ScalingConfig
         from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -567,9 +589,10 @@ class RayExecutor:
                 train_loop_config={"spec": self.spec, "composition": [(w.pem, w.merge_weight) for w in composition],
                                    "examples": list(examples), "lora": config, "name": name, "kind": kind,
                                    "out_dir": str(out_dir), "seed": seed, "device": "cuda" if use_gpu else "cpu",
+                                   "checkpoints": list(checkpoints),
                                    "threads": self.job.config.compute.threads or max(1, int(self.compute.trainer_num_cpus))},
                 torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-                scaling_config=ScalingConfig(num_workers=self.trainers, use_gpu=use_gpu,
+                scaling_config=ScalingConfig(num_workers=1 if checkpoints else self.trainers, use_gpu=use_gpu,
                                              resources_per_worker={"CPU": self.compute.trainer_num_cpus}),
                 run_config=RunConfig(name=f"{name}-train", storage_path=str(self.job.dir / "ray" / "train")))
             trainer.fit()

@@ -6,6 +6,7 @@ import hashlib
 from typing import Protocol, Sequence
 
 from rr.core.prompt import Prompt
+from rr.core.tokens import TokenStats
 from rr.tasks.base import SamplingParams
 
 
@@ -33,3 +34,6 @@ class Generator(Protocol):
 
     def perplexity(self, texts: Sequence[str]) -> float:
         """Token-level perplexity of plain texts."""
+
+    def token_stats(self, prompts: Sequence[str | Prompt], answers: Sequence[str]) -> list[TokenStats]:
+        """Per-token statistics of each answer after its prompt (rr.core.tokens.TokenStats)."""

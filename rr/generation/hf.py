@@ -8,9 +8,10 @@ from typing import Sequence
 import torch
 
 from rr.core.prompt import Prompt, as_prompt
+from rr.core.tokens import TokenStats, collate, encode_example, pad_token_id, token_stats_of
 from rr.evaluation.metrics import perplexity_from_losses
 from rr.generation.base import request_seed, tidy_answer
-from rr.tasks.base import SamplingParams
+from rr.tasks.base import Example, SamplingParams
 
 
 def _stop_token_ids(tokenizer, model) -> set[int]:
@@ -189,6 +190,23 @@ class HFGenerator:
             total_nll += float(nll[valid].sum())
             total_tokens += int(valid.sum())
         return perplexity_from_losses(total_nll, total_tokens)
+
+    @torch.no_grad()
+    def token_stats(self, prompts: Sequence["str | Prompt"], answers: Sequence[str],
+                    max_length: int = 1024) -> list[TokenStats]:
+        """Each answer teacher-forced after its prompt, encoded as a PEM trains on it (rr.core.tokens.encode_example;
+        the end-of-turn token is the answer's last). Small batches: every position's full distribution is read."""
+        if len(prompts) != len(answers):
+            raise ValueError(f"token_stats: {len(prompts)} prompts but {len(answers)} answers")
+        encoded = [encode_example(self.tokenizer, Example(as_prompt(p, self.system_prompt), a), max_length)
+                   for p, a in zip(prompts, answers)]
+        out: list[TokenStats] = []
+        step = max(1, self.batch_size // 4)
+        for start in range(0, len(encoded), step):
+            batch = collate(encoded[start:start + step], pad_token_id(self.tokenizer), self.device)
+            logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            out += token_stats_of(logits, batch["labels"], answers[start:start + step])
+        return out
 
     def count_tokens(self, texts: Sequence[str]) -> int:
         return sum(len(self.tokenizer(t, add_special_tokens=False).input_ids) for t in texts)

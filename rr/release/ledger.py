@@ -24,7 +24,7 @@ from torch import nn
 from rr.core.files import atomic_write
 from rr.errors import RRError
 
-PEM_KINDS = ("forget", "retain", "composed")
+PEM_KINDS = ("forget", "retain", "composed", "relearn")  # relearn: the audit's attack
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 PEM_SIDECAR = "pem.json"  # rr's own fields (name, kind); PEFT and vLLM ignore it

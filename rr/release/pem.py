@@ -15,7 +15,7 @@ import os
 import socket
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
@@ -55,15 +55,23 @@ def response_loss(model: nn.Module, tokenizer, examples: Sequence[Example], max_
 
 
 def train_pem(model: nn.Module, tokenizer, examples: Sequence[Example], config: LoraTrainingConfig, name: str,
-              kind: str, out_dir: Path, seed: int, chat_template: bool = True) -> Pem:
+              kind: str, out_dir: Path, seed: int, chat_template: bool = True,
+              checkpoints: Sequence[int] = ()) -> Pem:
     """Fine-tune a LoRA on `examples` on top of `model` as it is now (with its composition hooks), save it
     to `out_dir` as a PEFT adapter and return it. `model` is unchanged afterwards: same modules, hooks,
     weights, requires_grad flags and train/eval mode.
+
+    `checkpoints` (optimizer updates, e.g. 5, 20, 50): the LoRA is also saved after each of them in
+    `out_dir/step-N`, and training stops after the last, however many epochs that takes (the audit's
+    relearning attack reads one run at several budgets).
     """
     from peft import LoraConfig, get_peft_model
 
-    if kind not in ("forget", "retain"):
-        raise RRError(f"train_pem: kind {kind!r} must be 'forget' or 'retain'")
+    if kind not in ("forget", "retain", "relearn"):
+        raise RRError(f"train_pem: kind {kind!r} must be 'forget', 'retain' or 'relearn'")
+    checkpoints = sorted(set(int(n) for n in checkpoints))
+    if checkpoints and (checkpoints[0] < 1 or config.deepspeed_stage or _data_parallel()[0] > 1):
+        raise RRError("train_pem: checkpoints are positive update counts, for one process without DeepSpeed")
     if config.deepspeed_stage or _data_parallel()[0] > 1:
         _import_deepspeed(config.deepspeed_stage)  # fail before any work if it is missing
     encoded = encode_examples(tokenizer, examples, config.max_length, chat_template)
@@ -85,7 +93,12 @@ def train_pem(model: nn.Module, tokenizer, examples: Sequence[Example], config: 
             except ValueError as error:
                 raise RRError(f"release.lora.target_modules={config.target_modules} do not fit the model "
                               f"({error}); name Linear layers it has, e.g. q_proj, v_proj") from error
-            epoch_losses = _fit(peft_model, encoded, config, seed, pad_token_id(tokenizer), device)
+            def save_checkpoint(updates: int) -> None:
+                if updates in checkpoints:
+                    _extract_pem(peft_model, f"{name}-step{updates}", kind, config).save(Path(out_dir) / f"step-{updates}")
+
+            epoch_losses = _fit(peft_model, encoded, config, seed, pad_token_id(tokenizer), device,
+                                max_updates=checkpoints[-1] if checkpoints else None, on_update=save_checkpoint)
             pem = _extract_pem(peft_model, name, kind, config)
     finally:
         # unload puts the original Linears (and their hooks) back
@@ -113,8 +126,10 @@ def restore_after_lora(model: nn.Module, wrapped: nn.Module, peft_model, require
 
 
 def _fit(peft_model, encoded, config: LoraTrainingConfig, seed: int, pad_token_id: int,
-         device: torch.device) -> list[float]:
-    """The epoch loop; returns the mean training loss of each epoch.
+         device: torch.device, max_updates: int | None = None,
+         on_update: Callable[[int], None] | None = None) -> list[float]:
+    """The epoch loop; returns the mean training loss of each epoch. With `max_updates`, epochs repeat until
+    that many optimizer updates are done (the last epoch may be partial); `on_update(n)` follows update n.
 
     Under several data-parallel workers (Ray Train), every worker walks the same batches and takes its own
     share of each (rows rank, rank + world, ...); DeepSpeed averages the gradients (ZeRO stage 0 is plain
@@ -131,10 +146,14 @@ def _fit(peft_model, encoded, config: LoraTrainingConfig, seed: int, pad_token_i
     peft_model.train()
     epoch_losses, micro_step = [], 0
     try:
-        for _ in range(config.epochs):
+        updates, epoch = 0, 0
+        while (epoch < config.epochs) if max_updates is None else (updates < max_updates):
+            epoch += 1
             order = torch.randperm(len(encoded), generator=order_generator).tolist()
             losses = []
             for start in range(0, len(order), config.batch_size):
+                if max_updates is not None and updates >= max_updates:
+                    break
                 rows = order[start:start + config.batch_size]
                 share = rows[rank::world] if world > 1 else rows
                 # a worker left without a row (a last batch smaller than the world) still joins the all-reduce
@@ -154,6 +173,9 @@ def _fit(peft_model, encoded, config: LoraTrainingConfig, seed: int, pad_token_i
                     if boundary:
                         optimizer.step()
                         optimizer.zero_grad(set_to_none=True)
+                        updates += 1
+                        if on_update is not None:
+                            on_update(updates)
                 losses.append(float(loss.detach()))
             epoch_losses.append(sum(losses) / len(losses))
     finally:

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Protocol, Sequence, runtime_checkable
 
 from rr.core.prompt import Prompt
+from rr.core.tokens import TokenStats
 from rr.errors import RRError
 
 SPLITS = ("reveal", "validation", "test")
@@ -68,6 +69,10 @@ class ModelHandle(Protocol):
 
     def perplexity(self, texts: Sequence[str]) -> float:
         """Token-level perplexity of plain texts (no chat template)."""
+
+    def token_stats(self, prompts: Sequence[str | Prompt], answers: Sequence[str]) -> list[TokenStats]:
+        """Each answer teacher-forced after its prompt: per-token log-probs and the vocabulary's log-prob mean
+        and variance at each position (answer probability, membership-inference scores)."""
 
 
 @runtime_checkable

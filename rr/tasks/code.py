@@ -137,6 +137,7 @@ class CodeTask:
         for split in SPLITS:
             splits[split] = problems[start:start + sizes[split]]
             start += sizes[split]
+        self._spare = problems[start:]
         return splits
 
     def _hf_problem_splits(self) -> tuple[dict[str, list[CodeProblem]], list[CodeProblem]]:
@@ -154,6 +155,8 @@ class CodeTask:
                               "problems the forms can reword")
             random.Random(f"rr-code-{self.seed}-{split}").shuffle(problems)
             splits[split] = problems[:size]
+            if split == "reveal":
+                self._spare = problems[size:]  # MBPP train problems Reveal does not use
         plus: list[CodeProblem] = []
         if self.config.mbpp_plus:
             # Only MBPP+ problems drawn from MBPP's test split: none of them is a context or validation item.
@@ -191,6 +194,11 @@ class CodeTask:
     def problems(self, split: str) -> list[CodeProblem]:
         """The coding problems of a split (reveal contexts, validation or test)."""
         return list(self._problems[check_split(split)])
+
+    def spare_problems(self) -> list[CodeProblem]:
+        """The shipped problems no split uses (builtin: those after the three splits; hf: MBPP train problems
+        Reveal does not use), in a fixed order: the audit's relearn split and membership non-members."""
+        return list(self._spare)
 
     def arithmetic_items(self, split: str) -> list[ArithmeticItem]:
         """The arithmetic items `evaluate` scores on a split ("reveal" reuses retain data)."""
@@ -255,7 +263,7 @@ class CodeTask:
         split = check_split(split)
         c = self.config
         items = self.form_items(split)
-        code_results = self._grade(model, items)
+        code_results = self.grade(model, items)
         arithmetic = self._arithmetic[split]
         answers = _first_completions(model.generate([arithmetic_prompt(i.question) for i in arithmetic],
                                                     SamplingParams(max_new_tokens=c.arithmetic_max_new_tokens)),
@@ -285,7 +293,7 @@ class CodeTask:
         for status in ("failed", "error", "timeout", "memory"):
             counts[f"code_{status}"] = sum(r.status == status for r in code_results)
         if split == "test" and self._plus:
-            plus_results = self._grade(model, [FormItem(p, "mbpp") for p in self._plus])
+            plus_results = self.grade(model, [FormItem(p, "mbpp") for p in self._plus])
             plus_passed = sum(r.passed for r in plus_results)
             metrics["pass@1_plus"] = plus_passed / len(plus_results)
             intervals["pass@1_plus"] = wilson_interval(plus_passed, len(plus_results))
@@ -300,7 +308,7 @@ class CodeTask:
         return Evaluation(forget_score=forget_score, utility_score=accuracy, metrics=metrics,
                           intervals=intervals, counts=counts, forms=forms)
 
-    def _grade(self, model: ModelHandle, items: Sequence[FormItem]) -> list[SandboxResult]:
+    def grade(self, model: ModelHandle, items: Sequence[FormItem]) -> list[SandboxResult]:
         """Each item's answer (greedy) graded in the sandbox. Forms that end their answers alike are asked
         in one batch (chat forms at their code block's close, raw completions where top-level code resumes)."""
         if not items:

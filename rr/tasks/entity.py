@@ -35,7 +35,7 @@ from typing import Literal, Sequence
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from rr.errors import RRError
-from rr.evaluation.memorization import (forget_efficacy, model_utility, rouge_l_recall, teacher_forced_scores,
+from rr.evaluation.memorization import (forget_efficacy, model_utility, rouge_l_recall,
                                         token_entropy, words)
 from rr.evaluation.metrics import wilson_interval
 from rr.generation.base import request_seed
@@ -241,22 +241,18 @@ class EntityTask:
     def _memorization_metrics(self, model: ModelHandle, groups: dict[str, list[EntityFormItem]],
                               answers: dict[str, str]) -> dict[str, float]:
         """papers/004's metrics of one form's answers: ROUGE-L recall of the statement, answer probability
-        (teacher-forced, when the model's logits are at hand), the embedder's cosine, token entropy (neighbours),
+        (teacher-forced, from the model handle's token statistics), the embedder's cosine, token entropy (neighbours),
         MU and FE."""
         items = [item for group_items in groups.values() for item in group_items]
-        teacher = None
-        if hasattr(model, "model") and hasattr(model, "tokenizer"):  # the HF generator: logits are at hand
-            scores = teacher_forced_scores(model.model, model.tokenizer,
-                                           [Example(item.request(), item.answer_suffix()) for item in items])
-            teacher = dict(zip((item.id for item in items), scores["answer_probability"]))
+        stats = model.token_stats([item.request() for item in items], [item.answer_suffix() for item in items])
+        teacher = {item.id: item_stats.answer_probability for item, item_stats in zip(items, stats)}
         metrics: dict[str, float] = {}
         parts: dict[str, dict[str, float]] = {}
         for group, group_items in groups.items():
             outs, n = [answers[item.id] for item in group_items], len(group_items)
             part = {"rouge_l_recall": sum(rouge_l_recall(o, item.fact.statement)
                                           for o, item in zip(outs, group_items)) / n}
-            if teacher is not None:
-                part["answer_probability"] = sum(teacher[item.id] for item in group_items) / n
+            part["answer_probability"] = sum(teacher[item.id] for item in group_items) / n
             if self.config.cosine_similarity:
                 import numpy as np
 

@@ -19,11 +19,18 @@ class TaskSpec:
     config_class: type                          # the `task` block's schema (its `name` field is this name)
     load_task: Callable[[], type]               # the Task class, imported when a job builds it
     describe_target: Callable[[Any], str]       # what the job makes the model forget, in words (a registry tag)
+    # `rr audit`'s material (relearn split, membership non-members, probes) from (task, AuditConfig); None: no audit
+    audit: Callable[[Any, Any], Any] | None = None
 
 
 def _code_task():
     from rr.tasks.code import CodeTask
     return CodeTask
+
+
+def _code_audit(task, config):
+    from rr.tasks.code_audit import CodeAudit
+    return CodeAudit(task, config.n_relearn, config.n_non_member_problems)
 
 
 def _toxicity_task():
@@ -42,7 +49,7 @@ def _entity_task():
 
 
 TASKS: dict[str, TaskSpec] = {spec.name: spec for spec in (
-    TaskSpec("code", CodeTaskConfig, _code_task, lambda config: "writing code (pass@1 in the sandbox)"),
+    TaskSpec("code", CodeTaskConfig, _code_task, lambda config: "writing code (pass@1 in the sandbox)", _code_audit),
     TaskSpec("toxicity", ToxicityTaskConfig, _toxicity_task, lambda config: "toxic continuations"),
     TaskSpec("ner", NerTaskConfig, _ner_task,
              lambda config: "recognizing " + ", ".join(config.forget_types) + " entities"),

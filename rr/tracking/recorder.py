@@ -76,6 +76,22 @@ def form_tags(report: dict | None) -> dict:
     return tags
 
 
+def audit_metrics(audit: dict) -> dict[str, float]:
+    """The audit's numbers as flat metric names (model/part/figure)."""
+    out: dict[str, float] = {}
+    for model, result in audit["models"].items():
+        for step, score in result.get("relearn", {}).get("scores", {}).items():
+            out[f"{model}/relearn/forget_score_step{step}"] = score
+        for step, value in result.get("relearn", {}).get("recovery", {}).items():
+            if value is not None:
+                out[f"{model}/relearn/recovery_step{step}"] = value
+        for attack, value in result.get("membership", {}).get("auc", {}).items():
+            out[f"{model}/membership/{attack}_auc"] = value
+        for family, value in result.get("probes", {}).get("rates", {}).items():
+            out[f"{model}/probes/{family}"] = value
+    return out
+
+
 class Recorder:
     """The job's MLflow run. Stages call reveal_finished, release_step and release_finished; the CLI calls close."""
 
@@ -236,6 +252,26 @@ class Recorder:
             for name in ("table.md", "table.csv", "tradeoff.png", "summary.json"):
                 self._artifact(marker, compare_dir / name, "compare")
             self._end(marker)
+            self.outbox.mark_queued(marker)
+        self.outbox.flush()
+
+    @_never_fails
+    def audit_finished(self, audit: dict, tags: dict) -> None:
+        """`rr audit`: a nested run with its figures and report, and the verdict's tags on the job's registered
+        version (which `tracking.gates.require_audit` reads). A rerun that changed nothing records nothing new."""
+        import hashlib
+        import json
+
+        digest = hashlib.sha256(json.dumps(audit, sort_keys=True, default=str).encode()).hexdigest()[:12]
+        marker = f"audit-{digest}"
+        if not self.outbox.queued(marker):
+            self._job_run()
+            self._start(marker, "audit", parent="job", tags={k: str(v) for k, v in tags.items()})
+            self._log(marker, audit_metrics(audit))
+            for name in ("audit.json", "report.md", "report.html"):
+                self._artifact(marker, self.job.dir / "audit" / name, "audit")
+            self._end(marker)
+            self._put("tag_version", "job", tags=tags)
             self.outbox.mark_queued(marker)
         self.outbox.flush()
 

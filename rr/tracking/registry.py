@@ -7,6 +7,7 @@ import json
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any, Callable
 
 from rr.errors import RegistryError, RRError
 
@@ -92,45 +93,82 @@ class GateCheck:
     lines: list[str]  # one per gate, with the numbers
 
 
-def check_gates(tags: dict, max_forget_score: float | None, min_utility_ratio: float | None,
-                max_form_forget_score: float | None = None) -> GateCheck:
-    """Pure: do a version's recorded test-split scores pass the gates? The form gate applies to a version
-    whose task has forms (it has the rr.forms.* tags): every counted form's forget score at most the limit,
-    and it fails when no form counted; for a task without forms it is reported as not applying."""
-    def score(tag):
-        if tag not in tags:
-            raise RRError(f"this version has no {tag} tag: it was not registered by rr, so its scores are unknown; "
-                          "promote it with --force --reason if you must")
-        return float(tags[tag])
+# Tags `rr audit` writes on the version it audited (rr/audit/stage.py).
+AUDIT_PASSED, AUDIT_FAILED_GATES = "audit.passed", "audit.failed_gates"
 
+
+def _score(tags: dict, tag: str) -> float:
+    if tag not in tags:
+        raise RRError(f"this version has no {tag} tag: it was not registered by rr, so its scores are unknown; "
+                      "promote it with --force --reason if you must")
+    return float(tags[tag])
+
+
+def _verdict(ok: bool) -> str:
+    return "pass" if ok else "FAIL"
+
+
+def _forget_gate(tags: dict, limit: float) -> tuple[bool, str]:
+    forget = _score(tags, FORGET_SCORE)
+    ok = forget <= limit
+    return ok, f"forget score {forget:.4f} {'≤' if ok else '>'} max_forget_score {limit:g}: {_verdict(ok)}"
+
+
+def _utility_gate(tags: dict, limit: float) -> tuple[bool, str]:
+    utility, base = _score(tags, UTILITY_SCORE), _score(tags, BASE_UTILITY_SCORE)
+    ratio = utility / base if base else float("inf") if utility > 0 else 1.0
+    ok = ratio >= limit
+    return ok, (f"utility {utility:.4f} = {ratio:.3f} × base {base:.4f} {'≥' if ok else '<'} min_utility_ratio "
+                f"{limit:g}: {_verdict(ok)}")
+
+
+def _form_gate(tags: dict, limit: float) -> tuple[bool | None, str]:
+    """For a version whose task has forms (the rr.forms.* tags): every counted form at most the limit, and a
+    failure when no form counted; for a task without forms it does not apply."""
+    if COUNTED_FORMS not in tags:
+        return None, "max_form_forget_score: this version's task has no forms: not applied"
+    if not tags[COUNTED_FORMS]:
+        return False, ("max_form_forget_score: no form counted (the base model passed too few items of every form), "
+                       "so forgetting per form is not shown: FAIL")
+    worst = _score(tags, WORST_FORM_SCORE)
+    ok = worst <= limit
+    return ok, (f"worst counted form {tags.get(WORST_FORM, '?')}: forget score {worst:.4f} {'≤' if ok else '>'} "
+                f"max_form_forget_score {limit:g}: {_verdict(ok)}")
+
+
+def _audit_gate(tags: dict, required: bool) -> tuple[bool | None, str]:
+    if not required:
+        return None, "require_audit: off"
+    if AUDIT_PASSED not in tags:
+        return False, "require_audit: this version has no audit (run `rr audit` on its job): FAIL"
+    ok = tags[AUDIT_PASSED] == "true"
+    detail = "" if ok else f" ({tags.get(AUDIT_FAILED_GATES, 'failed gates not recorded')})"
+    return ok, f"require_audit: the audit {'passed' if ok else 'failed'}{detail}: {_verdict(ok)}"
+
+
+@dataclass(frozen=True)
+class Gate:
+    """One promotion check: `name` is its tracking.gates key; `check(tags, setting)` → (passed, or None where
+    it does not apply; the line shown). A setting of None (or False) leaves the gate out."""
+
+    name: str
+    check: Callable[[dict, Any], tuple[bool | None, str]]
+
+
+GATES: tuple[Gate, ...] = (Gate("max_forget_score", _forget_gate), Gate("min_utility_ratio", _utility_gate),
+                           Gate("max_form_forget_score", _form_gate), Gate("require_audit", _audit_gate))
+
+
+def check_gates(tags: dict, settings: dict) -> GateCheck:
+    """Pure: do a version's recorded tags pass the gates (`settings`: tracking.gates as a dict)?"""
     lines, passed = [], True
-    if max_forget_score is not None:
-        forget = score(FORGET_SCORE)
-        ok = forget <= max_forget_score
-        passed &= ok
-        lines.append(f"forget score {forget:.4f} {'≤' if ok else '>'} max_forget_score {max_forget_score:g}: "
-                     f"{'pass' if ok else 'FAIL'}")
-    if min_utility_ratio is not None:
-        utility, base = score(UTILITY_SCORE), score(BASE_UTILITY_SCORE)
-        ratio = utility / base if base else float("inf") if utility > 0 else 1.0
-        ok = ratio >= min_utility_ratio
-        passed &= ok
-        lines.append(f"utility {utility:.4f} = {ratio:.3f} × base {base:.4f} {'≥' if ok else '<'} min_utility_ratio "
-                     f"{min_utility_ratio:g}: {'pass' if ok else 'FAIL'}")
-    if max_form_forget_score is not None:
-        if COUNTED_FORMS not in tags:
-            lines.append("max_form_forget_score: this version's task has no forms: not applied")
-        elif not tags[COUNTED_FORMS]:
-            passed = False
-            lines.append("max_form_forget_score: no form counted (the base model passed too few items of every "
-                         "form), so forgetting per form is not shown: FAIL")
-        else:
-            worst = score(WORST_FORM_SCORE)
-            ok = worst <= max_form_forget_score
-            passed &= ok
-            lines.append(f"worst counted form {tags.get(WORST_FORM, '?')}: forget score {worst:.4f} "
-                         f"{'≤' if ok else '>'} max_form_forget_score {max_form_forget_score:g}: "
-                         f"{'pass' if ok else 'FAIL'}")
+    for gate in GATES:
+        setting = settings.get(gate.name)
+        if setting is None or setting is False:
+            continue
+        ok, line = gate.check(tags, setting)
+        passed &= ok is not False
+        lines.append(line)
     return GateCheck(passed, lines)
 
 
@@ -146,22 +184,18 @@ def _version(client, name: str, version: str):
                       f"({error.message.splitlines()[0]}); list versions with `rr models {name}`") from None
 
 
-def promote(client, name: str, version: str, max_forget_score: float | None, min_utility_ratio: float | None,
-            force: bool = False, reason: str | None = None,
-            max_form_forget_score: float | None = None) -> list[str]:
+def promote(client, name: str, version: str, gates: dict, force: bool = False, reason: str | None = None) -> list[str]:
     """Move `champion` to the version if its scores pass the gates; refuse with the numbers otherwise.
     A forced promotion records who (the OS user) and why as tags on the version."""
     if force and not (reason and reason.strip()):
         raise RRError("--force needs --reason \"...\": a forced promotion records why it bypassed the gates")
     model_version = _version(client, name, version)
-    check = check_gates(model_version.tags, max_forget_score, min_utility_ratio, max_form_forget_score)
+    check = check_gates(model_version.tags, gates)
     if not check.passed and not force:
         raise RRError(f"{name} version {version} is refused as {CHAMPION}:\n  " + "\n  ".join(check.lines)
                       + "\n(fix the model, change tracking.gates, or --force --reason \"...\")")
     now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    stamp = {"rr.promoted_by": getpass.getuser(), "rr.promoted_at": now, "rr.promotion_gates":
-             json.dumps({"max_forget_score": max_forget_score, "min_utility_ratio": min_utility_ratio,
-                         "max_form_forget_score": max_form_forget_score})}
+    stamp = {"rr.promoted_by": getpass.getuser(), "rr.promoted_at": now, "rr.promotion_gates": json.dumps(gates)}
     if not check.passed:
         stamp.update({"rr.promotion_forced": "true", "rr.promotion_reason": reason.strip(),
                       "rr.promotion_failed_gates": "; ".join(line for line in check.lines if "FAIL" in line)})

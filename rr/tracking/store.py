@@ -143,3 +143,11 @@ class MlflowSender:
                                    record["tags"])
         self.state["registered"] = {"name": record["name"], "version": version}
         self.save_state()
+
+    def _tag_version(self, record: dict) -> None:
+        """Tags on the version this job registered (the audit's verdict); nothing when it registered none."""
+        registered = self.state.get("registered")
+        if not registered:
+            return
+        for key, value in record["tags"].items():
+            self.client.set_model_version_tag(registered["name"], registered["version"], key, str(value))
