@@ -251,6 +251,52 @@ def test_job_recorded_and_registered_in_mlflow(finished_job):
     assert isinstance(answer[0], str) and answer[0].strip()
 
 
+def test_audit_attacks_the_finished_job_resumes_and_tags_its_version(finished_job):
+    """`rr audit` with ci.yaml's own audit block on the finished job: killed after its first part and rerun, it
+    reuses that part; every model gets every attack; the exit code is the verdict's; the verdict is tagged on
+    the registered version, where `require_audit` reads it."""
+    from mlflow import MlflowClient
+
+    from rr.tracking.registry import check_gates
+
+    job_dir = finished_job["dir"]
+    first_part = job_dir / "audit" / "membership-base.json"
+    process = subprocess.Popen([sys.executable, "-m", "rr.cli", "audit", "--config", str(CI_CONFIG), "--output",
+                                str(job_dir)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 900
+        while not first_part.exists() and process.poll() is None and time.time() < deadline:
+            time.sleep(0.5)
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    assert first_part.exists(), "the audit ended or stalled before its first part"
+    kept = first_part.stat().st_mtime
+    result = rr("audit", "--config", str(CI_CONFIG), "--output", str(job_dir))
+    audit = _json(job_dir / "audit" / "audit.json")
+    assert audit is not None, result.stderr[-4000:]
+    assert result.returncode == (0 if audit["verdict"]["passed"] else 1), result.stderr[-4000:]
+    assert first_part.stat().st_mtime == kept, "the rerun recomputed a finished part"
+    assert set(audit["models"]) == {"base", "rr", "single-negation"}
+    for name, model in audit["models"].items():
+        assert set(model["relearn"]["scores"]) == {"0", "2"}
+        assert set(model["membership"]["auc"]) == {"loss", "zlib", "mink", "minkpp"}
+        assert all(0 <= v <= 1 for v in model["membership"]["auc"].values())
+        assert len(model["probes"]["rates"]) == 5
+    assert [c["name"] for c in audit["verdict"]["checks"]][0] == "relearn_recovery"
+    page = (job_dir / "audit" / "report.html").read_text()
+    assert "Verdict:" in page and page.count("data:image/png;base64,") == 3
+    records = (job_dir / "reveal" / "forget_set.jsonl").read_text().splitlines()
+    for record in records:  # numbers only: no forget answer reaches the report
+        answer = json.loads(record)["response"].strip()
+        assert len(answer) < 20 or answer not in page
+    uri = f"sqlite:///{job_dir / 'mlflow.db'}"
+    version = MlflowClient(uri, registry_uri=uri).get_model_version_by_alias("ci-code", "candidate")
+    assert version.tags["audit.passed"] == ("true" if audit["verdict"]["passed"] else "false")
+    gate = check_gates(version.tags, {"require_audit": True})
+    assert gate.passed == audit["verdict"]["passed"] and "require_audit" in gate.lines[0]
+
+
 def test_bad_config_is_refused_with_the_field(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("reveal:\n  outer_loopz: 2\n")

@@ -95,6 +95,13 @@ def test_two_replicas_answer_exactly_as_the_in_process_generator(ray_job, local)
     composition = [WeightedPem(pem, -2.0)]
     ray_ppl = ray.get(ray_job.executor.pool.perplexity.remote(texts, ((pem.name, -2.0),)))
     assert ray_ppl == pytest.approx(local._handle(composition).perplexity(texts), rel=1e-5)
+    # the model handle's token statistics (answer probability, the audit's attacks) are the same on the pool
+    answers = [p[::-1] for p in PROMPTS]
+    on_ray = ray_job.executor.model(composition).token_stats(PROMPTS, answers)
+    here = local.model(composition).token_stats(PROMPTS, answers)
+    assert [s.text for s in on_ray] == answers
+    for a, b in zip(on_ray, here):
+        assert a.logprobs == pytest.approx(b.logprobs, abs=1e-4) and a.variances == pytest.approx(b.variances, abs=1e-4)
     stats = ray.get(ray_job.executor.pool.stats.remote())
     assert stats["replicas"] == 2 and stats["batches"] >= 2 * 3
 

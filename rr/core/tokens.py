@@ -124,17 +124,23 @@ class TokenStats:
 
 
 def token_stats_of(logits: "torch.Tensor", labels: "torch.Tensor", texts: Sequence[str]) -> list[TokenStats]:
-    """TokenStats of each row of a right-padded batch (the label ≠ IGNORE_INDEX positions are the answer's)."""
-    log_probs, targets, mask = shifted(logits, labels)
-    token = log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    """TokenStats of each row of a right-padded batch (the label ≠ IGNORE_INDEX positions are the answer's). Only
+    the answer's positions are normalised over the vocabulary: a long prompt costs its forward pass, nothing more."""
+    from torch.nn import functional as F
+
+    targets = labels[:, 1:]
+    mask = targets != IGNORE_INDEX
+    log_probs = F.log_softmax(logits[:, :-1][mask].float(), dim=-1)  # (answer tokens, vocabulary)
+    token = log_probs.gather(-1, targets[mask].unsqueeze(-1)).squeeze(-1)
     probs = log_probs.exp()
     mean = (probs * log_probs).sum(-1)
     variance = ((probs * log_probs.square()).sum(-1) - mean.square()).clamp(min=0)
-    out = []
+    out, start = [], 0
     for row, text in enumerate(texts):
-        keep = mask[row]
-        out.append(TokenStats(text, tuple(token[row][keep].tolist()), tuple(mean[row][keep].tolist()),
-                              tuple(variance[row][keep].tolist())))
+        end = start + int(mask[row].sum())
+        out.append(TokenStats(text, tuple(token[start:end].tolist()), tuple(mean[start:end].tolist()),
+                              tuple(variance[start:end].tolist())))
+        start = end
     return out
 
 
