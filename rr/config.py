@@ -307,8 +307,9 @@ class AuditGates(_Strict):
     max_relearn_recovery: float | None = Field(
         0.5, ge=0, le=100, description="relearning recovers at most this share of the forgotten forget score "
         "after `relearn_gate_step` updates; null: not checked")
-    relearn_gate_step: int = Field(20, ge=1, le=100_000, description="the relearning checkpoint the gate reads "
-                                   "(one of audit.relearn_steps)")
+    relearn_gate_step: int | None = Field(None, ge=1, le=100_000, description="the relearning checkpoint the gate "
+                                          "reads (one of audit.relearn_steps); default: their middle one (20 of 5, "
+                                          "20, 50)")
     max_auc_gap: float | None = Field(0.1, ge=0, le=0.5, description="every membership attack's |AUC − 0.5| at "
                                       "most this; null: not checked")
     max_probe_forget_score: float | None = Field(
@@ -320,9 +321,11 @@ class AuditConfig(_Strict):
     """`rr audit` on a finished job: relearning, membership inference on the forget set, adversarial probes."""
 
     models: list[Literal[AUDIT_MODELS]] = Field(default_factory=lambda: list(AUDIT_MODELS), min_length=1,
+                                                max_length=len(AUDIT_MODELS),
                                                 description="which models to attack; the verdict reads rr's")
     n_relearn: int = Field(20, ge=1, le=10_000, description="relearn split: target items no other split uses")
-    relearn_steps: list[int] = Field(default_factory=lambda: [5, 20, 50], min_length=1, max_length=10,
+    relearn_steps: list[Annotated[int, Field(ge=1, le=100_000)]] = Field(
+        default_factory=lambda: [5, 20, 50], min_length=1, max_length=10,
                                      description="relearning checkpoints (optimizer updates) of one run")
     relearn_lora: LoraTrainingConfig = Field(default_factory=lambda: LoraTrainingConfig(batch_size=4),
                                              description="the attacker's LoRA (its epochs are ignored: the run stops "
@@ -332,14 +335,19 @@ class AuditConfig(_Strict):
     n_non_member_problems: int = Field(25, ge=1, le=10_000, description="membership non-members: problems no "
                                        "split uses, answered by the base model with the forget set's instructions")
     mink_k: float = Field(0.2, gt=0, le=1, description="MinK and MinK++: the share of lowest-scoring tokens averaged")
-    probe_families: list[str] | None = Field(None, description="probe families to ask (the task's audit module); "
-                                             "default all")
+    probe_families: list[str] | None = Field(None, min_length=1, max_length=64, description="probe families to ask "
+                                             "(the task's audit module); default all")
     probe_items_per_family: int = Field(20, ge=1, le=10_000, description="test-split problems each family asks")
     gates: AuditGates = Field(default_factory=AuditGates)
 
+    def gate_step(self) -> int:
+        """The relearning checkpoint the recovery gate reads."""
+        steps = sorted(self.relearn_steps)
+        return self.gates.relearn_gate_step if self.gates.relearn_gate_step is not None else steps[len(steps) // 2]
+
     @model_validator(mode="after")
     def _gate_step_is_a_checkpoint(self):
-        if self.gates.max_relearn_recovery is not None and self.gates.relearn_gate_step not in self.relearn_steps:
+        if self.gates.relearn_gate_step is not None and self.gates.relearn_gate_step not in self.relearn_steps:
             raise ValueError(f"audit.gates.relearn_gate_step {self.gates.relearn_gate_step} is not one of "
                              f"audit.relearn_steps {self.relearn_steps}")
         if len(set(self.models)) != len(self.models):

@@ -128,9 +128,9 @@ def _result(recovery_at_20, aucs, probe_rates):
 
 def test_the_audit_checks_name_each_gate_with_its_numbers():
     gates = AuditGates()
-    good = audit_checks(_result(0.2, {"loss": 0.55, "mink": 0.45}, {"role-play": 0.05}), gates, 0.1)
+    good = audit_checks(_result(0.2, {"loss": 0.55, "mink": 0.45}, {"role-play": 0.05}), gates, 0.1, 20)
     assert verdict(good)["passed"] and len(good) == 4
-    bad = audit_checks(_result(0.8, {"loss": 0.75, "mink": 0.5}, {"role-play": 0.3, "continuation": 0.0}), gates, 0.1)
+    bad = audit_checks(_result(0.8, {"loss": 0.75, "mink": 0.5}, {"role-play": 0.3, "continuation": 0.0}), gates, 0.1, 20)
     lines = {c.name: c for c in bad}
     assert not lines["relearn_recovery"].passed and "0.80" in lines["relearn_recovery"].line
     assert not lines["membership_loss"].passed and "0.250 > 0.1" in lines["membership_loss"].line
@@ -138,10 +138,10 @@ def test_the_audit_checks_name_each_gate_with_its_numbers():
     assert not lines["worst_probe"].passed and "role-play" in lines["worst_probe"].line
     # nothing forgotten on the relearn items: recovery is undefined, and that is a failure, not a pass
     assert recovery(0.3, 0.3, 0.3) is None
-    undefined = audit_checks(_result(None, {}, {}), gates, 0.1)
+    undefined = audit_checks(_result(None, {}, {}), gates, 0.1, 20)
     assert [c.passed for c in undefined] == [False] and "nothing was forgotten" in undefined[0].line
     # the probe gate falls back to tracking.gates.max_forget_score unless the audit sets its own
-    assert audit_checks(_result(0.1, {}, {"x": 0.15}), AuditGates(max_probe_forget_score=0.2), 0.1)[-1].passed
+    assert audit_checks(_result(0.1, {}, {"x": 0.15}), AuditGates(max_probe_forget_score=0.2), 0.1, 20)[-1].passed
     assert not verdict([])["passed"]  # no check ran: no passing verdict
 
 
@@ -192,8 +192,9 @@ def test_the_code_task_audit_material_is_disjoint_from_every_split():
 
 def test_the_audit_config_refuses_a_gate_step_that_is_no_checkpoint():
     with pytest.raises(ValueError, match="relearn_gate_step"):
-        AuditConfig(relearn_steps=[5, 10])
-    assert AuditConfig(relearn_steps=[5, 10], gates=AuditGates(max_relearn_recovery=None)).relearn_steps == [5, 10]
+        AuditConfig(relearn_steps=[5, 10], gates=AuditGates(relearn_gate_step=20))
+    assert AuditConfig().gate_step() == 20  # the middle of 5, 20, 50
+    assert AuditConfig(relearn_steps=[50, 5]).gate_step() == 50 and AuditConfig(relearn_steps=[3]).gate_step() == 3
 
 
 def _audit() -> dict:

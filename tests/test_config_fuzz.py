@@ -24,6 +24,8 @@ BASES = {
     ("compute",): {"compute": {"executor": "ray"}},  # replica and worker counts need the ray executor
     ("task", "toxicity"): {"task": {"name": "toxicity", "samples_per_prompt": 1}},  # temperature 0 needs 1 sample
     ("compare", "rmu", "update_layers"): {"compare": {"rmu": {"layer": 1023}}},  # update layers go up to `layer`
+    # the recovery gate reads one of the relearning checkpoints: every in-bounds step is one here
+    ("audit", "gates", "relearn_gate_step"): {"audit": {"relearn_steps": [1, 2, 99_999, 100_000]}},
 }
 
 

@@ -226,7 +226,7 @@ def run_audit(job, progress: Callable[[str], None] = print) -> dict:
         scores = result["relearn"]["scores"]
         result["relearn"]["recovery"] = {str(s): recovery(scores[str(s)], scores["0"], base_before)
                                          for s in cfg.relearn_steps if name != "base" and str(s) in scores}
-    checks = audit_checks(models["rr"], cfg.gates, job.config.tracking.gates.max_forget_score) \
+    checks = audit_checks(models["rr"], cfg.gates, job.config.tracking.gates.max_forget_score, cfg.gate_step()) \
         if "rr" in models else []
     audit = {"task": job.config.task.name, "models": models, "verdict": verdict(checks),
              "relearn_steps": cfg.relearn_steps, "relearn_eval_items": len(eval_items), "counted_forms": counted,
@@ -234,7 +234,7 @@ def run_audit(job, progress: Callable[[str], None] = print) -> dict:
              "relearn_examples": len(material.relearn_examples()), "probe_families": families,
              "probe_summaries": {f: material.probe_families[f].summary for f in families},
              "membership": {"members": len(members), "non_members": len(non_members), "mink_k": cfg.mink_k},
-             "gates": cfg.gates.model_dump()}
+             "gates": {**cfg.gates.model_dump(), "relearn_gate_step": cfg.gate_step()}}
     atomic_write_text(store.root / "audit.json", json.dumps(audit, indent=1))
     write_reports(audit, store.root, f"{job.config.task.name} ({job.config.model.name_or_path})")
     job.tracker.audit_finished(audit, verdict_tags(audit))

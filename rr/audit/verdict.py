@@ -21,11 +21,12 @@ def recovery(relearned: float, unlearned: float, base: float) -> float | None:
     return (relearned - unlearned) / (base - unlearned)
 
 
-def audit_checks(result: dict, gates, max_forget_score: float | None) -> list[AuditCheck]:
-    """The checks of rr's model (`result`: its audit part: relearn, membership, probes)."""
+def audit_checks(result: dict, gates, max_forget_score: float | None, gate_step: int) -> list[AuditCheck]:
+    """The checks of rr's model (`result`: its audit part: relearn, membership, probes); `gate_step`: the relearning
+    checkpoint the recovery gate reads (AuditConfig.gate_step())."""
     checks = []
     if gates.max_relearn_recovery is not None and "relearn" in result:
-        step = str(gates.relearn_gate_step)
+        step = str(gate_step)
         value = result["relearn"]["recovery"].get(step)
         if value is None:
             checks.append(AuditCheck("relearn_recovery", False, f"relearning after {step} updates: rr's model scores "
