@@ -2,6 +2,7 @@
 model that knows every fact, none, only the neighbours', or every fact but in some forms only."""
 
 import json
+import math
 
 import pytest
 
@@ -24,6 +25,16 @@ class Oracle:
 
     def generate(self, prompts, params, seeds=None):
         return [[self.answers.get(p, "I don't know.")] for p in prompts]
+
+    def token_stats(self, prompts, answers):
+        """Teacher-forced: each token of an answer it would give has probability 1, of any other 0.01."""
+        from rr.core.tokens import TokenStats
+
+        out = []
+        for prompt, answer in zip(prompts, answers):
+            logprob = 0.0 if self.answers.get(prompt) == answer else math.log(0.01)
+            out.append(TokenStats(answer, (logprob,) * len(answer), (-1.0,) * len(answer), (1.0,) * len(answer)))
+        return out
 
 
 FORGET_PEOPLE = {"Marisol Quenby", "Oren Vasquel", "Tamsin Holloway-Reyes", "Henrike Solvang", "Amadou Kerrigan",

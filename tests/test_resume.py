@@ -67,7 +67,8 @@ class Probe:
         self.model = model
 
 
-def fixed_training(model, tokenizer, examples, config, name, kind, out_dir, seed, chat_template=True):
+def fixed_training(model, tokenizer, examples, config, name, kind, out_dir, seed, chat_template=True,
+                   checkpoints=()):
     """Stands in for LoRA training: a rank-1 PEM per kind, saved with the real Pem.save."""
     if kind == "forget":
         a, b = torch.tensor([[1.0, 0.0]]), torch.tensor([[1.0], [0.25]])
