@@ -2,7 +2,7 @@
 ray_jobs/reveal.py, release.py and evaluate.py on configs/ci.yaml unchanged but for --output. Each SUCCEEDED; the
 job wrote its ledger, one MLflow run and a registered model in its sqlite store; the Ray evaluation of the ledger
 equals the in-process one; and the finished job, resubmitted with MLFLOW_TRACKING_URI in its runtime env,
-records to an `mlflow server`."""
+records to an `mlflow server`; ray_jobs/audit.py attacks the finished job."""
 
 import json
 import os
@@ -235,3 +235,19 @@ def test_finished_job_resubmitted_with_a_tracking_server_records_its_run_there(r
         assert float(version.tags["rr.forget_score"]) == steps[-1]["test"]["forget_score"]
     finally:
         server.stop()
+
+
+def test_submitted_audit_attacks_the_job_on_the_replicas_and_ray_train(ray_job):
+    """`ray job submit -- python ray_jobs/audit.py` (README): every attack on every model runs through the Ray
+    executor (relearning on Ray Train); the job's exit code is the verdict's (1, a failed Ray job, on FAIL)."""
+    run = submit(ray_job["address"], "ray_jobs/audit.py", ray_job["dir"])
+    audit = _json(ray_job["dir"] / "audit" / "audit.json")
+    assert audit is not None, run["log"]
+    assert "executor: ray" in run["submit"].stdout
+    assert ("succeeded" in run["status"].stdout.lower()) == audit["verdict"]["passed"], run["log"]
+    assert set(audit["models"]) == {"base", "rr", "single-negation"}
+    for model in audit["models"].values():
+        assert set(model["membership"]["auc"]) == {"loss", "zlib", "mink", "minkpp"}
+        assert len(model["probes"]["rates"]) == 5 and set(model["relearn"]["scores"]) == {"0", "2"}
+    assert (ray_job["dir"] / "audit" / "relearn" / "rr" / "step-2").is_dir()
+    assert list((ray_job["dir"] / "ray" / "train").glob("relearn-*")), "relearning did not run on Ray Train"
