@@ -217,12 +217,7 @@ class CodeTask:
     def contexts(self, split: str) -> list[Context]:
         """One context per (problem, form) item: a one-turn form as its user text, any other form as its
         Prompt (Reveal's forms are the chat forms, FORMS_BY_SPLIT: a raw completion takes no instruction)."""
-        contexts = []
-        for item in self.form_items(split):
-            prompt = item.prompt()
-            single_turn = not prompt.is_completion and len(prompt.messages) == 1
-            contexts.append(Context(id=item.id, prompt=prompt.user if single_turn else prompt))
-        return contexts
+        return [form_context(item) for item in self.form_items(split)]
 
     def exemplars(self) -> list[Example]:
         """Reveal's contexts with their problems' reference solutions, in split order; Reveal shows the first
@@ -340,6 +335,13 @@ class CodeTask:
             for i, result in zip(indices, batch):
                 results[i] = result
         return results  # type: ignore[return-value]
+
+
+def form_context(item: FormItem, id_prefix: str = "") -> Context:
+    """A (problem, form) item as a generation context: a one-turn form as its user text, any other as its Prompt."""
+    prompt = item.prompt()
+    single_turn = not prompt.is_completion and len(prompt.messages) == 1
+    return Context(id=id_prefix + item.id, prompt=prompt.user if single_turn else prompt)
 
 
 def _first_completions(outputs: list[list[str]], expected: int) -> list[str]:

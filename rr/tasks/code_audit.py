@@ -10,6 +10,7 @@ from typing import Callable, Sequence
 from rr.core.prompt import Prompt
 from rr.errors import RRError
 from rr.tasks.base import Context, Example
+from rr.tasks.code import form_context
 from rr.tasks.code_forms import (CODE_STOP, COMPLETION_STOP, FormItem, ProblemParts, form_items, problem_parts,
                                  program_from_chat, program_from_completion)
 from rr.tasks.code_problems import CodeProblem, code_prompt
@@ -123,12 +124,7 @@ class CodeAudit:
 
     def non_member_contexts(self) -> list[Context]:
         """Contexts the job never used, asked as Reveal asks its own (Reveal's forms, one context per item)."""
-        contexts = []
-        for item in form_items(self.non_member_problems, "reveal"):
-            prompt = item.prompt()
-            single_turn = not prompt.is_completion and len(prompt.messages) == 1
-            contexts.append(Context(id=f"audit-{item.id}", prompt=prompt.user if single_turn else prompt))
-        return contexts
+        return [form_context(item, "audit-") for item in form_items(self.non_member_problems, "reveal")]
 
     def forget_items(self, forms: Sequence[str], limit: int) -> list[FormItem]:
         """Test-split items of `forms`, dealt round-robin across the forms, at most `limit` of them."""
