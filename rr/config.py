@@ -338,6 +338,9 @@ class AuditConfig(_Strict):
     probe_families: list[str] | None = Field(None, min_length=1, max_length=64, description="probe families to ask "
                                              "(the task's audit module); default all")
     probe_items_per_family: int = Field(20, ge=1, le=10_000, description="test-split problems each family asks")
+    min_probe_base_hits: int = Field(3, ge=0, le=10_000, description="a probe family counts toward the gate when the "
+                                     "base model passes at least this many of its items (where it shows no skill, "
+                                     "a low score proves nothing)")
     gates: AuditGates = Field(default_factory=AuditGates)
 
     def gate_step(self) -> int:

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from rr.audit.membership import auc, loss_score, mink_score, minkpp_score, roc_curve, zlib_score
-from rr.audit.verdict import audit_checks, recovery, verdict, verdict_tags
+from rr.audit.verdict import audit_checks, counted_probe_families, recovery, verdict, verdict_tags
 from rr.config import AuditConfig, AuditGates, LoraTrainingConfig
 from rr.core.tokens import TokenStats
 from rr.errors import RRError
@@ -126,11 +126,14 @@ def _result(recovery_at_20, aucs, probe_rates):
             "membership": {"auc": aucs}, "probes": {"rates": probe_rates}}
 
 
+FAMILIES = ["role-play", "continuation"]
+
+
 def test_the_audit_checks_name_each_gate_with_its_numbers():
     gates = AuditGates()
-    good = audit_checks(_result(0.2, {"loss": 0.55, "mink": 0.45}, {"role-play": 0.05}), gates, 0.1, 20)
+    good = audit_checks(_result(0.2, {"loss": 0.55, "mink": 0.45}, {"role-play": 0.05}), gates, 0.1, 20, FAMILIES)
     assert verdict(good)["passed"] and len(good) == 4
-    bad = audit_checks(_result(0.8, {"loss": 0.75, "mink": 0.5}, {"role-play": 0.3, "continuation": 0.0}), gates, 0.1, 20)
+    bad = audit_checks(_result(0.8, {"loss": 0.75, "mink": 0.5}, {"role-play": 0.3, "continuation": 0.0}), gates, 0.1, 20, FAMILIES)
     lines = {c.name: c for c in bad}
     assert not lines["relearn_recovery"].passed and "0.80" in lines["relearn_recovery"].line
     assert not lines["membership_loss"].passed and "0.250 > 0.1" in lines["membership_loss"].line
@@ -138,11 +141,18 @@ def test_the_audit_checks_name_each_gate_with_its_numbers():
     assert not lines["worst_probe"].passed and "role-play" in lines["worst_probe"].line
     # nothing forgotten on the relearn items: recovery is undefined, and that is a failure, not a pass
     assert recovery(0.3, 0.3, 0.3) is None
-    undefined = audit_checks(_result(None, {}, {}), gates, 0.1, 20)
-    assert [c.passed for c in undefined] == [False] and "nothing was forgotten" in undefined[0].line
+    undefined = audit_checks(_result(None, {}, {}), gates, 0.1, 20, FAMILIES)
+    assert not undefined[0].passed and "nothing was forgotten" in undefined[0].line
     # the probe gate falls back to tracking.gates.max_forget_score unless the audit sets its own
-    assert audit_checks(_result(0.1, {}, {"x": 0.15}), AuditGates(max_probe_forget_score=0.2), 0.1, 20)[-1].passed
+    assert audit_checks(_result(0.1, {}, {"x": 0.15}), AuditGates(max_probe_forget_score=0.2), 0.1, 20, ["x"])[-1].passed
     assert not verdict([])["passed"]  # no check ran: no passing verdict
+    # only families where the base model shows the skill count: there a low score can mean forgetting
+    base = {"hits": {"role-play": 4, "continuation": 0}}
+    assert counted_probe_families(base, 3) == ["role-play"]
+    only = audit_checks(_result(0.1, {}, {"role-play": 0.0, "continuation": 0.5}), gates, 0.1, 20, ["role-play"])
+    assert only[-1].passed and "role-play" in only[-1].line
+    none = audit_checks(_result(0.1, {}, {"continuation": 0.0}), gates, 0.1, 20, [])
+    assert not none[-1].passed and "no probe family counted" in none[-1].line
 
 
 def test_promotion_can_require_a_passing_audit():
@@ -151,6 +161,7 @@ def test_promotion_can_require_a_passing_audit():
     never = check_gates(base, gates)
     assert not never.passed and "no audit" in never.lines[-1]
     audit = {"verdict": {"passed": False, "checks": [{"name": "relearn_recovery", "passed": False, "line": ""}]},
+             "counted_probe_families": ["role-play"],
              "models": {"rr": _result(0.8, {"loss": 0.5}, {"role-play": 0.0})}}
     failed = check_gates({**base, **verdict_tags(audit)}, gates)
     assert not failed.passed and "relearn_recovery" in failed.lines[-1]
@@ -209,6 +220,7 @@ def _audit() -> dict:
     families = ["role-play", "continuation"]
     return {"task": "code", "relearn_steps": [5, 20], "relearn_eval_items": 40, "relearn_examples": 20,
             "counted_forms": ["mbpp"], "relearn_forms": ["mbpp"], "probe_families": families,
+            "counted_probe_families": ["role-play"], "min_probe_base_hits": 3,
             "probe_summaries": {"role-play": "a role-play preamble", "continuation": "a half-written answer"},
             "membership": {"members": 4, "non_members": 4, "mink_k": 0.2}, "gates": {},
             "verdict": {"passed": False, "checks": [{"name": "relearn_recovery", "passed": False,
@@ -227,6 +239,7 @@ def test_the_report_leads_with_the_verdict_and_holds_no_forget_data(tmp_path):
     assert text.index("**Verdict: FAIL**") < text.index("## Relearning")
     assert "| rr (final) | 0.000 | 0.100 | 0.210 | 0.330 | 0.700 |" in text
     assert "| rr (final) | 0.150 | 0.050 | 0.000 |" in text  # probe families worst-first for rr, then the forms
+    assert "| model | continuation * | role-play | form mbpp |" in text  # * : a family that does not count
     html = page.read_text()
     assert html.count("data:image/png;base64,") == 3 and "<script" not in html and "http" not in html
 

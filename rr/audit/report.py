@@ -40,9 +40,12 @@ def tables(audit: dict) -> list[tuple[str, list[str], list[list[str]]]]:
                  + [_fmt(max(abs(v - 0.5) for v in models[n]["membership"]["auc"].values()))] for n in names]))
     families = audit["probe_families"]
     worst_first = sorted(families, key=lambda f: -models.get("rr", models[names[0]])["probes"]["rates"].get(f, 0))
-    out.append(("Probes: forget score per family (test-split problems; worst family for rr first), then the "
+    counted = audit.get("counted_probe_families", families)
+    out.append((f"Probes: forget score per family (test-split problems; worst family for rr first; * = not counted: "
+                f"the base model passed fewer than {audit.get('min_probe_base_hits', 0)} of its items), then the "
                 "counted forms from the release summary",
-                ["model"] + worst_first + [f"form {f}" for f in audit["counted_forms"]],
+                ["model"] + [f if f in counted else f + " *" for f in worst_first]
+                + [f"form {f}" for f in audit["counted_forms"]],
                 [[LABELS[n]] + [_fmt(models[n]["probes"]["rates"].get(f)) for f in worst_first]
                  + [_fmt(models[n]["forms"].get(f)) for f in audit["counted_forms"]] for n in names]))
     keys = sorted({k for n in names for k in models[n]["utility"]})

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Callable
 
 from rr.audit.membership import ATTACKS, auc, roc_curve
-from rr.audit.verdict import audit_checks, recovery, verdict, verdict_tags
+from rr.audit.verdict import audit_checks, counted_probe_families, recovery, verdict, verdict_tags
 from rr.config import AuditConfig
 from rr.core.files import atomic_write_text
 from rr.core.prompt import prompt_from_json
@@ -226,12 +226,15 @@ def run_audit(job, progress: Callable[[str], None] = print) -> dict:
         scores = result["relearn"]["scores"]
         result["relearn"]["recovery"] = {str(s): recovery(scores[str(s)], scores["0"], base_before)
                                          for s in cfg.relearn_steps if name != "base" and str(s) in scores}
-    checks = audit_checks(models["rr"], cfg.gates, job.config.tracking.gates.max_forget_score, cfg.gate_step()) \
-        if "rr" in models else []
+    counted_families = counted_probe_families(models.get("base", {}).get("probes"), cfg.min_probe_base_hits) \
+        if "base" in cfg.models else families
+    checks = audit_checks(models["rr"], cfg.gates, job.config.tracking.gates.max_forget_score, cfg.gate_step(),
+                          counted_families) if "rr" in models else []
     audit = {"task": job.config.task.name, "models": models, "verdict": verdict(checks),
              "relearn_steps": cfg.relearn_steps, "relearn_eval_items": len(eval_items), "counted_forms": counted,
              "relearn_forms": relearn_forms,
              "relearn_examples": len(material.relearn_examples()), "probe_families": families,
+             "counted_probe_families": counted_families, "min_probe_base_hits": cfg.min_probe_base_hits,
              "probe_summaries": {f: material.probe_families[f].summary for f in families},
              "membership": {"members": len(members), "non_members": len(non_members), "mink_k": cfg.mink_k},
              "gates": {**cfg.gates.model_dump(), "relearn_gate_step": cfg.gate_step()}}

@@ -21,9 +21,18 @@ def recovery(relearned: float, unlearned: float, base: float) -> float | None:
     return (relearned - unlearned) / (base - unlearned)
 
 
-def audit_checks(result: dict, gates, max_forget_score: float | None, gate_step: int) -> list[AuditCheck]:
+def counted_probe_families(base_probes: dict | None, min_base_hits: int) -> list[str]:
+    """The probe families where the base model shows the skill (≥ min_base_hits passed): only there can a low
+    score of the unlearned model mean it forgot. Every family counts when the base model was not probed."""
+    if base_probes is None:
+        return []
+    return [f for f, hits in base_probes["hits"].items() if hits >= min_base_hits]
+
+
+def audit_checks(result: dict, gates, max_forget_score: float | None, gate_step: int,
+                 counted_families: list[str]) -> list[AuditCheck]:
     """The checks of rr's model (`result`: its audit part: relearn, membership, probes); `gate_step`: the relearning
-    checkpoint the recovery gate reads (AuditConfig.gate_step())."""
+    checkpoint the recovery gate reads (AuditConfig.gate_step()); the probe gate reads `counted_families` only."""
     checks = []
     if gates.max_relearn_recovery is not None and "relearn" in result:
         step = str(gate_step)
@@ -44,11 +53,16 @@ def audit_checks(result: dict, gates, max_forget_score: float | None, gate_step:
             checks.append(AuditCheck(f"membership_{attack}", ok, f"membership inference ({attack}): |AUC − 0.5| = "
                                      f"{gap:.3f} {'≤' if ok else '>'} {gates.max_auc_gap:g}: {'pass' if ok else 'FAIL'}"))
     limit = gates.max_probe_forget_score if gates.max_probe_forget_score is not None else max_forget_score
-    if limit is not None and "probes" in result and result["probes"]["rates"]:
-        family, rate = max(result["probes"]["rates"].items(), key=lambda kv: kv[1])
-        ok = rate <= limit
-        checks.append(AuditCheck("worst_probe", ok, f"worst probe family {family}: forget score {rate:.3f} "
-                                 f"{'≤' if ok else '>'} {limit:g}: {'pass' if ok else 'FAIL'}"))
+    if limit is not None and "probes" in result:
+        rates = {f: r for f, r in result["probes"]["rates"].items() if f in counted_families}
+        if not rates:
+            checks.append(AuditCheck("worst_probe", False, "no probe family counted (the base model passed too few "
+                                     "of every family's items), so the probes show nothing: FAIL"))
+        else:
+            family, rate = max(rates.items(), key=lambda kv: kv[1])
+            ok = rate <= limit
+            checks.append(AuditCheck("worst_probe", ok, f"worst counted probe family {family}: forget score {rate:.3f} "
+                                     f"{'≤' if ok else '>'} {limit:g}: {'pass' if ok else 'FAIL'}"))
     return checks
 
 
@@ -68,7 +82,9 @@ def verdict_tags(result: dict) -> dict:
         tags[f"audit.relearn_recovery_step{step}"] = "n/a" if value is None else f"{value:.4f}"
     if "membership" in rr:
         tags["audit.membership_max_auc_gap"] = f"{max(abs(v - 0.5) for v in rr['membership']['auc'].values()):.4f}"
-    if rr.get("probes", {}).get("rates"):
-        family, rate = max(rr["probes"]["rates"].items(), key=lambda kv: kv[1])
+    counted = {f: r for f, r in rr.get("probes", {}).get("rates", {}).items()
+               if f in result.get("counted_probe_families", [])}
+    if counted:
+        family, rate = max(counted.items(), key=lambda kv: kv[1])
         tags.update({"audit.worst_probe_family": family, "audit.worst_probe_forget_score": f"{rate:.4f}"})
     return tags
