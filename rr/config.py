@@ -355,6 +355,14 @@ class AuditConfig(_Strict):
                              f"audit.relearn_steps {self.relearn_steps}")
         if len(set(self.models)) != len(self.models):
             raise ValueError("audit.models: a model is listed twice")
+        if "rr" not in self.models:
+            raise ValueError("audit.models: list rr (the verdict is rr's model's); the others are its references")
+        if self.min_probe_base_hits > self.probe_items_per_family:
+            raise ValueError(f"audit.min_probe_base_hits {self.min_probe_base_hits} > audit.probe_items_per_family "
+                             f"{self.probe_items_per_family}: no probe family could count; lower it")
+        if self.relearn_lora.deepspeed_stage:
+            raise ValueError("audit.relearn_lora.deepspeed_stage: relearning checkpoints are saved in one process; "
+                             "set 0")
         return self
 
 

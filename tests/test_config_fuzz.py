@@ -26,6 +26,8 @@ BASES = {
     ("compare", "rmu", "update_layers"): {"compare": {"rmu": {"layer": 1023}}},  # update layers go up to `layer`
     # the recovery gate reads one of the relearning checkpoints: every in-bounds step is one here
     ("audit", "gates", "relearn_gate_step"): {"audit": {"relearn_steps": [1, 2, 99_999, 100_000]}},
+    ("audit", "min_probe_base_hits"): {"audit": {"probe_items_per_family": 10_000}},  # at most the items asked
+    ("audit", "probe_items_per_family"): {"audit": {"min_probe_base_hits": 0}},
 }
 
 

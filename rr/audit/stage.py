@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from pathlib import Path
 from typing import Callable
 
@@ -64,6 +65,18 @@ def _compositions(job, summary: dict, wanted) -> dict[str, list[WeightedPem]]:
     return out
 
 
+def _composition_key(composition) -> str:
+    """What a composition is: each PEM's weights (its tensors' bytes) and merge weight. A job whose release was
+    redone gets new keys, so no audit part of the old models is reused."""
+    digest = hashlib.sha256()
+    for weighted in composition:
+        digest.update(f"{weighted.merge_weight!r}".encode())
+        for module in sorted(weighted.pem.tensors):
+            for tensor in weighted.pem.tensors[module]:
+                digest.update(tensor.numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
 def _members_and_non_members(job, material, cfg: AuditConfig, store: AuditDir, progress) -> tuple[list, list]:
     """(prompt, answer) pairs. Members: the forget records, as the forget PEM was trained on them. Non-members:
     the base model's answers, under the same instructions and decoding, to contexts the job never used."""
@@ -86,6 +99,9 @@ def _members_and_non_members(job, material, cfg: AuditConfig, store: AuditDir, p
         answers = [texts[0] if texts else "" for texts in job.executor.generate(prompts, params, seeds)]
         store.save("non_members", key, answers)
     non_members = [(c.prompt, a) for c, a in zip(contexts, answers) if a.strip()]
+    if not non_members:
+        raise RRError(f"rr audit: the base model gave no answer to any of the {len(contexts)} non-member contexts; "
+                      "membership inference needs some (raise audit.n_non_member_problems or reveal.max_new_tokens)")
     return members, non_members
 
 
@@ -117,11 +133,15 @@ def _relearn(job, name: str, composition, material, cfg: AuditConfig, items, sto
         store.save(f"relearn-{name}", key, saved)
     out_dir = store.root / "relearn" / name
     missing = [s for s in cfg.relearn_steps if str(s) not in scores] if train else []
+    stamp = out_dir / "key"  # what the checkpoints were trained from: others are never scored
+    if missing and (not stamp.exists() or stamp.read_text() != key):
+        shutil.rmtree(out_dir, ignore_errors=True)  # audit/relearn/NAME is the audit's own
     if missing and not all(Pem.is_saved(out_dir / f"step-{s}") for s in cfg.relearn_steps):
         progress(f"audit: {name}: relearning on {len(material.relearn_examples())} relearn-split examples for "
                  f"{max(cfg.relearn_steps)} updates")
         job.executor.train_pem(composition, material.relearn_examples(), cfg.relearn_lora, f"relearn-{name}",
                                "relearn", out_dir, seed=job.config.seed + 7, checkpoints=cfg.relearn_steps)
+        atomic_write_text(stamp, key)
     for step in missing:
         pem = Pem.load(out_dir / f"step-{step}")
         hits = material.hits(job.executor.model([*composition, WeightedPem(pem, 1.0)]), items)
@@ -182,8 +202,10 @@ def run_audit(job, progress: Callable[[str], None] = print) -> dict:
     material = spec.audit(job.task, cfg)
     store = AuditDir(job.dir / "audit")
     compositions = _compositions(job, summary, cfg.models)
-    ledger_key = _key(summary["ledger"], (summary.get("baseline") or {}).get("pem"),
-                      (summary.get("baseline") or {}).get("merge_weight"))
+    if job.config.generation.backend != "hf":
+        raise RRError("rr audit: membership inference reads the model's token statistics, which need "
+                      "generation.backend: hf")
+    model_keys = {name: _composition_key(composition) for name, composition in compositions.items()}
     job.executor.prepare("release", len(material.relearn_examples()))  # generation and training, as Release
 
     members, non_members = _members_and_non_members(job, material, cfg, store, progress)
@@ -198,15 +220,18 @@ def run_audit(job, progress: Callable[[str], None] = print) -> dict:
                       "`rr release` with this version of rr")
     families = cfg.probe_families or list(material.probe_families)
     probe_items = material.probe_items(families, cfg.probe_items_per_family)
-    relearn_key = _key(ledger_key, [i.id for i in eval_items], cfg.relearn_steps,
-                       cfg.relearn_lora.model_dump(), cfg.n_relearn, job.config.seed)
+    # the checkpoints are one run: a score at step N does not depend on which other steps are asked for
+    relearn_key = _key([i.id for i in eval_items], cfg.relearn_lora.model_dump(),
+                       [(e.prompt, e.response) for e in material.relearn_examples()], job.config.seed)
+    probe_key = _key([(i.id, i.prompt().to_json()) for i in probe_items])
+    forget_key = _key([(str(p), a) for p, a in members])
     models: dict[str, dict] = {}
     if "base" not in cfg.models:  # the recovery's reference: the base model's score before relearning, only
         models["base"] = {"relearn": _relearn(job, "base", [], material, cfg, eval_items, store,
-                                              _key(relearn_key, "base"), progress, train=False)}
+                                              _key(relearn_key, model_keys["base"]), progress, train=False)}
     for name in cfg.models:  # the base model first: the others' recovery is measured against it
         composition = compositions[name]
-        membership_key = _key(ledger_key, name, len(members), [a for _, a in non_members], cfg.mink_k)
+        membership_key = _key(model_keys[name], forget_key, [a for _, a in non_members], cfg.mink_k)
         membership = store.load(f"membership-{name}", membership_key)
         if membership is None:
             progress(f"audit: {name}: membership inference on {len(members)} forget records vs "
@@ -216,10 +241,10 @@ def run_audit(job, progress: Callable[[str], None] = print) -> dict:
         models[name] = {
             "ledger": [f"{w.merge_weight:+g}·{w.pem.name}" for w in composition],
             "membership": membership,
-            "relearn": _relearn(job, name, composition, material, cfg, eval_items, store, _key(relearn_key, name),
-                                progress),
+            "relearn": _relearn(job, name, composition, material, cfg, eval_items, store,
+                                _key(relearn_key, model_keys[name]), progress),
             "probes": _probes(job, name, composition, material, probe_items, store,
-                              _key(ledger_key, name, [i.id for i in probe_items]), progress),
+                              _key(probe_key, model_keys[name]), progress),
             "forms": _form_rates(summary, name), "utility": _utility(summary, name)}
     base_before = models["base"]["relearn"]["scores"]["0"]
     for name, result in models.items():

@@ -99,6 +99,10 @@ def pad_token_id(tokenizer) -> int:
     return 0
 
 
+class TokenStatsUnavailable(RRError):
+    """A backend that cannot give per-token statistics (vLLM: its prompt log-probs are top-k only)."""
+
+
 @dataclass(frozen=True)
 class TokenStats:
     """One answer's tokens under a model, teacher-forced after its prompt: each token's log-probability, and
@@ -132,9 +136,12 @@ def token_stats_of(logits: "torch.Tensor", labels: "torch.Tensor", texts: Sequen
     mask = targets != IGNORE_INDEX
     log_probs = F.log_softmax(logits[:, :-1][mask].float(), dim=-1)  # (answer tokens, vocabulary)
     token = log_probs.gather(-1, targets[mask].unsqueeze(-1)).squeeze(-1)
+    import torch
+
     probs = log_probs.exp()
-    mean = (probs * log_probs).sum(-1)
-    variance = ((probs * log_probs.square()).sum(-1) - mean.square()).clamp(min=0)
+    live = probs > 0  # a −inf logit (a masked vocabulary entry) adds nothing, rather than 0·∞ = NaN
+    mean = torch.where(live, probs * log_probs, 0.0).sum(-1)
+    variance = torch.where(live, probs * (log_probs - mean.unsqueeze(-1)).square(), 0.0).sum(-1)
     out, start = [], 0
     for row, text in enumerate(texts):
         end = start + int(mask[row].sum())

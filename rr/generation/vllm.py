@@ -91,5 +91,7 @@ class VLLMGenerator:
     def token_stats(self, prompts, answers):
         """vLLM returns the top-k log-probs of each prompt token, not the whole vocabulary's, so the mean and
         variance MinK++ needs are not at hand: refused rather than approximated."""
-        raise RRError("token statistics (answer probability, the audit's membership-inference scores) need the "
-                      "transformers backend: set generation.backend: hf for this stage")
+        from rr.core.tokens import TokenStatsUnavailable
+
+        raise TokenStatsUnavailable("token statistics (answer probability, the audit's membership-inference scores) "
+                                    "need the transformers backend: set generation.backend: hf for this stage")

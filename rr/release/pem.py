@@ -161,7 +161,7 @@ def _fit(peft_model, encoded, config: LoraTrainingConfig, seed: int, pad_token_i
                 batch = collate([encoded[i] for i in (share or rows[:1])], pad_token_id, device)
                 micro_step += 1
                 # an update every `accumulation` micro-batches, and one for a last partial group
-                boundary = micro_step % accumulation == 0 or micro_step == total_micro_steps
+                boundary = micro_step % accumulation == 0 or (max_updates is None and micro_step == total_micro_steps)
                 if engine is not None:
                     engine.set_gradient_accumulation_boundary(boundary)
                     loss = engine(**batch).loss * weight
