@@ -49,6 +49,42 @@ class _Strict(BaseModel):
     model_config = STRICT_MODEL
 
 
+# What a changed setting redoes: every JobConfig section (and every compute key) declares the stages whose results
+# it changes; rr/job.py reads the declarations to decide whether a job directory resumes or which stages to redo.
+STAGES = ("reveal", "release")  # in order: redoing Reveal redoes Release, which reads its forget set
+REDOES = "redoes"
+REDOES_PER_KEY = "per-key"  # a section whose keys declare it one by one
+
+
+def redoes(*stages: str) -> dict:
+    """A field's `json_schema_extra`: the stages (of STAGES) a change to it redoes. None: it changes where results
+    go or where work runs, or what a later command (`rr compare`, `rr audit`) does, never a stage's result."""
+    return {REDOES: stages}
+
+
+def stages_redone(section: type[BaseModel], saved: dict, now: dict,
+                  undeclared: tuple[str, ...] = STAGES) -> tuple[list[str], set[str]]:
+    """The keys of `section` whose change between two dumps of it redoes a stage, and those stages. A key missing
+    from one dump had its default (a job saved by an older rr). A key that declares nothing redoes `undeclared`:
+    every stage at the top level (safe), none inside a per-key section (there a key redoes only what it declares)."""
+    try:
+        defaults = section().model_dump(mode="json")
+    except ValidationError:
+        defaults = {}
+    changed, stages = [], set()
+    for key in sorted(set(saved) | set(now), key=str):
+        if saved.get(key, defaults.get(key)) == now.get(key, defaults.get(key)):
+            continue
+        field = section.model_fields.get(key)
+        declared = (field.json_schema_extra or {}).get(REDOES, undeclared) if field is not None else STAGES
+        if declared == REDOES_PER_KEY:
+            declared = stages_redone(field.annotation, saved.get(key) or {}, now.get(key) or {}, undeclared=())[1]
+        if declared:
+            changed.append(str(key))
+            stages |= set(declared)
+    return changed, stages
+
+
 Magnitude = Annotated[float, Field(gt=0, le=100, description="a merge weight's magnitude; the sign comes from the step")]
 ModuleName = Annotated[str, Field(min_length=1, max_length=200)]
 
@@ -415,7 +451,9 @@ class ComputeConfig(_Strict):
     """
 
     executor: Literal["local", "ray"] = "local"
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    # Placement changes no result: requests are seeded per request and batched the same on any replica. The device
+    # changes kernels and dtypes, and the trainer count splits a PEM's batches: those redo what they computed.
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", json_schema_extra=redoes(*STAGES))
     threads: int | None = Field(None, ge=1, le=MAX_WORKERS)
     ray_address: str | None = Field(None, description="the cluster to join: 'auto', ray://HOST:10001, or null "
                                     "(inside `ray job submit`: that cluster; otherwise a local Ray started for the job)")
@@ -429,10 +467,10 @@ class ComputeConfig(_Strict):
     replica_num_gpus: float = Field(0.0, ge=0, le=64, description="GPUs per replica; vLLM replicas need > 0")
     threads_per_replica: int | None = Field(None, ge=1, le=MAX_WORKERS, description="torch threads in each replica; default "
                                             "replica_num_cpus")
-    trainer_workers: int = Field(1, ge=1, le=MAX_WORKERS, description="Ray Train workers for a PEM (the minimum when "
+    trainer_workers: int = Field(1, ge=1, le=MAX_WORKERS, json_schema_extra=redoes("release"), description="Ray Train workers for a PEM (the minimum when "
                                  "max_trainer_workers is set)")
-    max_trainer_workers: int | None = Field(None, ge=1, le=MAX_WORKERS)
-    examples_per_trainer: int = Field(256, ge=1, le=MAX_ITEMS, description="training examples one trainer worker is sized for")
+    max_trainer_workers: int | None = Field(None, ge=1, le=MAX_WORKERS, json_schema_extra=redoes("release"))
+    examples_per_trainer: int = Field(256, ge=1, le=MAX_ITEMS, json_schema_extra=redoes("release"), description="training examples one trainer worker is sized for")
     trainer_num_cpus: float = Field(1.0, gt=0, le=MAX_WORKERS)
     trainer_use_gpu: bool = False
     gpu_sharing: Literal["separate", "release_during_training"] = Field(
@@ -511,24 +549,24 @@ class JobConfig(_Strict):
                              "release.lora.gradient_accumulation_steps: 1 (raise release.lora.batch_size instead)")
         return self
 
-    name: str = Field("rr-job", min_length=1, max_length=200, description="shown in logs; the RayJob's and the "
+    name: str = Field("rr-job", min_length=1, max_length=200, json_schema_extra=redoes(), description="shown in logs; the RayJob's and the "
                       "registered model's default name")
-    seed: int = Field(0, ge=0, le=SEED_MAX, description=f"0 … {SEED_MAX}: rr derives seeds seed + k (k < "
+    seed: int = Field(0, ge=0, le=SEED_MAX, json_schema_extra=redoes(*STAGES), description=f"0 … {SEED_MAX}: rr derives seeds seed + k (k < "
                       f"{SEED_OFFSET_MAX}) and they must stay within 0 … 2**32 − 1")
-    output_dir: Path = Path("runs/quickstart")
-    log_forget_examples: bool = Field(False, description="print forget records in logs (sensitive)")
-    model: ModelConfig = Field(default_factory=ModelConfig)
-    task: TaskConfig = Field(default_factory=CodeTaskConfig)
-    generation: GenerationConfig = Field(default_factory=GenerationConfig)
-    reveal: RevealConfig = Field(default_factory=RevealConfig)
-    release: ReleaseConfig = Field(default_factory=ReleaseConfig)
-    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
-    compute: ComputeConfig = Field(default_factory=ComputeConfig)
+    output_dir: Path = Field(Path("runs/quickstart"), json_schema_extra=redoes())  # where, not what
+    log_forget_examples: bool = Field(False, json_schema_extra=redoes(), description="print forget records in logs (sensitive)")
+    model: ModelConfig = Field(default_factory=ModelConfig, json_schema_extra=redoes(*STAGES))
+    task: TaskConfig = Field(default_factory=CodeTaskConfig, json_schema_extra=redoes(*STAGES))
+    generation: GenerationConfig = Field(default_factory=GenerationConfig, json_schema_extra=redoes(*STAGES))
+    reveal: RevealConfig = Field(default_factory=RevealConfig, json_schema_extra=redoes(*STAGES))
+    release: ReleaseConfig = Field(default_factory=ReleaseConfig, json_schema_extra=redoes("release"))
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig, json_schema_extra=redoes())
+    compute: ComputeConfig = Field(default_factory=ComputeConfig, json_schema_extra={REDOES: REDOES_PER_KEY})
     # None rather than a default block, so a job directory made before this section existed still resumes
     # (dump_config leaves it out).
-    compare: CompareConfig | None = Field(None, description="release methods side by side (rr/methods); "
+    compare: CompareConfig | None = Field(None, json_schema_extra=redoes(), description="release methods side by side (rr/methods); "
                                           "absent: CompareConfig's defaults")
-    audit: AuditConfig | None = Field(None, description="rr audit's attacks and gates; absent: AuditConfig's defaults")
+    audit: AuditConfig | None = Field(None, json_schema_extra=redoes(), description="rr audit's attacks and gates; absent: AuditConfig's defaults")
 
 
 def quote(value, limit: int = QUOTE_MAX_CHARS) -> str:

@@ -12,24 +12,11 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from rr.config import JobConfig, dump_config, read_yaml
+from rr.config import STAGES, JobConfig, dump_config, read_yaml, stages_redone
 from rr.core.files import atomic_write_text
 from rr.errors import ConfigError, JobDirError, RRError
 
 log = logging.getLogger("rr")
-
-
-# compute keys that change numbers, not only placement: the device (dtype kernels), and the trainer count (a
-# PEM's batches are split across trainer workers). Replica counts, resources, the executor and the Ray
-# address do not: requests are seeded per request and batched the same on any replica (ARCHITECTURE.md).
-RESULT_COMPUTE_KEYS = ("device", "trainer_workers", "max_trainer_workers", "examples_per_trainer")
-
-
-def _compute_changes_results(saved: dict, now: dict) -> bool:
-    from rr.config import ComputeConfig
-
-    defaults = ComputeConfig().model_dump(mode="json")  # a key missing from an older saved config had its default
-    return any(saved.get(key, defaults[key]) != now.get(key, defaults[key]) for key in RESULT_COMPUTE_KEYS)
 
 
 # rr writes this file into every job directory it creates: the proof that the directory is rr's own, so rr may
@@ -120,24 +107,19 @@ class Job:
                               f"directory holds something else: pass another --output, or delete {path} to start "
                               "a new job here")
         now = yaml.safe_load(current)
-        if saved_data != now:
-            saved = _with_current_defaults(saved_data)
-            changed = sorted(str(k) for k in set(saved) | set(now) if saved.get(k) != now.get(k))
-            saved_compute = saved.get("compute")
-            if "compute" in changed and isinstance(saved_compute, dict) and \
-                    not _compute_changes_results(saved_compute, now["compute"]):
-                changed.remove("compute")  # where it runs, not what it computes (same seed, same results)
-            if set(changed) <= {"tracking", "compare", "audit"}:  # where results go, or what `rr compare` and
-                # `rr audit` run next to this job, changes none of its results: resume
-                return
-            if len(changed) > 12:
-                changed = changed[:12] + [f"… {len(changed) - 12} more"]
-            # Release depends on everything; Reveal only on what is not release/tracking/compute/name.
-            stages = ("reveal/, release/" if set(changed) - {"release", "tracking", "compare", "audit", "compute", "name"}
-                      else "release/")
-            raise RRError(f"{path}: this job directory was made with a different config (changed: "
-                          f"{', '.join(changed)}). Resume with the same config, pass another --output for a new "
-                          f"job, or delete {stages} and config.yaml in {self.dir} to redo those stages")
+        if saved_data == now:
+            return
+        # Each section declares the stages its change redoes (rr/config.py: redoes); none: resume.
+        changed, stages = stages_redone(JobConfig, _with_current_defaults(saved_data), now)
+        if not stages:
+            return
+        if len(changed) > 12:
+            changed = changed[:12] + [f"… {len(changed) - 12} more"]
+        redo = STAGES[min(STAGES.index(stage) for stage in stages):]  # a redone stage redoes every later one
+        raise RRError(f"{path}: this job directory was made with a different config (changed: "
+                      f"{', '.join(changed)}). Resume with the same config, pass another --output for a new "
+                      f"job, or delete {', '.join(stage + '/' for stage in redo)} and config.yaml in {self.dir} to "
+                      "redo those stages")
 
     def _seed_everything(self) -> None:
         import torch

@@ -84,6 +84,22 @@ def test_a_job_directory_refuses_a_different_config(tmp_path):
         Job(changed)
 
 
+def test_a_changed_section_refuses_naming_only_the_stages_it_redoes(tmp_path):
+    from rr.job import Job
+
+    config = load_config(ROOT / "configs" / "ci.yaml", tmp_path / "job")
+    Job(config)
+    Job(config.model_copy(update={"name": "renamed", "log_forget_examples": True}))  # names and logs: resumes
+    release = config.release.model_copy(update={"forget_fraction": 0.8})
+    with pytest.raises(RRError, match=r"changed: release\)\..*delete release/ and config.yaml") as refused:
+        Job(config.model_copy(update={"release": release, "tracking": config.tracking.model_copy(
+            update={"enabled": not config.tracking.enabled})}))
+    assert "reveal/" not in str(refused.value)  # the forget set stays: only Release depends on release.*
+    on_gpu = config.compute.model_copy(update={"device": "cpu" if config.compute.device != "cpu" else "auto"})
+    with pytest.raises(RRError, match=r"changed: compute.*delete reveal/, release/"):  # kernels change generation
+        Job(config.model_copy(update={"compute": on_gpu}))
+
+
 def test_a_job_saved_before_a_key_existed_resumes_with_its_default(tmp_path):
     import yaml
 

@@ -78,3 +78,14 @@ def changed(value):
     data = value.model_dump()  # a nested block: change its first field this function can change
     key = next(k for k, v in data.items() if v is None or isinstance(v, (bool, int, float, list)))
     return value.model_copy(update={key: changed(getattr(value, key))})
+
+
+@pytest.mark.parametrize("section", sorted(JobConfig.model_fields))
+def test_each_config_section_says_which_stages_its_change_redoes(section):
+    # rr/job.py decides resume-or-refuse from these declarations alone: a section added without one would redo
+    # every stage (safe, but a tracking-like section would then refuse to resume for nothing).
+    from rr.config import REDOES, REDOES_PER_KEY, STAGES
+
+    declared = (JobConfig.model_fields[section].json_schema_extra or {}).get(REDOES)
+    assert declared is not None, f"JobConfig.{section} declares no redoes(...)"
+    assert declared == REDOES_PER_KEY or set(declared) <= set(STAGES)
