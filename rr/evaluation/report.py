@@ -81,22 +81,9 @@ def _with_interval(evaluation: dict, metric: str) -> str:
 
 
 def _method_note(row: dict) -> str:
-    details = row.get("details", {})
-    if "ledger" in details:
-        return "ledger " + ", ".join(f"{e['merge_weight']:+g}·{e['kind'][0].upper()}" for e in details["ledger"])
-    if "merge_weight" in details:
-        return f"weight {details['merge_weight']:+g} ({details['rule']})"
-    if "alpha" in details:
-        return f"α {details['alpha']:g} ({details['rule']})"
-    if "steps" in details:  # the training methods: each reports the settings that say what it did
-        parts = [f"{details['steps']} steps"]
-        for key, label in (("weights", ""), ("learning_rate", "lr "), ("layer", "layer "),
-                           ("steering_coefficient", "c "), ("remaining_forget_samples", "forget samples left ")):
-            if key in details:
-                value = details[key]
-                parts.append(f"{label}{value:g}" if isinstance(value, float) else f"{label}{value}")
-        return ", ".join(parts)
-    return ""
+    from rr.methods import get_method
+
+    return "" if row["method"] == "base" else get_method(row["method"]).note(row.get("details", {}))
 
 
 def _wall_time(row: dict) -> str:

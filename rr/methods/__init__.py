@@ -20,8 +20,33 @@ method names without loading a model.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 from rr.errors import RRError
+
+
+# What `rr compare`'s table says a method applied, from its MethodRun.details (each method's spec names one).
+def ledger_note(details: dict) -> str:
+    return "ledger " + ", ".join(f"{e['merge_weight']:+g}·{e['kind'][0].upper()}" for e in details["ledger"])
+
+
+def merge_weight_note(details: dict) -> str:
+    return f"weight {details['merge_weight']:+g} ({details['rule']})"
+
+
+def alpha_note(details: dict) -> str:
+    return f"α {details['alpha']:g} ({details['rule']})"
+
+
+def training_note(details: dict) -> str:
+    """The training methods: the settings that say what each did (the ones its details carry)."""
+    parts = [f"{details['steps']} steps"]
+    for key, label in (("weights", ""), ("learning_rate", "lr "), ("layer", "layer "),
+                       ("steering_coefficient", "c "), ("remaining_forget_samples", "forget samples left ")):
+        if key in details:
+            value = details[key]
+            parts.append(f"{label}{value:g}" if isinstance(value, float) else f"{label}{value}")
+    return ", ".join(parts)
 
 
 @dataclass(frozen=True)
@@ -32,6 +57,7 @@ class Method:
     family: str               # module under rr/methods that runs it
     summary: str
     settings: tuple[str, ...]  # the config blocks or keys (dotted) its result depends on: changed, it is re-run
+    note: Callable[[dict], str]  # what the compare table says it applied, from its MethodRun.details
     forget_loss: str | None = None  # fine-tuning family: "ga" | "npo" | "me"
     retain_loss: str | None = None  # fine-tuning family: None | "gd" | "kl"
 
@@ -62,10 +88,10 @@ def get_method(name: str) -> Method:
         raise RRError(f"unknown release method {name!r}: choose one of {', '.join(METHODS)}") from None
 
 
-register(Method(name="reveal-release", family="reveal_release", settings=("release",),
+register(Method(name="reveal-release", family="reveal_release", settings=("release",), note=ledger_note,
                 summary="Φ0 − μ0·ΔF0 + Σ(λi·ΔRi − μi·ΔFi): forget and retain PEMs composed step by step, each weight "
                         "chosen on validation by the paper's rules (the job's release stage)"))
-register(Method(name="pem-negation", family="pem_negation", settings=("release",),
+register(Method(name="pem-negation", family="pem_negation", settings=("release",), note=merge_weight_note,
                 summary="one forget PEM trained on the forget set and negated once, its weight chosen on validation "
                         "by the μ rule (PEM-external in papers/002)"))
 
@@ -80,7 +106,7 @@ def _register_combinations(family: str, forget: dict[str, str], retain: dict[str
     for forget_loss, retain_loss in pairs:
         register(Method(name=forget_loss if retain_loss is None else f"{forget_loss}+{retain_loss}", family=family,
                         summary=forget[forget_loss] + ("" if retain_loss is None else ", with " + retain[retain_loss]),
-                        settings=settings, forget_loss=forget_loss, retain_loss=retain_loss))
+                        settings=settings, note=training_note, forget_loss=forget_loss, retain_loss=retain_loss))
 
 
 _register_combinations("finetune", _FORGET, _RETAIN, (("ga", None), ("ga", "gd"), ("ga", "kl"), ("npo", None),
@@ -117,13 +143,13 @@ _TARGETED_RETAIN = {"gd": "gradient descent on retain data",
                     "ap": "answer preservation: retain answers kept above refusals (papers/004 Eq. 8)"}
 _register_combinations("targeted", _TARGETED_FORGET, _TARGETED_RETAIN,
                        (("idk", "gd"), ("idk", "ap"), ("dpo", None), ("dpo", "gd"), ("dpo", "ap")), ("compare.targeted",))
-register(Method(name="icu", family="icu", settings=("compare.icu",),
+register(Method(name="icu", family="icu", settings=("compare.icu",), note=training_note,
                 summary="gradient ascent on forget sequences, NLL and KL on each one's nearest retain example, "
                         "forgotten samples dropped after each epoch (ICU, papers/003)"))
-register(Method(name="rmu", family="rmu", settings=("compare.rmu",),
+register(Method(name="rmu", family="rmu", settings=("compare.rmu",), note=training_note,
                 summary="steer one layer's activations on forget data toward a scaled random vector, hold them "
                         "on retain data (RMU)"))
-register(Method(name="ext-sub", family="ext_sub",
+register(Method(name="ext-sub", family="ext_sub", note=alpha_note,
                 settings=("compare.ext_sub", "release.lora", "release.forget_fraction", "release.forget_utility_floor"),
                 summary="expert PEM (retain) minus α × the deficiency part of an anti-expert PEM (forget), α "
                         "chosen on validation (Ext-Sub)"))
