@@ -18,7 +18,7 @@ from rr.core.prompt import as_prompt
 from rr.tasks.code import CodeTask, CodeTaskConfig
 from rr.tasks.code_forms import FORMS_BY_SPLIT
 from rr.tasks.code_problems import (CodeProblem, check_program, code_likeness, code_prompt, extract_code,
-                                    load_builtin_problems, load_general_text)
+                                    load_builtin_problems, load_perplexity_paragraphs)
 from rr.tasks.loaders import gsm8k_row_to_item, load_gsm8k, mbpp_plus_row_to_problem, mbpp_row_to_problem
 from rr.tasks.registry import build_task
 from rr.tasks.sandbox import run_many
@@ -56,7 +56,7 @@ def test_tests_are_not_vacuous():
 
 
 def test_general_text_is_plain_prose():
-    paragraphs = load_general_text()
+    paragraphs = load_perplexity_paragraphs()
     assert len(paragraphs) >= 40
     assert sum(len(p.split()) for p in paragraphs) >= 3000
     assert all(code_likeness(p) == 0.0 and "```" not in p for p in paragraphs)
@@ -274,7 +274,7 @@ def test_evaluate_with_a_perfect_model(split):
     assert result.counts["arithmetic_correct"] == result.counts["arithmetic_items"] == n_arith
     low, high = result.intervals["pass@1"]
     assert 0.0 < low < 1.0 and high == pytest.approx(1.0)
-    assert model.perplexity_texts == load_general_text()[:5]
+    assert model.perplexity_texts == load_perplexity_paragraphs()[:5]
 
 
 def test_evaluate_with_a_garbage_model():

@@ -23,12 +23,12 @@ def _job(tmp_path):
 
 
 def test_shipped_prompts_ask_for_neither_code_nor_arithmetic_nor_the_perplexity_text():
-    from rr.tasks.code_problems import load_general_text
+    from rr.tasks.code_problems import load_perplexity_paragraphs
 
     prompts = load_general_prompts()
     assert len(prompts) >= 60 and len(set(prompts)) == len(prompts)
     assert not any(word in p.lower() for p in prompts for word in ("python", "function", "code", "calculate"))
-    paragraphs = " ".join(load_general_text())
+    paragraphs = " ".join(load_perplexity_paragraphs())
     assert not any(p in paragraphs for p in prompts)
 
 

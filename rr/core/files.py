@@ -1,4 +1,5 @@
-"""Atomic, owner-only file writes: what a resume trusts is never half-written, and job files can hold forget data."""
+"""Atomic, owner-only file writes (what a resume trusts is never half-written, and job files can hold forget data),
+and the one reader of rr's line-per-entry text files."""
 
 from __future__ import annotations
 
@@ -6,6 +7,17 @@ import os
 import tempfile
 from pathlib import Path
 from typing import Callable
+
+from rr.errors import RRError
+
+
+def read_lines(path: Path, what: str) -> list[str]:
+    """The stripped non-empty lines of a UTF-8 text file (one entry per line); an unreadable file is an RRError
+    naming `what` it should hold."""
+    try:
+        return [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    except (OSError, UnicodeDecodeError) as exc:
+        raise RRError(f"{path}: cannot read {what} ({exc})") from exc
 
 
 def atomic_write(path: Path, write: Callable[[str], object]) -> None:

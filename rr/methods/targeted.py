@@ -24,6 +24,7 @@ from rr.config import TargetedConfig
 from rr.errors import RRError
 from rr.methods import Method, MethodRun, ReleaseData, get_method
 from rr.methods.losses import nll_loss, sequence_log_probs
+from rr.core.files import read_lines
 from rr.core.tokens import batches, collate, encode_example, pad_token_id
 from rr.tasks.base import Example
 
@@ -47,7 +48,7 @@ def load_refusals(source: str) -> list[str]:
     if not path.is_file():
         raise RRError(f"compare.targeted.refusals: {path} does not exist; give a text file with one refusal per "
                       f"line, or 'shipped'")
-    refusals = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    refusals = read_lines(path, "compare.targeted.refusals (one refusal per line)")
     if not refusals:
         raise RRError(f"compare.targeted.refusals: {path} holds no refusal")
     return refusals

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from rr.errors import RRError
-from rr.core.files import atomic_write
+from rr.core.files import atomic_write, read_lines
 from rr.tasks.base import Example, SamplingParams
 
 GENERAL_PROMPTS = Path(__file__).resolve().parents[1] / "tasks" / "data" / "general_prompts.txt"
@@ -17,10 +17,7 @@ ANSWER_TOKENS = 160  # a paragraph: about what a retain example of the code task
 def load_general_prompts(path: Path = GENERAL_PROMPTS) -> list[str]:
     """The shipped everyday prompts (explain, describe, advise, a short story), one per non-empty line.
     None asks for code or arithmetic, and none is drawn from the perplexity text."""
-    try:
-        return [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
-    except OSError as exc:
-        raise RRError(f"{path}: cannot read the general prompts ({exc}); reinstall rr") from exc
+    return read_lines(path, "the general prompts (reinstall rr)")
 
 
 def general_retain_examples(job, count: int, progress) -> list[Example]:

@@ -29,7 +29,7 @@ from rr.tasks.base import SPLITS, Context, Evaluation, Example, ModelHandle, Sam
 from rr.tasks.code_forms import (CODE_FORMS, FORMS_BY_SPLIT, FRAMED_FORMS, HELD_OUT_FORMS, FormItem, form_items, framed_like,
                                  has_parts)
 from rr.tasks.code_problems import (BUILTIN_PROBLEMS, CODE_STOP, GENERAL_TEXT, CodeProblem, check_program,
-                                    code_likeness, load_builtin_problems, load_general_text)
+                                    code_likeness, load_builtin_problems, load_perplexity_paragraphs)
 from rr.tasks.general_check import arithmetic_check_items, load_instruction_items, run_general_check
 from rr.tasks.sandbox import SandboxResult, run_many
 
@@ -110,7 +110,7 @@ class CodeTask:
         else:
             self._problems, self._plus = self._builtin_problem_splits(), []
             self._arithmetic, self._retain = self._builtin_arithmetic_splits()
-        paragraphs = load_general_text()
+        paragraphs = load_perplexity_paragraphs()
         if self.config.n_perplexity_paragraphs > len(paragraphs):
             raise RRError(f"task.n_perplexity_paragraphs: {self.config.n_perplexity_paragraphs} asked, "
                           f"{GENERAL_TEXT} has {len(paragraphs)} paragraphs; lower it")

@@ -10,6 +10,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from rr.core.files import read_lines
 from rr.errors import RRError
 
 DATA_DIR = Path(__file__).parent / "data"
@@ -76,12 +77,9 @@ def load_builtin_problems(path: Path = BUILTIN_PROBLEMS) -> list[CodeProblem]:
     return problems
 
 
-def load_general_text(path: Path = GENERAL_TEXT) -> list[str]:
-    """Paragraphs of the shipped general prose (one per non-empty line)."""
-    try:
-        return [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
-    except OSError as exc:
-        raise RRError(f"{path}: cannot read the general text for perplexity ({exc}); reinstall rr") from exc
+def load_perplexity_paragraphs(path: Path = GENERAL_TEXT) -> list[str]:
+    """Paragraphs of the shipped general prose the code task measures perplexity on (one per non-empty line)."""
+    return read_lines(path, "the general text for perplexity (reinstall rr)")
 
 
 # --------------------------------------------------------------------------------------------

@@ -140,7 +140,7 @@ def sentence_pairs(paragraphs: Sequence[str], min_chars: int = 20) -> list[tuple
     return pairs
 
 
-def load_general_text(source: str, split_seed: int) -> dict[str, list[str]]:
+def split_perplexity_text(source: str, split_seed: int) -> dict[str, list[str]]:
     """General (neutral) text by split: WikiText-2 (train/validation/test) or a file's paragraphs.
 
     A file's paragraphs are dealt to the splits by a seeded shuffle (a quarter each to validation and
@@ -315,7 +315,7 @@ class ToxicityTask:
         """The general-text paragraphs of a split (perplexity on validation/test, retain data from reveal)."""
         check_split(split)
         if self._general is None:
-            self._general = load_general_text(self.config.perplexity_text, self.config.split_seed)
+            self._general = split_perplexity_text(self.config.perplexity_text, self.config.split_seed)
         return self._general[split]
 
     def retain_examples(self) -> list[Example]:
