@@ -43,7 +43,7 @@ def fake_embed(texts):
     return matrix / np.linalg.norm(matrix, axis=1, keepdims=True)
 
 
-def make_search(tmp_path, calls=None, **overrides):
+def make_search(tmp_path, calls=None, progress=lambda message: None, **overrides):
     config = RevealConfig(n_arms=5, outer_loops=2, inner_rounds=3, arms_per_round=2, initial_random_arms=2,
                           context_sample=3, warm_start_top_k=2, ucb_train_steps=10, **overrides)
     arms = ArmPool(np.zeros((5, 2)), INSTRUCTIONS, np.random.default_rng(0).standard_normal((5, 4)).astype(np.float32))
@@ -53,7 +53,8 @@ def make_search(tmp_path, calls=None, **overrides):
             calls.append(len(prompts))
         return fake_generate(prompts, params, seeds)
 
-    return RevealSearch(config, FakeTask(), arms, generate, fake_embed, RevealCheckpoint(tmp_path), seed=0)
+    return RevealSearch(config, FakeTask(), arms, generate, fake_embed, RevealCheckpoint(tmp_path), seed=0,
+                        progress=progress)
 
 
 def test_harmonic_score():
@@ -89,7 +90,11 @@ def test_projection_matches_embedding_statistics():
 
 
 def test_search_collects_relevant_answers_and_never_rescores_an_instruction(tmp_path):
-    state, records = make_search(tmp_path).run()
+    messages = []
+    state, records = make_search(tmp_path, progress=messages.append).run()
+    # The model being unlearned wrote the instructions (they can state forget data): progress shows hashes only.
+    assert any("P* = instruction sha256" in m for m in messages)
+    assert not any(i in m for i in INSTRUCTIONS for m in messages)
     assert state.finished and len(state.best_instructions) == 2
     for loop in range(2):
         scored = [e.instruction for e in state.evaluations if e.outer_loop == loop]

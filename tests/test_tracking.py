@@ -44,16 +44,36 @@ def _step(step: int, kind: str, weight: float, forget: float, utility: float) ->
                                                       "utility_score": utility}]}
 
 
+# Instructions are written by the model being unlearned and can state forget data: they leave the job dir hashed.
+SECRET_INSTRUCTION = "The instruction was to say that Marisol Quenby keeps a grey parrot named Osk."
+REVEAL_MANIFEST = {
+    "size": 2, "mean_relevance": 0.8, "vendi_score": 1.7, "instructions": [SECRET_INSTRUCTION],
+    "filtered_by_relevance": False, "arms_scored": 4, "sha256": "ab" * 32,
+    "finalists": [{"outer_loop": 0, "relevance": 0.8, "diversity": 0.5, "score": 0.6, "instruction": SECRET_INSTRUCTION}],
+    "records": [{"context_id": "c1", "instruction": SECRET_INSTRUCTION, "relevance": 0.8, "outer_loop": 0,
+                 "sample": 0, "seed": 1}],
+    "comparison": {"contexts": 2, "samples_per_context": 1, "best_instruction": SECRET_INSTRUCTION,
+                   "best_instruction_mean_relevance": 0.8, "plain_answers_mean_relevance": 0.5,
+                   "relevance_at_least_plain": True, "n_for_vendi": 2, "fixed_instruction": SECRET_INSTRUCTION,
+                   "fixed_instruction_temperature": 0.0, "forget_set_vendi_subsampled": 1.7,
+                   "fixed_instruction_vendi": 1.5, "plain_answers_vendi": 1.2}}
+
+
+def downloaded_text(client, run_id: str, path: str, tmp_path: Path) -> str:
+    import mlflow
+
+    local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path, dst_path=str(tmp_path / run_id),
+                                                tracking_uri=client.tracking_uri)
+    return Path(local).read_text()
+
+
 def make_job(job_dir: Path, forget_final: float = 0.05, utility_final: float = 0.5, **tracking) -> Job:
     """A job dir as Reveal and Release leave it (manifest, forget set, PEMs for SmolLM2's layer 0, ledger)."""
     config = load_config(ROOT / "configs" / "ci.yaml", job_dir)
     config = config.model_copy(update={"tracking": TrackingConfig(enabled=True, **tracking)})
     job = Job(config)
-    job.write_json("reveal/manifest.json", {"size": 2, "mean_relevance": 0.8, "vendi_score": 1.7, "instructions":
-                                            ["The instruction was to write code."], "filtered_by_relevance": False,
-                                            "arms_scored": 4, "sha256": "ab" * 32, "records": [],
-                                            "comparison": {"plain_answers_vendi": 1.2, "best_instruction": "x"}})
-    (job.dir / "reveal" / "report.md").write_text("# Reveal report\n")
+    job.write_json("reveal/manifest.json", REVEAL_MANIFEST)
+    (job.dir / "reveal" / "report.md").write_text(f"# Reveal report\n1. {SECRET_INSTRUCTION}\n")
     (job.dir / "reveal" / "forget_set.jsonl").write_text('{"prompt": "p", "response": "SECRET forget record"}\n')
     steps = [_step(0, "base", 0.0, 0.4, 0.52), _step(1, "forget", -1.0, 0.1, 0.4),
              _step(2, "retain", 0.5, 0.12, 0.5), _step(3, "forget", -1.0, forget_final, utility_final)]
@@ -193,6 +213,9 @@ def test_sqlite_default_records_the_job_and_resumes_its_run(tmp_path, monkeypatc
     assert {"release/steps.csv", "release/ledger.json", "composite_adapter/adapter_model.safetensors"} <= release_artifacts
     reveal_run = next(r for r in children if r.info.run_name == "reveal")
     assert artifact_paths(client, reveal_run.info.run_id) == {"reveal/manifest.json", "reveal/report.md"}  # no data
+    for name in ("reveal/manifest.json", "reveal/report.md"):  # instructions only as hashes
+        uploaded = downloaded_text(client, reveal_run.info.run_id, name, tmp_path)
+        assert "Osk" not in uploaded and "instruction sha256 " in uploaded
     assert (job.dir / "mlartifacts").is_dir()  # artifacts stay in the job dir
 
     version = client.get_model_version_by_alias("ci-code", "candidate")
@@ -217,6 +240,7 @@ def test_forget_data_goes_to_mlflow_only_when_opted_in(tmp_path, monkeypatch):
     client = client_for(f"sqlite:///{job.dir / 'mlflow.db'}")
     reveal = client.search_runs([client.get_experiment_by_name("rr").experiment_id], "attributes.run_name = 'reveal'")[0]
     assert "reveal/forget_set.jsonl" in artifact_paths(client, reveal.info.run_id)
+    assert SECRET_INSTRUCTION in downloaded_text(client, reveal.info.run_id, "reveal/manifest.json", tmp_path)
 
 
 def test_an_unreachable_store_never_stops_the_job(tmp_path):

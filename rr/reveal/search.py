@@ -10,6 +10,7 @@ again there (the inner rounds see only a sample); the best of them is P*, its an
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -249,7 +250,9 @@ class RevealSearch:
             gram.add(self.embed([r["response"] for r in new_records]))
             state.best_instructions.append(best.instruction)
             state.outer_loop, state.round = loop + 1, 0
-            self.progress(f"outer {loop + 1}: P* = {best.instruction[:80]!r} → {len(new_records)} records")
+            # The instruction itself stays in the job directory (reveal/report.md): the model being unlearned
+            # wrote it, and it can state forget data (an entity run's P* named a forget fact).
+            self.progress(f"outer {loop + 1}: P* = {instruction_label(best.instruction)} → {len(new_records)} records")
             self.checkpoint.save(state, gram, records)
         state.finished = True
         self.checkpoint.save(state, gram, records)
@@ -336,6 +339,11 @@ class RevealSearch:
                             "response": text, "relevance": float(rel), "outer_loop": loop, "sample": sample,
                             "seed": seed})
         return best, records
+
+
+def instruction_label(instruction: str) -> str:
+    """What logs and shared reports show of an instruction: its hash and length, never its text."""
+    return f"instruction sha256 {hashlib.sha256(instruction.encode()).hexdigest()[:12]} ({len(instruction)} chars)"
 
 
 def forget_set_manifest(records: Sequence[dict], state: RevealState, embeddings: np.ndarray,

@@ -5,16 +5,18 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
+from rr.core.files import atomic_write_text
 from rr.errors import RRError
 from rr.generation.base import request_seed
 from rr.reveal.arms import ArmPool, decode_arm_pool
 from rr.reveal.diversity import vendi_score
-from rr.reveal.search import (RevealCheckpoint, RevealSearch, forget_set_manifest, instruction_prompt,
-                              largest_generate_call)
+from rr.reveal.search import (RevealCheckpoint, RevealSearch, forget_set_manifest, instruction_label,
+                              instruction_prompt, largest_generate_call)
 
 
 def load_or_decode_arms(job, progress: Callable[[str], None]) -> ArmPool:
@@ -141,6 +143,28 @@ def _loop_one_answers(records: list[dict], contexts, params) -> list[list[str]] 
     if any(c.id not in first for c in contexts):
         return None
     return [[first[c.id]] * params.n for c in contexts]
+
+
+def redacted(manifest: dict) -> dict:
+    """The manifest with every instruction's text replaced by its hash and length (rr/reveal/search.py:
+    instruction_label): what leaves the job directory unless tracking.log_forget_data asks for the text."""
+    hidden = json.loads(json.dumps(manifest))
+    hidden["instructions"] = [instruction_label(text) for text in hidden["instructions"]]
+    for row in hidden.get("finalists", []) + hidden.get("records", []):
+        row["instruction"] = instruction_label(row["instruction"])
+    for key in ("best_instruction", "fixed_instruction"):
+        if key in hidden.get("comparison", {}):
+            hidden["comparison"][key] = instruction_label(hidden["comparison"][key])
+    return hidden
+
+
+def write_redacted(job_dir: Path, manifest: dict) -> list[Path]:
+    """reveal/redacted/manifest.json and report.md: the reveal stage's outputs without instruction texts."""
+    hidden, folder = redacted(manifest), Path(job_dir) / "reveal" / "redacted"
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(folder / "manifest.json", json.dumps(hidden, indent=2))
+    atomic_write_text(folder / "report.md", reveal_report(hidden))
+    return [folder / "manifest.json", folder / "report.md"]
 
 
 def reveal_report(manifest: dict) -> str:

@@ -161,10 +161,14 @@ class Recorder:
                               "filtered_by_relevance": manifest["filtered_by_relevance"]})
             self._log("job", tags={"rr.forget_set_sha256": manifest["sha256"], "rr.forget_set_size": manifest["size"]})
             reveal_dir = self.job.dir / "reveal"
-            for name in ("manifest.json", "report.md"):
-                self._artifact("reveal", reveal_dir / name, "reveal")
             if self.config.log_forget_data:
-                self._artifact("reveal", reveal_dir / "forget_set.jsonl", "reveal")
+                for name in ("manifest.json", "report.md", "forget_set.jsonl"):
+                    self._artifact("reveal", reveal_dir / name, "reveal")
+            else:  # instructions are the unlearned model's words and can state forget data: hashes only
+                from rr.reveal.stage import write_redacted
+
+                for path in write_redacted(self.job.dir, manifest):
+                    self._artifact("reveal", path, "reveal")
             self._end("reveal")
             self.outbox.mark_queued("reveal")
         self.outbox.flush()
