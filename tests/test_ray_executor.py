@@ -18,7 +18,8 @@ ray = pytest.importorskip("ray")
 from rr.config import JobConfig  # noqa: E402
 from rr.execution.local import LocalExecutor  # noqa: E402
 from rr.release.ledger import Pem, WeightedPem  # noqa: E402
-from rr.release.loop import ReleaseLoop, ReleaseState  # noqa: E402
+from rr.release.loop import ReleaseState  # noqa: E402
+from rr.release.stage import job_release_loop  # noqa: E402
 from rr.release.weights import WeightChoice  # noqa: E402
 from rr.tasks.base import Example, SamplingParams  # noqa: E402
 
@@ -127,7 +128,7 @@ def test_release_loop_weight_search_runs_as_tune_trials_scores_as_in_process_and
     pem = random_pem(ray_job.model, "search-forget", 1)
     weights = [-0.5, -1.0, -2.0, -4.0, -8.0]
     # The loop as run_release builds it: its callbacks close over the job (tracker, models, Ray executor).
-    loop = ReleaseLoop(ray_job, [], progress=lambda message: None, on_step=ray_job.tracker.release_step)
+    loop = job_release_loop(ray_job, [], progress=lambda message: None, on_step=ray_job.tracker.release_step)
     loop.state = ReleaseState.load(loop.state_path)
     ray_job.config.compute.parallel_candidates = 2  # two trials at a time: the later ones wait
     # A stand-in rule that decides once two candidates are scored (the real rules are tested without Ray).

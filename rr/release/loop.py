@@ -3,7 +3,8 @@
 Every step trains one PEM on the current composed model, evaluates candidate merge weights on the
 validation split by runtime scaling (no re-merge, no reload), applies the weight the rule picks, scores
 the test split, and checkpoints (adapter, ledger, scores) before the next step starts. The composition is
-data (`entries`); the job's executor realizes it wherever generation and training run (rr/execution).
+data (`entries`); an executor realizes it wherever generation and training run (rr/execution). The loop
+takes only what it uses (no Job), so its decisions are tested with scripted scores (tests/test_release_loop.py).
 """
 
 from __future__ import annotations
@@ -13,8 +14,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from rr.config import ReleaseConfig
 from rr.core.files import atomic_write_text
-from rr.release.general_retain import general_retain_examples
+from rr.execution.base import Executor
 from rr.release.ledger import Ledger, LedgerEntry, Pem, WeightedPem
 from rr.release.weight_search import executor_scorer, search_weight
 from rr.release.weights import (RULE_FORGET_TARGET, RULE_RECOVER_TARGET, CandidateResult, WeightChoice,
@@ -98,37 +100,42 @@ def targets_met(validation: dict, base_validation: dict, stop_below: float | Non
 
 
 class ReleaseLoop:
-    """Runs Eq. 1 for one job; `evaluate(split)` scores the model as currently composed."""
+    """Runs Eq. 1 for `task` through `executor`, checkpointing in `release_dir` (state.json, ledger.json,
+    pems/step{n}-{kind}); `evaluate(split)` scores the model as currently composed.
 
-    def __init__(self, job, forget_examples: list[Example], progress: Callable[[str], None] = print,
+    `retain_examples` makes the retain PEMs' training data; it is called once, when the first retain PEM is
+    trained, so data the base model generates (general retain data) is made only if a retain step runs.
+    `seed` + the step's number seeds each PEM's training; `base_model` names the model in the ledger."""
+
+    def __init__(self, executor: Executor, task, config: ReleaseConfig, release_dir: Path, seed: int,
+                 base_model: str, forget_examples: list[Example], retain_examples: Callable[[], list[Example]],
+                 progress: Callable[[str], None] = print,
                  on_step: Callable[[StepRecord], None] = lambda record: None):
-        self.job = job
-        self.on_step = on_step  # called with each finished step, after its checkpoint (tracking)
-        self.config = job.config.release
+        self.executor = executor
+        self.task = task
+        self.config = config
+        self.seed = seed
+        self.base_model = base_model
         self.forget_examples = forget_examples
-        self.retain_examples = job.task.retain_examples()
+        self.make_retain_examples = retain_examples
+        self.retain_examples: list[Example] | None = None  # made on first use
         self.progress = progress
-        self.dir = job.dir / "release"
+        self.on_step = on_step  # called with each finished step, after its checkpoint (tracking)
+        self.dir = Path(release_dir)
         (self.dir / "pems").mkdir(parents=True, exist_ok=True)
         self.state_path = self.dir / "state.json"
         self.ledger_path = self.dir / "ledger.json"
         self.entries: list[WeightedPem] = []  # the composition so far: (PEM, signed merge weight) in ledger order
 
-    @property
-    def composed(self):
-        """What realizes `entries` on the job's own model (the executor); `composed.detach()` hands the
-        model back as the base model."""
-        return self.job.executor
-
     # ---- evaluation --------------------------------------------------------------------
     def evaluate(self, split: str) -> Evaluation:
-        return self.job.executor.evaluate(self.job.task, split, self.entries)
+        return self.executor.evaluate(self.task, split, self.entries)
 
     # ---- the loop ----------------------------------------------------------------------
     def run(self) -> ReleaseState:
         self.state = ReleaseState.load(self.state_path)
         ledger = self._restore_ledger()
-        self.job.executor.prepare("release", len(self.forget_examples))  # sizes trainers (and replicas) for the work
+        self.executor.prepare("release", len(self.forget_examples))  # sizes trainers (and replicas) for the work
         if not self.state.steps:
             self.progress("release: scoring the base model (validation and test)")
             self.state.steps.append(StepRecord(0, "base", None, 0.0, "base", True, "base model",
@@ -198,7 +205,7 @@ class ReleaseLoop:
     def search(self, step: int, sign: float, pem: Pem, magnitudes, choose, decisive,
                widen_factor: float | None = None) -> WeightChoice:
         """Step `step`'s weight search (rr/release/weight_search.py) for `pem` applied with `sign` on top of the
-        composition so far, scored on the validation split through the job's executor; every score is
+        composition so far, scored on the validation split through the executor; every score is
         checkpointed in the release state as it arrives, so a killed search resumes with the next candidate."""
         cached = self.state.pending_candidates.setdefault(str(step), {})  # repr(signed weight) → [forget, utility]
 
@@ -208,7 +215,7 @@ class ReleaseLoop:
                           f"utility {evaluation.utility_score:.3f}")
             self.state.save(self.state_path)
 
-        score = executor_scorer(self.job.executor, self.job.task, self.entries, pem, sign, checkpoint)
+        score = executor_scorer(self.executor, self.task, self.entries, pem, sign, checkpoint)
 
         def on_widen(choice: WeightChoice, wider: list[float]) -> None:
             self.progress(f"step {step}: no candidate met the target ({choice.reason}); widening to {wider}")
@@ -232,16 +239,17 @@ class ReleaseLoop:
         if kind == "forget":
             examples = self.forget_examples
         else:
-            examples = self.retain_examples + general_retain_examples(self.job, self.config.general_retain_prompts,
-                                                                      self.progress)
+            if self.retain_examples is None:
+                self.retain_examples = self.make_retain_examples()
+            examples = self.retain_examples
         self.progress(f"{name}: training a LoRA on {len(examples)} {kind} examples")
-        return self.job.executor.train_pem(self.entries, examples, self.config.lora, name, kind, out_dir,
-                                           seed=self.job.config.seed + len(self.state.steps))
+        return self.executor.train_pem(self.entries, examples, self.config.lora, name, kind, out_dir,
+                                       seed=self.seed + len(self.state.steps))
 
     def _restore_ledger(self) -> Ledger:
         """Re-attach every finished step's PEM with its weight: the model is as it was before the kill."""
         if not self.ledger_path.exists():
-            return Ledger(base_model=self.job.config.model.name_or_path, entries=[])
+            return Ledger(base_model=self.base_model, entries=[])
         ledger = Ledger.load(self.ledger_path)
         self.entries = list(ledger.resolve(self.dir))
         # Steps whose ledger entry was written but whose state was not are redone from the state's view.

@@ -13,8 +13,9 @@ from rr.evaluation.forms import form_markdown, form_report, is_form_metric
 from rr.evaluation.report import plot_steps, write_step_table
 from rr.errors import RRError
 from rr.release.ablation import matched_negation
+from rr.release.general_retain import general_retain_examples
 from rr.release.ledger import Pem
-from rr.release.loop import ReleaseLoop
+from rr.release.loop import ReleaseLoop, StepRecord
 from rr.tasks.base import Example
 
 
@@ -26,6 +27,21 @@ def load_forget_examples(job) -> list[Example]:
         raise RRError(f"{path}: no finished forget set; run `rr reveal` (or `rr run`) with this config first")
     records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     return [Example(prompt_from_json(r["prompt"]), r["response"]) for r in records]
+
+
+def job_release_loop(job, forget_examples: list[Example], progress: Callable[[str], None] = print,
+                     on_step: Callable[[StepRecord], None] = lambda record: None) -> ReleaseLoop:
+    """The job's Eq. 1 loop: its executor, task and release config, checkpointed in job.dir/release. Retain
+    PEMs train on the task's retain data plus the general retain data, which the base model makes when the
+    first retain PEM is trained (never, if no retain step runs)."""
+    config = job.config.release
+    task_retain = job.task.retain_examples()
+
+    def retain_examples() -> list[Example]:
+        return task_retain + general_retain_examples(job, config.general_retain_prompts, progress)
+
+    return ReleaseLoop(job.executor, job.task, config, job.dir / "release", job.config.seed,
+                       job.config.model.name_or_path, forget_examples, retain_examples, progress, on_step)
 
 
 def single_negation_baseline(job, loop: ReleaseLoop, target_forget_score: float, progress) -> dict:
@@ -49,11 +65,11 @@ def run_release(job, progress: Callable[[str], None] = print) -> dict:
     """Stage 2. Resumes at the last finished step; returns the summary. Leaves job.model as the base model."""
     started = time.perf_counter()
     already_finished = (job.dir / "release" / "summary.json").exists()
-    loop = ReleaseLoop(job, load_forget_examples(job), progress, on_step=job.tracker.release_step)
+    loop = job_release_loop(job, load_forget_examples(job), progress, on_step=job.tracker.release_step)
     try:
         return _finish_release(job, loop, loop.run(), progress, started, already_finished)
     finally:
-        loop.composed.detach()  # the ledger is on disk; later work in this process starts from the base
+        loop.executor.detach()  # the ledger is on disk; later work in this process starts from the base
 
 
 def _finish_release(job, loop: ReleaseLoop, state, progress, started: float, already_finished: bool) -> dict:

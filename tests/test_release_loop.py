@@ -1,0 +1,182 @@
+"""The release loop's decisions (Eq. 1's plan, the μ and λ rules, widening, stopping, skipping, resuming) on
+scripted scores: an executor that looks each composition's score up by its signed merge weights, and saves
+tiny PEMs the real way. No model is loaded; the loop, rules, weight search, ledger and checkpoints are real."""
+
+import json
+
+import pytest
+import torch
+
+from rr.config import ReleaseConfig
+from rr.release.ledger import Ledger, Pem, WeightedPem
+from rr.release.loop import ReleaseLoop
+from rr.tasks.base import Evaluation, Example
+
+TASK = object()  # the loop only hands its task to the executor
+FORGET = [Example("reverse a string", "s[::-1]")]
+RETAIN = [Example("what is 2 + 2?", "4")]
+
+
+class Killed(BaseException):
+    """What a kill looks like to the code under test: nothing after the raise point runs."""
+
+
+class ScriptedExecutor:
+    """Executor whose scores come from `scores`: signed merge weights of the composition → (forget, utility),
+    the same on both splits. Every evaluation and every training is a call; the `kill_at`-th call raises
+    Killed (a training after its PEM is saved, as a kill before the step's checkpoint would)."""
+
+    name = "scripted"
+
+    def __init__(self, scores: dict[tuple[float, ...], tuple[float, float]], kill_at: int | None = None):
+        self.scores = scores
+        self.kill_at = kill_at
+        self.calls = 0
+        self.evaluated: list[tuple[str, tuple[float, ...]]] = []  # finished evaluations, in order
+        self.trained: list[tuple[str, int, int]] = []  # (name, examples, seed) of finished trainings
+
+    def _call(self) -> None:
+        self.calls += 1
+        if self.calls == self.kill_at:
+            raise Killed()
+
+    def evaluate(self, task, split, composition=()):
+        assert task is TASK
+        weights = tuple(w.merge_weight for w in composition)
+        if weights not in self.scores:
+            raise AssertionError(f"no scripted score for the composition {weights}")
+        self._call()
+        self.evaluated.append((split, weights))
+        return Evaluation(*self.scores[weights])
+
+    def search_weights(self, task, split, composition, pem, signed_weights, on_result, decided):
+        for weight in sorted(signed_weights, key=abs):
+            if decided():
+                return
+            on_result(weight, self.evaluate(task, split, [*composition, WeightedPem(pem, weight)]))
+
+    def train_pem(self, composition, examples, config, name, kind, out_dir, seed, checkpoints=()):
+        pem = Pem(name, kind, 1, 1.0, ["q_proj"], {"q_proj": (torch.ones(1, 2), torch.ones(2, 1))})
+        pem.save(out_dir)
+        self._call()
+        self.trained.append((name, len(examples), seed))
+        return pem
+
+    def prepare(self, stage, work):
+        pass
+
+
+def run_loop(release_dir, scores, kill_at=None, retain=lambda: RETAIN, **release):
+    """One run of the loop in `release_dir` (a fresh process's view of it); returns (state, executor)."""
+    executor = ScriptedExecutor(scores, kill_at)
+    config = ReleaseConfig(**{"forget_weights": [1.0, 2.0, 3.0], "retain_weights": [0.5, 1.0], **release})
+    loop = ReleaseLoop(executor, TASK, config, release_dir, 10, "tiny-base", FORGET, retain,
+                       progress=lambda message: None)
+    return loop.run(), executor
+
+
+def ledger_weights(release_dir) -> list[float]:
+    return [entry.merge_weight for entry in Ledger.load(release_dir / "ledger.json").entries]
+
+
+def never_called():
+    raise AssertionError("the retain examples were made though no retain PEM was trained")
+
+
+# Base (1.0, 0.8). Step 1: −1 halves the forget score, −2 meets rule 1 (≤ 0.1 × 1.0), and so would −3.
+# Step 2: +0.5 recovers too little, +1 recovers utility ≥ 0.95 × 0.8. Step 3: −1 meets rule 1 (≤ 0.1 × 0.12).
+PLAN = {(): (1.0, 0.8),
+        (-1.0,): (0.5, 0.7), (-2.0,): (0.08, 0.6), (-3.0,): (0.05, 0.4),
+        (-2.0, 0.5): (0.1, 0.7), (-2.0, 1.0): (0.12, 0.78),
+        (-2.0, 1.0, -1.0): (0.01, 0.77), (-2.0, 1.0, -2.0): (0.0, 0.5)}
+
+
+def test_the_plan_runs_forget_retain_forget_and_the_ledger_holds_the_chosen_signed_weights(tmp_path):
+    made = []
+    state, executor = run_loop(tmp_path, PLAN, iterations=1, retain=lambda: made.append(1) or RETAIN)
+    assert [(s.kind, s.merge_weight, s.rule) for s in state.steps] == [
+        ("base", 0.0, "base"), ("forget", -2.0, "forget_target"), ("retain", 1.0, "recover_target"),
+        ("forget", -1.0, "forget_target")]
+    assert ledger_weights(tmp_path) == [-2.0, 1.0, -1.0]
+    assert Ledger.load(tmp_path / "ledger.json").base_model == "tiny-base"
+    assert state.finished and state.stopped_reason is None
+    assert [(s.validation["forget_score"], s.test["utility_score"]) for s in state.steps] == [
+        (1.0, 0.8), (0.08, 0.6), (0.12, 0.78), (0.01, 0.77)]
+    # each PEM trains on its own data, seeded by the job's seed + its step, and is saved under pems/
+    assert executor.trained == [("step1-forget", 1, 11), ("step2-retain", 1, 12), ("step3-forget", 1, 13)]
+    assert all(Pem.is_saved(tmp_path / "pems" / name) for name, _, _ in executor.trained)
+    assert made == [1]  # the retain data is made once
+    assert json.loads((tmp_path / "state.json").read_text())["finished"]
+
+
+def test_rule_1_takes_the_smallest_forget_weight_meeting_it_and_scores_no_larger_one(tmp_path):
+    state, executor = run_loop(tmp_path, PLAN, iterations=0, retain=never_called)
+    step = state.steps[1]
+    assert (step.merge_weight, step.rule) == (-2.0, "forget_target")
+    assert [c["weight"] for c in step.candidates] == [1.0, 2.0]
+    assert ("validation", (-3.0,)) not in executor.evaluated  # −3 also meets rule 1 but cannot change the choice
+
+
+# No base-grid weight [1] passes either μ rule (the forget score rises); the widened grid [0.5, 1, 2] has −2.
+NEEDS_WIDENING = {(): (1.0, 0.8), (-0.5,): (1.05, 0.8), (-1.0,): (1.1, 0.7), (-2.0,): (0.05, 0.7)}
+
+
+def test_no_candidate_widens_the_grid_once_and_takes_the_wider_weight(tmp_path):
+    state, _ = run_loop(tmp_path, NEEDS_WIDENING, iterations=0, forget_weights=[1.0], on_no_candidate="widen")
+    step = state.steps[1]
+    assert [c["weight"] for c in step.candidates] == [0.5, 1.0, 2.0]
+    assert (step.merge_weight, step.rule) == (-2.0, "forget_target")
+    assert ledger_weights(tmp_path) == [-2.0]
+
+
+def test_no_candidate_with_on_no_candidate_stop_ends_the_release_with_the_reason(tmp_path):
+    state, executor = run_loop(tmp_path, NEEDS_WIDENING, iterations=1, forget_weights=[1.0],
+                               on_no_candidate="stop", retain=never_called)
+    assert [s.kind for s in state.steps] == ["base"]
+    assert state.finished and state.stopped_reason.startswith("step 1 (forget): no candidate weight passes")
+    assert ("validation", (-2.0,)) not in executor.evaluated and not (tmp_path / "ledger.json").exists()
+
+
+def test_targets_met_after_a_retain_step_stop_before_the_next_forget_step(tmp_path):
+    # step 1 reaches forget ≤ 0.1 but costs utility (0.6 < 0.76), so its retain step runs; that one recovers it.
+    state, executor = run_loop(tmp_path, PLAN, iterations=2, stop_when_forget_below=0.15)
+    assert [s.kind for s in state.steps] == ["base", "forget", "retain"]
+    assert state.stopped_reason.startswith("targets met on the validation split: forget score 0.120")
+    assert [name for name, _, _ in executor.trained] == ["step1-forget", "step2-retain"]
+    assert ledger_weights(tmp_path) == [-2.0, 1.0]
+
+
+def test_a_later_forget_step_with_nothing_left_to_forget_is_skipped(tmp_path):
+    nothing_left = {**PLAN, (-2.0, 1.0): (0.0, 0.78)}  # the retain step leaves the forget score at 0
+    state, executor = run_loop(tmp_path, nothing_left, iterations=1)
+    assert [s.kind for s in state.steps] == ["base", "forget", "retain"]
+    assert state.stopped_reason.startswith("step 3 (forget) not run")
+    assert not (tmp_path / "pems" / "step3-forget").exists()
+    assert ledger_weights(tmp_path) == [-2.0, 1.0]
+
+
+def test_no_retain_step_means_the_retain_examples_are_never_made(tmp_path):
+    state, _ = run_loop(tmp_path, PLAN, iterations=0, retain=never_called)
+    assert [s.kind for s in state.steps] == ["base", "forget"]
+
+
+def test_a_loop_killed_at_any_evaluation_or_training_resumes_to_the_same_state_and_ledger(tmp_path):
+    """Kill points: each score (base, every candidate of each step, widened ones too, each step's test score)
+    and each training just after its PEM is saved. The resumed run scores no checkpointed candidate again
+    (only the base model's validation score, made just before its test score) and retrains no saved PEM."""
+    scores = {**PLAN, (-2.0, 0.25): (0.1, 0.7)}  # the retain grid [0.5] recovers too little: widened to [0.25, 0.5, 1]
+    release = {"iterations": 1, "retain_weights": [0.5]}
+    read = lambda release_dir: ((release_dir / "state.json").read_text(), (release_dir / "ledger.json").read_text())
+    _, unkilled = run_loop(tmp_path / "unkilled", scores, **release)
+    expected = read(tmp_path / "unkilled")
+    assert [c["weight"] for c in json.loads(expected[0])["steps"][2]["candidates"]] == [0.25, 0.5, 1.0]
+    for kill_at in range(1, unkilled.calls + 1):
+        release_dir = tmp_path / f"killed-at-{kill_at}"
+        with pytest.raises(Killed):
+            run_loop(release_dir, scores, kill_at=kill_at, **release)
+        saved = {p.name for p in (release_dir / "pems").iterdir() if Pem.is_saved(p)}
+        _, resumed = run_loop(release_dir, scores, **release)
+        assert read(release_dir) == expected, f"killed at call {kill_at}"
+        assert not saved & {name for name, _, _ in resumed.trained}, f"killed at call {kill_at}: retrained {saved}"
+        redone = (kill_at - 1) + resumed.calls - unkilled.calls  # calls made by both runs
+        assert redone <= (1 if kill_at == 2 else 0), f"killed at call {kill_at}: {redone} scored again"
