@@ -139,6 +139,46 @@ def test_release_took_the_quickstarts_control_flow(finished_job):
     assert [e["merge_weight"] for e in ledger["entries"]] == [s["merge_weight"] for s in state["steps"][1:]]
 
 
+GOLDEN = Path(__file__).resolve().parent / "golden" / "ci_release.json"
+
+
+def release_decisions(job_dir: Path) -> dict:
+    """What the ci job decided and measured: every step's weight, rule and scores (validation and test, every
+    metric), the candidates it scored, the stop reason and the single negation. Floats are rounded to 4 places,
+    so the golden file survives last-digit noise but not a changed decision or score."""
+    def rounded(value):
+        if isinstance(value, float):
+            return round(value, 4)
+        if isinstance(value, dict):
+            return {k: rounded(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [rounded(v) for v in value]
+        return value
+
+    def scores(evaluation: dict) -> dict:
+        return {k: evaluation[k] for k in ("forget_score", "utility_score", "metrics", "counts") if k in evaluation}
+
+    state, summary = _json(job_dir / "release" / "state.json"), _json(job_dir / "release" / "summary.json")
+    steps = [{"step": s["step"], "kind": s["kind"], "merge_weight": s["merge_weight"], "rule": s["rule"],
+              "passed": s["passed"], "validation": scores(s["validation"]), "test": scores(s["test"]),
+              "candidates": s["candidates"]} for s in state["steps"]]
+    baseline = summary.get("baseline") or {}
+    return rounded({"steps": steps, "ledger": summary["ledger"], "stopped_reason": summary["stopped_reason"],
+                    "single_negation": {"merge_weight": baseline.get("merge_weight"),
+                                        "test": scores(baseline["test"]) if "test" in baseline else None}})
+
+
+def test_the_ci_job_decides_and_scores_as_its_golden_record(finished_job):
+    """The same config and seed give the same ledger and scores, killed and resumed or not, before and after a
+    refactor. tests/golden/ci_release.json was written by an unkilled `rr run --config configs/ci.yaml`; a change
+    that moves a result on purpose rewrites it (RR_WRITE_GOLDEN=1 with this test) and says why in its commit."""
+    found = release_decisions(finished_job["dir"])
+    if os.environ.get("RR_WRITE_GOLDEN") == "1":
+        GOLDEN.parent.mkdir(exist_ok=True)
+        GOLDEN.write_text(json.dumps(found, indent=1, sort_keys=True) + "\n")
+    assert found == json.loads(GOLDEN.read_text())
+
+
 def test_reports_written(finished_job):
     release_dir = finished_job["dir"] / "release"
     rows = (release_dir / "steps.csv").read_text().splitlines()

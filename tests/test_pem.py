@@ -62,6 +62,16 @@ def test_a_prompts_turns_are_masked_and_a_raw_completion_is_continued_without_th
     assert tokenizer.decode([t for t, label in zip(raw_ids, raw_labels) if label != IGNORE_INDEX]) == "    return 1</s>"
 
 
+def test_examples_too_long_to_train_on_are_dropped_with_a_warning_that_names_the_fix(caplog):
+    from rr.core.tokens import encode_examples
+
+    tokenizer = char_tokenizer()
+    with caplog.at_level("WARNING", logger="rr"):
+        kept = encode_examples(tokenizer, [Example("x" * 40, "y"), Example("hi?", "yo")], max_length=32)
+    assert len(kept) == 1
+    assert "1 of 2 training examples dropped" in caplog.text and "release.lora.max_length" in caplog.text
+
+
 def test_bad_training_data_names_the_fix(tmp_path):
     tokenizer, model = char_tokenizer(), tiny_model()
     with pytest.raises(RRError, match="release.lora.max_length"):

@@ -3,6 +3,7 @@ and the shifted (log-prob, target, mask) view every loss and metric reads."""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterator, Protocol, Sequence
 
@@ -62,6 +63,11 @@ def encode_examples(tokenizer, examples: Sequence[PromptResponse], max_length: i
     if not kept:
         raise RRError(f"every example's prompt fills release.lora.max_length={max_length} tokens, leaving no "
                       "response token to train on: raise release.lora.max_length")
+    if len(kept) < len(encoded):  # said, not silent: a long form (few-shot) can lose its examples this way
+        logging.getLogger("rr").warning(
+            "%d of %d training examples dropped: their prompt fills max_length=%d tokens, leaving no response token; "
+            "raise the max_length setting (release.lora.max_length for PEMs) to train on them",
+            len(encoded) - len(kept), len(encoded), max_length)
     return kept
 
 
