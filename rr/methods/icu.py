@@ -104,7 +104,7 @@ def train_icu(model, tokenizer, forget_examples: Sequence[Example], pool: Sequen
             # Iterative unlearning refinement: answer every active forget prompt, drop what is forgotten.
             policy.eval()
             prompts = [forget_examples[i].prompt for i in active]
-            answers = in_process_model(policy, batch_size=max(config.batch_size, 16)).generate(
+            answers = in_process_model(policy, tokenizer, batch_size=max(config.batch_size, 16)).generate(
                 prompts, SamplingParams(max_new_tokens=config.gate_max_new_tokens, temperature=0.0))
             policy.train()
             answers = [a[0] for a in answers]
