@@ -160,9 +160,9 @@ class Job:
             from rr.generation.vllm import VLLMGenerator
 
             return VLLMGenerator.from_config(self.config, self.dir)
-        from rr.execution.base import in_process_generator
+        from rr.generation.hf import HFGenerator
 
-        return in_process_generator(self, self.model)
+        return HFGenerator(self.model, self.tokenizer, batch_size=self.config.generation.batch_size)
 
     @cached_property
     def executor(self):

@@ -8,8 +8,7 @@ import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from rr.config import FineTuneConfig, JobConfig
-from rr.execution.local import LocalExecutor
+from rr.config import FineTuneConfig
 from rr.tasks.base import Example
 
 FORGET = [Example(f"what is {i} plus {i}?", f"it is {2 * i}.") for i in range(4)]
@@ -50,14 +49,6 @@ def learned_model(state: dict) -> LlamaForCausalLM:
 def finetune(**overrides) -> FineTuneConfig:
     """A fine-tuning config that moves a tiny model in a few steps."""
     return FineTuneConfig(**{"learning_rate": 1e-2, "batch_size": 4, "epochs": 10, **overrides})
-
-
-def local_executor(tokenizer) -> LocalExecutor:
-    """The in-process executor of a job that has only `tokenizer` and the default config: enough for
-    in_process_model (the handles methods score and answer with)."""
-    from types import SimpleNamespace
-
-    return LocalExecutor(SimpleNamespace(tokenizer=tokenizer, config=JobConfig()))
 
 
 def char_embed(texts):

@@ -11,11 +11,9 @@ import torch
 from support import FORGET, RETAIN, char_embed, char_tokenizer, learned_model
 
 from rr.config import CompareConfig, FineTuneConfig, IcuConfig, RmuConfig, TargetedConfig
-from rr.execution.local import LocalExecutor
-from rr.generation.hf import HFGenerator
 from rr.methods import ReleaseData, get_method
 from rr.release.pem import response_loss
-from rr.tasks.base import Evaluation, SamplingParams
+from rr.tasks.base import Evaluation
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -43,7 +41,6 @@ def test_each_method_trains_and_scores_a_copy(name, learned_state, tmp_path: Pat
     task = ForgetLossTask(tokenizer)
     job = SimpleNamespace(model=model, tokenizer=tokenizer, task=task, embed=char_embed,
                           config=SimpleNamespace(compare=compare, seed=0, generation=SimpleNamespace(batch_size=4)))
-    job.executor = LocalExecutor(job)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     base_loss = response_loss(model, tokenizer, FORGET, max_length=64)
     method = get_method(name)
@@ -55,31 +52,3 @@ def test_each_method_trains_and_scores_a_copy(name, learned_state, tmp_path: Pat
     assert run.method == name and run.details["steps"] == 3 and run.wall_time_s > 0
     assert len(json.loads((tmp_path / "losses.json").read_text())) == 3
     assert run.test["metrics"]["forget_loss"] != pytest.approx(base_loss, rel=1e-4), "the scored copy was not trained"
-
-
-@pytest.mark.parametrize("kind", ["local", "ray"])
-def test_each_executor_answers_with_a_model_held_in_memory_as_the_generator_built_on_it(kind, learned_state):
-    tokenizer, model = char_tokenizer(), learned_model(learned_state)
-    job = SimpleNamespace(model=model, tokenizer=tokenizer,
-                          config=SimpleNamespace(generation=SimpleNamespace(batch_size=3)))
-    if kind == "ray":
-        ray_executor = pytest.importorskip("rr.execution.ray")
-        executor = object.__new__(ray_executor.RayExecutor)  # in_process_model needs the job only: no cluster
-        executor.job = job
-    else:
-        executor = LocalExecutor(job)
-    handle = executor.in_process_model(model)
-    built = HFGenerator(model, tokenizer, batch_size=job.config.generation.batch_size)  # as the methods built it
-    prompts = [e.prompt for e in FORGET + RETAIN]  # 8 prompts: several batches of 3
-    greedy, sampled = SamplingParams(max_new_tokens=10), SamplingParams(max_new_tokens=10, temperature=1.0, n=2)
-    answers = handle.generate(prompts, greedy)
-    assert answers == built.generate(prompts, greedy)
-    assert handle.generate(prompts, sampled, range(8)) == built.generate(prompts, sampled, range(8))
-    assert handle.batch_size == 3 and handle.tokenizer is tokenizer
-    assert executor.in_process_model(model, batch_size=16).batch_size == 16  # ICU's own batch size
-    other = char_tokenizer()
-    assert executor.in_process_model(model, other).tokenizer is other  # Reveal's instruction model
-    with torch.no_grad():  # the handle follows the model's weights as they are edited in place (Ext-Sub)
-        model.lm_head.weight.mul_(-1.0)
-    edited = handle.generate(prompts, greedy)
-    assert edited != answers and edited == HFGenerator(model, tokenizer, batch_size=3).generate(prompts, greedy)

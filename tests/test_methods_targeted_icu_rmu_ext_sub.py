@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from support import FORGET, RETAIN, char_embed, char_tokenizer, learned_model, local_executor
+from support import FORGET, RETAIN, char_embed, char_tokenizer, learned_model
 
 from rr.config import CompareConfig, IcuConfig, JobConfig, RmuConfig, TargetedConfig
 from rr.errors import RRError
@@ -138,7 +138,7 @@ def test_icu_objective_has_no_kl_at_the_start_and_training_forgets(learned_state
     assert losses["total"].item() == pytest.approx(losses["forget"].item() + 0.5 * losses["learn"].item(), rel=1e-5)
 
     before_forget, before_retain = response_loss(model, tokenizer, FORGET), response_loss(model, tokenizer, RETAIN)
-    result = train_icu(model, tokenizer, FORGET, RETAIN, config, char_embed, local_executor(tokenizer).in_process_model)
+    result = train_icu(model, tokenizer, FORGET, RETAIN, config, char_embed)
     assert len(result["step_losses"]) == 10 and len(result["gates"]) == 10 and result["remaining"] == 4
     assert response_loss(model, tokenizer, FORGET) > before_forget + 0.5
     assert response_loss(model, tokenizer, RETAIN) < before_retain + 0.5  # the paired learning holds retain data
@@ -152,11 +152,11 @@ def test_icu_drops_forgotten_samples_and_stops_when_none_is_left(learned_state, 
     monkeypatch.setattr(icu, "forgotten", lambda similarities, bleus, *_: [True] * len(similarities))
     tokenizer, model = char_tokenizer(), learned_model(learned_state)
     config = IcuConfig(learning_rate=1e-2, batch_size=2, epochs=5)
-    result = train_icu(model, tokenizer, FORGET, RETAIN, config, char_embed, local_executor(tokenizer).in_process_model)
+    result = train_icu(model, tokenizer, FORGET, RETAIN, config, char_embed)
     assert result["gates"] == [{**result["gates"][0], "epoch": 1, "active": 4, "forgotten": 4}]
     assert len(result["step_losses"]) == 2 and result["remaining"] == 0  # one epoch of 4 / 2 batches
     with pytest.raises(RRError, match="retain pool"):
-        train_icu(model, tokenizer, FORGET, [], config, char_embed, local_executor(tokenizer).in_process_model)
+        train_icu(model, tokenizer, FORGET, [], config, char_embed)
 
 
 # ---- RMU ------------------------------------------------------------------------------------------------

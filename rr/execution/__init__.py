@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from rr.execution.base import Composition, Executor, in_process_generator, sized
+from rr.execution.base import Composition, Executor, sized
 
-__all__ = ["Composition", "Executor", "in_process_generator", "make_executor", "sized"]
+__all__ = ["Composition", "Executor", "make_executor", "sized"]
 
 
 def make_executor(job) -> Executor:

@@ -31,11 +31,6 @@ class Executor(Protocol):
         """The composed model as a ModelHandle (generate, perplexity, token_stats), for work that is not a task's
         evaluation (the audit's attacks). Valid until the executor is asked for another composition."""
 
-    def in_process_model(self, model, tokenizer=None, batch_size: int | None = None) -> ModelHandle:
-        """A model this process holds in memory (a dense copy a method trained, a separate instruction model) as a
-        ModelHandle with the job's generation settings: in_process_generator(job, model, tokenizer, batch_size), an
-        HFGenerator (Reveal decodes its arms with it). Tokenizer and batch size default to the job's."""
-
     def search_weights(self, task, split: str, composition: Composition, pem: Pem, signed_weights: Sequence[float],
                        on_result: Callable[[float, Evaluation], None], decided: Callable[[], bool]) -> None:
         """Score composition + (pem, w) for each w (ordered by magnitude), calling on_result(w, evaluation) in
@@ -54,18 +49,6 @@ class Executor(Protocol):
 
     def close(self) -> None:
         """Release workers; safe to call twice."""
-
-
-def in_process_generator(job, model, tokenizer=None, batch_size: int | None = None):
-    """An HFGenerator on `model` as it is in this process (its weights change with it), with `tokenizer` (default
-    the job's) and `batch_size` (default generation.batch_size). Always transformers, whatever generation.backend
-    says: vLLM and Ray's replicas load a model from its files and take PEM compositions, never dense weights held
-    here. What both executors' in_process_model return; Job.generator builds the job's own with it directly, so
-    that `rr evaluate` starts no executor (no Ray connection)."""
-    from rr.generation.hf import HFGenerator
-
-    return HFGenerator(model, job.tokenizer if tokenizer is None else tokenizer,
-                       batch_size=job.config.generation.batch_size if batch_size is None else batch_size)
 
 
 def sized(work: int, per_unit: int, bounds: tuple[int, int]) -> int:

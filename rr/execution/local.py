@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable, Sequence
 
-from rr.execution.base import Composition, in_process_generator
+from rr.execution.base import Composition
 from rr.release.ledger import ComposedModel, Pem
 from rr.tasks.base import Evaluation, Example, SamplingParams
 
@@ -72,9 +72,6 @@ class LocalExecutor:
 
     def model(self, composition: Composition = ()):
         return self._handle(composition)
-
-    def in_process_model(self, model, tokenizer=None, batch_size: int | None = None):
-        return in_process_generator(self.job, model, tokenizer, batch_size)
 
     def search_weights(self, task, split: str, composition: Composition, pem: Pem, signed_weights: Sequence[float],
                        on_result: Callable[[float, Evaluation], None], decided: Callable[[], bool]) -> None:

@@ -26,7 +26,7 @@ import ray
 import ray.util.client
 
 from rr.errors import RRError
-from rr.execution.base import Composition, in_process_generator, sized
+from rr.execution.base import Composition, sized
 from rr.generation.base import tidy_answer
 from rr.release.ledger import Pem, WeightedPem
 from rr.tasks.base import Evaluation, Example, SamplingParams
@@ -532,11 +532,6 @@ class RayExecutor:
 
     def model(self, composition: Composition = ()) -> PoolModel:
         return PoolModel(self._ensure_pool(), self._key(composition))
-
-    def in_process_model(self, model, tokenizer=None, batch_size: int | None = None):
-        """A dense model trained in the driver is still scored in the driver, on an HFGenerator: the replicas hold
-        the base model and take PEM compositions, not the driver's dense weights."""
-        return in_process_generator(self.job, model, tokenizer, batch_size)
 
     def evaluate(self, task, split: str, composition: Composition = ()) -> Evaluation:
         return task.evaluate(self.model(composition), split)

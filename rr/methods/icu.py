@@ -28,7 +28,7 @@ from rr.evaluation.memorization import bleu, embedding_cosine
 from rr.methods import Method, MethodRun, ReleaseData
 from rr.methods.losses import ga_loss, kl_to_reference, nll_loss
 from rr.core.tokens import collate, encode_example, pad_token_id
-from rr.tasks.base import Example, ModelHandle, SamplingParams
+from rr.tasks.base import Example, SamplingParams
 
 Embed = Callable[[list[str]], np.ndarray]
 
@@ -62,10 +62,9 @@ def _similarity(config: IcuConfig, embed: Embed, predictions: list[str], referen
 
 
 def train_icu(model, tokenizer, forget_examples: Sequence[Example], pool: Sequence[Example], config: IcuConfig,
-              embed: Embed, in_process_model: Callable[..., ModelHandle], seed: int = 0,
-              progress: Callable[[str], None] = lambda _: None) -> dict:
-    """Unlearn `forget_examples` from `model` in place; returns the step losses, pairs and gate history.
-    `in_process_model` is the executor's (Executor.in_process_model): it answers the forget prompts each epoch."""
+              embed: Embed, seed: int = 0, progress: Callable[[str], None] = lambda _: None) -> dict:
+    """Unlearn `forget_examples` from `model` in place; returns the step losses, pairs and gate history."""
+    from rr.generation.hf import HFGenerator
     from rr.methods.session import training_session
 
     if not pool:
@@ -104,7 +103,7 @@ def train_icu(model, tokenizer, forget_examples: Sequence[Example], pool: Sequen
             # Iterative unlearning refinement: answer every active forget prompt, drop what is forgotten.
             policy.eval()
             prompts = [forget_examples[i].prompt for i in active]
-            answers = in_process_model(policy, tokenizer, batch_size=max(config.batch_size, 16)).generate(
+            answers = HFGenerator(policy, tokenizer, batch_size=max(config.batch_size, 16)).generate(
                 prompts, SamplingParams(max_new_tokens=config.gate_max_new_tokens, temperature=0.0))
             policy.train()
             answers = [a[0] for a in answers]
@@ -146,8 +145,8 @@ def run_method(job, method: Method, data: ReleaseData, out_dir: Path, progress: 
     result = {}
 
     def train(model):
-        result.update(train_icu(model, job.tokenizer, data.forget, data.retain, config, job.embed,
-                                job.executor.in_process_model, job.config.seed, progress))
+        result.update(train_icu(model, job.tokenizer, data.forget, data.retain, config, job.embed, job.config.seed,
+                                progress))
         (out_dir / "gates.json").parent.mkdir(parents=True, exist_ok=True)
         (out_dir / "gates.json").write_text(json.dumps(result["gates"], indent=1))
         return result["step_losses"]

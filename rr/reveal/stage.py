@@ -28,10 +28,11 @@ def load_or_decode_arms(job, progress: Callable[[str], None]) -> ArmPool:
     path.parent.mkdir(parents=True, exist_ok=True)
     progress(f"decoding {cfg.n_arms} soft-prompt arms into instructions")
     if job.config.model.instruction_model:
+        from rr.generation.hf import HFGenerator
         from rr.models import load_model_and_tokenizer
 
         model, tokenizer = load_model_and_tokenizer(job.config.model.instruction_model, device=job.device)
-        generator = job.executor.in_process_model(model, tokenizer)
+        generator = HFGenerator(model, tokenizer, batch_size=job.config.generation.batch_size)
     else:
         model, tokenizer, generator = job.model, job.tokenizer, job.generator
     pool = decode_arm_pool(model, tokenizer, generator, job.task.exemplars()[:cfg.n_exemplars], cfg.n_arms,
