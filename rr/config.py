@@ -65,8 +65,9 @@ def redoes(*stages: str) -> dict:
 def stages_redone(section: type[BaseModel], saved: dict, now: dict,
                   undeclared: tuple[str, ...] = STAGES) -> tuple[list[str], set[str]]:
     """The keys of `section` whose change between two dumps of it redoes a stage, and those stages. A key missing
-    from one dump had its default (a job saved by an older rr). A key that declares nothing redoes `undeclared`:
-    every stage at the top level (safe), none inside a per-key section (there a key redoes only what it declares)."""
+    from one dump had its default (a job saved by an older rr). A key that declares nothing, or that this rr no longer
+    has, redoes `undeclared`: every stage at the top level (safe), none inside a per-key section (there a key redoes
+    only what it declares)."""
     try:
         defaults = section().model_dump(mode="json")
     except ValidationError:
@@ -76,9 +77,11 @@ def stages_redone(section: type[BaseModel], saved: dict, now: dict,
         if saved.get(key, defaults.get(key)) == now.get(key, defaults.get(key)):
             continue
         field = section.model_fields.get(key)
-        declared = (field.json_schema_extra or {}).get(REDOES, undeclared) if field is not None else STAGES
+        declared = (field.json_schema_extra or {}).get(REDOES, undeclared) if field is not None else undeclared
         if declared == REDOES_PER_KEY:
-            declared = stages_redone(field.annotation, saved.get(key) or {}, now.get(key) or {}, undeclared=())[1]
+            inner_saved, inner_now = saved.get(key), now.get(key)
+            declared = stages_redone(field.annotation, inner_saved, inner_now, undeclared=())[1] \
+                if isinstance(inner_saved, dict) and isinstance(inner_now, dict) else STAGES
         if declared:
             changed.append(str(key))
             stages |= set(declared)

@@ -160,9 +160,9 @@ class Job:
             from rr.generation.vllm import VLLMGenerator
 
             return VLLMGenerator.from_config(self.config, self.dir)
-        from rr.generation.hf import HFGenerator
+        from rr.generation.hf import job_generator
 
-        return HFGenerator(self.model, self.tokenizer, batch_size=self.config.generation.batch_size)
+        return job_generator(self)
 
     @cached_property
     def executor(self):

@@ -13,7 +13,7 @@ from support import FORGET, RETAIN, char_embed, char_tokenizer, learned_model
 from rr.config import CompareConfig, FineTuneConfig, IcuConfig, RmuConfig, TargetedConfig
 from rr.methods import ReleaseData, get_method
 from rr.release.pem import response_loss
-from rr.tasks.base import Evaluation
+from rr.tasks.base import Evaluation, SamplingParams
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -52,3 +52,23 @@ def test_each_method_trains_and_scores_a_copy(name, learned_state, tmp_path: Pat
     assert run.method == name and run.details["steps"] == 3 and run.wall_time_s > 0
     assert len(json.loads((tmp_path / "losses.json").read_text())) == 3
     assert run.test["metrics"]["forget_loss"] != pytest.approx(base_loss, rel=1e-4), "the scored copy was not trained"
+
+
+def test_the_job_generator_uses_the_jobs_settings_and_follows_a_copy_edited_in_place(learned_state):
+    """Methods score the dense copy they trained (and Ext-Sub the weights it edits in place) with the job's
+    generation settings; a separate instruction model brings its own tokenizer."""
+    from rr.generation.hf import job_generator
+
+    tokenizer, model = char_tokenizer(), learned_model(learned_state)
+    job = SimpleNamespace(model=model, tokenizer=tokenizer,
+                          config=SimpleNamespace(generation=SimpleNamespace(batch_size=3)))
+    own = job_generator(job)
+    assert (own.model, own.tokenizer, own.batch_size) == (model, tokenizer, 3)
+    copy_model, other_tokenizer = learned_model(learned_state), char_tokenizer()
+    handle = job_generator(job, copy_model, other_tokenizer)
+    assert (handle.model, handle.tokenizer, handle.batch_size) == (copy_model, other_tokenizer, 3)
+    prompts, greedy = [e.prompt for e in FORGET], SamplingParams(max_new_tokens=8)
+    before = handle.generate(prompts, greedy)
+    with torch.no_grad():
+        next(p for p in copy_model.parameters() if p.dim() == 2).mul_(-3.0)  # an in-place edit, as Ext-Sub's apply()
+    assert handle.generate(prompts, greedy) != before

@@ -194,3 +194,28 @@ def test_replicas_are_sized_for_the_largest_reveal_call():
     assert largest_generate_call(quickstart_like, 40) == 3 * 40 * 2  # the finalists on every context
     assert largest_generate_call(RevealConfig(arms_per_round=8, context_sample=8), 40) == 8 * 8  # a round
     assert largest_generate_call(RevealConfig(arms_per_round=8, context_sample=8), 4) == 8 * 4  # sample ≤ contexts
+
+
+def test_shared_reveal_outputs_hold_instruction_hashes_and_an_older_manifest_shares_the_manifest_alone(tmp_path):
+    from rr.reveal.search import instruction_label
+    from rr.reveal.stage import write_redacted
+
+    secret = INSTRUCTIONS[0]
+    manifest = {"size": 1, "sha256": "ab" * 32, "arms_scored": 2, "mean_relevance": 0.5, "vendi_score": 1.0,
+                "filtered_by_relevance": False, "instructions": [secret],
+                "finalists": [{"outer_loop": 0, "relevance": 1.0, "diversity": 0.5, "score": 0.7, "instruction": secret}],
+                "records": [{"context_id": "c0", "instruction": secret}],
+                "comparison": {"contexts": 6, "samples_per_context": 1, "best_instruction": secret,
+                               "best_instruction_mean_relevance": 1.0, "plain_answers_mean_relevance": 0.1,
+                               "relevance_at_least_plain": True, "n_for_vendi": 6, "fixed_instruction": secret,
+                               "fixed_instruction_temperature": 0.0, "forget_set_vendi_subsampled": 2.0,
+                               "fixed_instruction_vendi": 1.5, "plain_answers_vendi": 1.2}}
+    paths = write_redacted(tmp_path, manifest)
+    assert [p.name for p in paths] == ["manifest.json", "report.md"]
+    for path in paths:
+        assert secret not in path.read_text() and instruction_label(secret) in path.read_text()
+    older = {**manifest, "comparison": {k: v for k, v in manifest["comparison"].items()
+                                        if not k.startswith("fixed_instruction")}}  # as rr wrote it before
+    (tmp_path / "reveal" / "redacted" / "report.md").unlink()
+    paths = write_redacted(tmp_path, older)
+    assert [p.name for p in paths] == ["manifest.json"] and secret not in paths[0].read_text()

@@ -210,3 +210,12 @@ class HFGenerator:
 
     def count_tokens(self, texts: Sequence[str]) -> int:
         return sum(len(self.tokenizer(t, add_special_tokens=False).input_ids) for t in texts)
+
+
+def job_generator(job, model=None, tokenizer=None) -> HFGenerator:
+    """The transformers generator for a model this process holds, with the job's generation settings: the job's
+    own model (Job.generator), a dense copy a method trained or edits in place (it follows the weights), or a
+    separate instruction model with its `tokenizer`. The one place a job builds an HFGenerator; models on the
+    executor (compositions of PEMs, on Ray replicas too) come from `executor.model(composition)` instead."""
+    return HFGenerator(job.model if model is None else model, job.tokenizer if tokenizer is None else tokenizer,
+                       batch_size=job.config.generation.batch_size)

@@ -47,7 +47,7 @@ def dense_deltas(pem) -> dict[str, Tensor]:
 def run_method(job, method: Method, data: ReleaseData, out_dir: Path, progress: Callable[[str], None]) -> MethodRun:
     from rr.compare import base_scores
     from rr.config import CompareConfig
-    from rr.generation.hf import HFGenerator
+    from rr.generation.hf import job_generator
     from rr.release.ledger import Pem
     from rr.release.loop import evaluation_dict
     from rr.release.pem import train_pem
@@ -82,7 +82,7 @@ def run_method(job, method: Method, data: ReleaseData, out_dir: Path, progress: 
                 update = expert[name] - alpha * deficiencies[name]
                 modules[name].weight.copy_((weight.float() + update.to(weight.device)).to(weight.dtype))
 
-    generator = HFGenerator(model, job.tokenizer, batch_size=job.config.generation.batch_size)
+    generator = job_generator(job, model)  # follows the copy's weights as apply() edits them
     base = base_scores(job, "validation")
 
     def choose(candidates: list[CandidateResult]) -> WeightChoice:

@@ -90,7 +90,7 @@ def unlearn_a_copy(job, name: str, out_dir, progress: Callable[[str], None],
     import json
     import time
 
-    from rr.generation.hf import HFGenerator
+    from rr.generation.hf import job_generator
     from rr.release.loop import evaluation_dict
 
     model = copy.deepcopy(job.model)
@@ -100,7 +100,6 @@ def unlearn_a_copy(job, name: str, out_dir, progress: Callable[[str], None],
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "losses.json").write_text(json.dumps(step_losses))
     progress(f"{name}: {len(step_losses)} steps in {wall_time:.0f}s; scoring the test split")
-    test = evaluation_dict(job.task.evaluate(HFGenerator(model, job.tokenizer,
-                                                         batch_size=job.config.generation.batch_size), "test"))
+    test = evaluation_dict(job.task.evaluate(job_generator(job, model), "test"))
     del model
     return test, wall_time, step_losses

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import random
 from pathlib import Path
 from typing import Callable
@@ -28,11 +29,11 @@ def load_or_decode_arms(job, progress: Callable[[str], None]) -> ArmPool:
     path.parent.mkdir(parents=True, exist_ok=True)
     progress(f"decoding {cfg.n_arms} soft-prompt arms into instructions")
     if job.config.model.instruction_model:
-        from rr.generation.hf import HFGenerator
+        from rr.generation.hf import job_generator
         from rr.models import load_model_and_tokenizer
 
         model, tokenizer = load_model_and_tokenizer(job.config.model.instruction_model, device=job.device)
-        generator = HFGenerator(model, tokenizer, batch_size=job.config.generation.batch_size)
+        generator = job_generator(job, model, tokenizer)
     else:
         model, tokenizer, generator = job.model, job.tokenizer, job.generator
     pool = decode_arm_pool(model, tokenizer, generator, job.task.exemplars()[:cfg.n_exemplars], cfg.n_arms,
@@ -159,11 +160,19 @@ def redacted(manifest: dict) -> dict:
 
 
 def write_redacted(job_dir: Path, manifest: dict) -> list[Path]:
-    """reveal/redacted/manifest.json and report.md: the reveal stage's outputs without instruction texts."""
+    """reveal/redacted/manifest.json and report.md: the reveal stage's outputs without instruction texts. The
+    report is rendered from the redacted manifest (so no text can slip through); a manifest an older rr wrote,
+    without every field the report shows, gets the manifest alone, and a warning says so."""
     hidden, folder = redacted(manifest), Path(job_dir) / "reveal" / "redacted"
     folder.mkdir(parents=True, exist_ok=True)
     atomic_write_text(folder / "manifest.json", json.dumps(hidden, indent=2))
-    atomic_write_text(folder / "report.md", reveal_report(hidden))
+    try:
+        report = reveal_report(hidden)
+    except KeyError as missing:
+        logging.getLogger("rr").warning("reveal/report.md not shared: the manifest (written by an older rr) lacks "
+                                        "%s; the redacted manifest is shared alone", missing)
+        return [folder / "manifest.json"]
+    atomic_write_text(folder / "report.md", report)
     return [folder / "manifest.json", folder / "report.md"]
 
 
