@@ -233,6 +233,27 @@ def test_sqlite_default_records_the_job_and_resumes_its_run(tmp_path, monkeypatc
     assert [str(v.version) for v in client.search_model_versions("name = 'ci-code'")] == ["1"]
 
 
+def test_a_re_audit_replaces_the_versions_audit_tags_and_leaves_no_stale_one(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    job = make_job(tmp_path / "job")
+    record(job)
+
+    def audit(passed: bool, tags: dict) -> None:
+        again = Job(job.config)  # `rr audit` is a later process on the finished job
+        rates = {"role-play": 0.25} if tags else {}
+        again.tracker.audit_finished({"models": {"rr": {"probes": {"rates": rates}}}, "passed": passed},
+                                     {"audit.passed": str(passed).lower(), **tags})
+        again.tracker.close()
+
+    audit(False, {"audit.worst_probe_family": "role-play", "audit.worst_probe_forget_score": "0.2500"})
+    audit(True, {})  # the re-audit counts no probe family: its old numbers must not stay on the version
+    client = client_for(f"sqlite:///{job.dir / 'mlflow.db'}")
+    tags = client.get_model_version_by_alias("ci-code", "candidate").tags
+    assert tags["audit.passed"] == "true"
+    assert not {"audit.worst_probe_family", "audit.worst_probe_forget_score"} & set(tags)
+    assert tags["rr.task"] == "code"  # tags outside audit.* are left alone
+
+
 def test_forget_data_goes_to_mlflow_only_when_opted_in(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     job = make_job(tmp_path / "job", log_forget_data=True)

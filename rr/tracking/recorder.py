@@ -275,7 +275,7 @@ class Recorder:
             for name in ("audit.json", "report.md", "report.html"):
                 self._artifact(marker, self.job.dir / "audit" / name, "audit")
             self._end(marker)
-            self._put("tag_version", "job", tags=tags)
+            self._put("tag_version", "job", tags=tags, replace_prefix="audit.")
             self.outbox.mark_queued(marker)
         self.outbox.flush()
 

@@ -145,9 +145,16 @@ class MlflowSender:
         self.save_state()
 
     def _tag_version(self, record: dict) -> None:
-        """Tags on the version this job registered (the audit's verdict); nothing when it registered none."""
+        """Tags on the version this job registered (the audit's verdict); nothing when it registered none. With
+        `replace_prefix`, the version's tags under that prefix that `tags` no longer has are removed first, so a
+        re-audit that no longer measures something leaves no stale number behind."""
         registered = self.state.get("registered")
         if not registered:
             return
+        prefix = record.get("replace_prefix")
+        if prefix:
+            current = self.client.get_model_version(registered["name"], registered["version"]).tags
+            for key in sorted(k for k in current if k.startswith(prefix) and k not in record["tags"]):
+                self.client.delete_model_version_tag(registered["name"], registered["version"], key)
         for key, value in record["tags"].items():
             self.client.set_model_version_tag(registered["name"], registered["version"], key, str(value))
