@@ -155,6 +155,21 @@ def test_the_scenario_widens_stops_early_and_needs_new_baseline_candidates(unkil
     assert baseline["merge_weight"] == -4.0 and baseline["reached_target"]
 
 
+def test_a_baseline_made_for_another_target_is_chosen_again_and_one_for_this_target_is_reused(
+        tmp_path, monkeypatch, unkilled):
+    job_dir = tmp_path / "job"
+    release_once(job_dir, monkeypatch)
+    baseline_path = job_dir / "release" / "baseline.json"
+    _, evaluations = release_once(job_dir, monkeypatch)
+    assert evaluations == 0  # a finished release with its baseline: nothing is scored again
+    stale = json.loads(baseline_path.read_text())
+    stale.update(target_forget_score=0.5, merge_weight=-1.0)  # as if the loop had ended elsewhere before
+    baseline_path.write_text(json.dumps(stale))
+    (job_dir / "release" / "summary.json").unlink()
+    release_once(job_dir, monkeypatch)
+    assert release_result(job_dir)["summary"]["baseline"] == unkilled[0]["summary"]["baseline"]
+
+
 def test_a_utility_floor_refuses_the_weight_rule_1_would_take(tmp_path, monkeypatch):
     """release.forget_utility_floor reaches the loop's μ rule: −2 meets rule 1 (forget 0.059) but leaves utility
     0.50 < 0.9 × base 0.60; nothing in the widened grid meets rule 1 within the floor, so rule 2 takes −1."""

@@ -48,8 +48,8 @@ def single_negation_baseline(job, loop: ReleaseLoop, target_forget_score: float,
     """One forget PEM (the first, trained on the base model), one weight: the smallest magnitude whose
     validation forget score reaches the iterative model's. Scored on the test split."""
     cached = job.read_json("release/baseline.json")
-    if cached is not None:
-        return cached
+    if cached is not None and cached.get("target_forget_score") == target_forget_score:
+        return cached  # made for another target (the loop ended elsewhere since): chosen again below
     first = loop.state.steps[1]
     # Step 1 scored this very model (base − w·F0) for some weights already: reuse those scores.
     known = {c["weight"]: (c["forget_score"], c["utility_score"]) for c in first.candidates}
