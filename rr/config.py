@@ -51,19 +51,19 @@ class _Strict(BaseModel):
 
 # What a changed setting redoes: every JobConfig section (and every compute key) declares the stages whose results
 # it changes; rr/job.py reads the declarations to decide whether a job directory resumes or which stages to redo.
-STAGES = ("reveal", "release")  # in order: redoing Reveal redoes Release, which reads its forget set
+RESULT_STAGES = ("reveal", "release")  # in order: redoing Reveal redoes Release, which reads its forget set
 REDOES = "redoes"
 REDOES_PER_KEY = "per-key"  # a section whose keys declare it one by one
 
 
 def redoes(*stages: str) -> dict:
-    """A field's `json_schema_extra`: the stages (of STAGES) a change to it redoes. None: it changes where results
+    """A field's `json_schema_extra`: the stages (of RESULT_STAGES) a change to it redoes. None: it changes where results
     go or where work runs, or what a later command (`rr compare`, `rr audit`) does, never a stage's result."""
     return {REDOES: stages}
 
 
 def stages_redone(section: type[BaseModel], saved: dict, now: dict,
-                  undeclared: tuple[str, ...] = STAGES) -> tuple[list[str], set[str]]:
+                  undeclared: tuple[str, ...] = RESULT_STAGES) -> tuple[list[str], set[str]]:
     """The keys of `section` whose change between two dumps of it redoes a stage, and those stages. A key missing
     from one dump had its default (a job saved by an older rr). A key that declares nothing, or that this rr no longer
     has, redoes `undeclared`: every stage at the top level (safe), none inside a per-key section (there a key redoes
@@ -81,7 +81,7 @@ def stages_redone(section: type[BaseModel], saved: dict, now: dict,
         if declared == REDOES_PER_KEY:
             inner_saved, inner_now = saved.get(key), now.get(key)
             declared = stages_redone(field.annotation, inner_saved, inner_now, undeclared=())[1] \
-                if isinstance(inner_saved, dict) and isinstance(inner_now, dict) else STAGES
+                if isinstance(inner_saved, dict) and isinstance(inner_now, dict) else RESULT_STAGES
         if declared:
             changed.append(str(key))
             stages |= set(declared)
@@ -456,7 +456,7 @@ class ComputeConfig(_Strict):
     executor: Literal["local", "ray"] = "local"
     # Placement changes no result: requests are seeded per request and batched the same on any replica. The device
     # changes kernels and dtypes, and the trainer count splits a PEM's batches: those redo what they computed.
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", json_schema_extra=redoes(*STAGES))
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", json_schema_extra=redoes(*RESULT_STAGES))
     threads: int | None = Field(None, ge=1, le=MAX_WORKERS)
     ray_address: str | None = Field(None, description="the cluster to join: 'auto', ray://HOST:10001, or null "
                                     "(inside `ray job submit`: that cluster; otherwise a local Ray started for the job)")
@@ -554,14 +554,14 @@ class JobConfig(_Strict):
 
     name: str = Field("rr-job", min_length=1, max_length=200, json_schema_extra=redoes(), description="shown in logs; the RayJob's and the "
                       "registered model's default name")
-    seed: int = Field(0, ge=0, le=SEED_MAX, json_schema_extra=redoes(*STAGES), description=f"0 … {SEED_MAX}: rr derives seeds seed + k (k < "
+    seed: int = Field(0, ge=0, le=SEED_MAX, json_schema_extra=redoes(*RESULT_STAGES), description=f"0 … {SEED_MAX}: rr derives seeds seed + k (k < "
                       f"{SEED_OFFSET_MAX}) and they must stay within 0 … 2**32 − 1")
     output_dir: Path = Field(Path("runs/quickstart"), json_schema_extra=redoes())  # where, not what
     log_forget_examples: bool = Field(False, json_schema_extra=redoes(), description="print forget records in logs (sensitive)")
-    model: ModelConfig = Field(default_factory=ModelConfig, json_schema_extra=redoes(*STAGES))
-    task: TaskConfig = Field(default_factory=CodeTaskConfig, json_schema_extra=redoes(*STAGES))
-    generation: GenerationConfig = Field(default_factory=GenerationConfig, json_schema_extra=redoes(*STAGES))
-    reveal: RevealConfig = Field(default_factory=RevealConfig, json_schema_extra=redoes(*STAGES))
+    model: ModelConfig = Field(default_factory=ModelConfig, json_schema_extra=redoes(*RESULT_STAGES))
+    task: TaskConfig = Field(default_factory=CodeTaskConfig, json_schema_extra=redoes(*RESULT_STAGES))
+    generation: GenerationConfig = Field(default_factory=GenerationConfig, json_schema_extra=redoes(*RESULT_STAGES))
+    reveal: RevealConfig = Field(default_factory=RevealConfig, json_schema_extra=redoes(*RESULT_STAGES))
     release: ReleaseConfig = Field(default_factory=ReleaseConfig, json_schema_extra=redoes("release"))
     tracking: TrackingConfig = Field(default_factory=TrackingConfig, json_schema_extra=redoes())
     compute: ComputeConfig = Field(default_factory=ComputeConfig, json_schema_extra={REDOES: REDOES_PER_KEY})

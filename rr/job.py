@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from rr.config import STAGES, JobConfig, dump_config, read_yaml, stages_redone
+from rr.config import RESULT_STAGES, JobConfig, dump_config, read_yaml, stages_redone
 from rr.core.files import atomic_write_text
 from rr.errors import ConfigError, JobDirError, RRError
 
@@ -115,7 +115,8 @@ class Job:
             return
         if len(changed) > 12:
             changed = changed[:12] + [f"… {len(changed) - 12} more"]
-        redo = STAGES[min(STAGES.index(stage) for stage in stages):]  # a redone stage redoes every later one
+        # a redone stage redoes every later one
+        redo = RESULT_STAGES[min(RESULT_STAGES.index(stage) for stage in stages):]
         raise RRError(f"{path}: this job directory was made with a different config (changed: "
                       f"{', '.join(changed)}). Resume with the same config, pass another --output for a new "
                       f"job, or delete {', '.join(stage + '/' for stage in redo)} and config.yaml in {self.dir} to "

@@ -84,8 +84,8 @@ def changed(value):
 def test_each_config_section_says_which_stages_its_change_redoes(section):
     # rr/job.py decides resume-or-refuse from these declarations alone: a section added without one would redo
     # every stage (safe, but a tracking-like section would then refuse to resume for nothing).
-    from rr.config import REDOES, REDOES_PER_KEY, STAGES
+    from rr.config import REDOES, REDOES_PER_KEY, RESULT_STAGES
 
     declared = (JobConfig.model_fields[section].json_schema_extra or {}).get(REDOES)
     assert declared is not None, f"JobConfig.{section} declares no redoes(...)"
-    assert declared == REDOES_PER_KEY or set(declared) <= set(STAGES)
+    assert declared == REDOES_PER_KEY or set(declared) <= set(RESULT_STAGES)
