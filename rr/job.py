@@ -173,9 +173,12 @@ class Job:
         return make_executor(self)
 
     def close(self) -> None:
-        """Release the executor's workers (Ray actors); the job directory keeps everything."""
+        """Release the executor's workers (Ray actors) and a vLLM engine; the job directory keeps everything."""
         if "executor" in self.__dict__:
             self.__dict__.pop("executor").close()
+        generator = self.__dict__.pop("generator", None)
+        if hasattr(generator, "close"):  # vLLM: its engine process and memory reservation
+            generator.close()
 
     @cached_property
     def embedder(self):

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from rr.core.files import atomic_write_dir
 from rr.errors import RRError
 
 EMBEDDED_MODELS = {
@@ -51,6 +54,49 @@ def resolve_model(name_or_path: str, gguf_file: str | None = None) -> ModelSourc
     if looks_local and not path.is_dir():
         raise RRError(f"model.name_or_path: directory {path} does not exist")
     return ModelSource(name_or_path, gguf_file)
+
+
+def model_cache_dir() -> Path:
+    """Where rr keeps model files it derives (the HF directories vLLM serves): $RR_MODEL_CACHE, else rr/models
+    under the user's cache ($XDG_CACHE_HOME or ~/.cache), beside Hugging Face's own cache. Per machine, not per
+    job: every job on the same model shares one copy (the embedded model's is 540 MB), and a Ray replica writes
+    its node's copy where it runs."""
+    if os.environ.get("RR_MODEL_CACHE"):
+        return Path(os.environ["RR_MODEL_CACHE"]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "rr" / "models"
+
+
+def _cache_key(name: str, identity: tuple[str | None, ...]) -> str:
+    """A directory name: readable from `name`, unique by a hash of `identity`."""
+    readable = re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-.")[-80:]
+    digest = hashlib.sha256("\0".join(part or "" for part in identity).encode()).hexdigest()[:12]
+    return f"{readable}-{digest}"
+
+
+def vllm_model_dir(name_or_path: str, gguf_file: str | None = None, revision: str | None = None,
+                   hf_token_env: str = "HF_TOKEN", cache_dir: Path | None = None) -> str:
+    """What vLLM loads for this model: a hub id or a local directory as it is; a GGUF model (the embedded one,
+    a .gguf path, a hub GGUF file) de-quantized once into a HF directory in the model cache, reused after."""
+    source = resolve_model(name_or_path, gguf_file)
+    if not source.gguf_file:
+        return source.path
+    # Named after the model and file; keyed by where the file is (an upgraded embedded package is a new copy).
+    identity = (str(Path(source.path).resolve()) if Path(source.path).is_dir() else source.path, source.gguf_file,
+                revision)
+    label = Path(name_or_path).name
+    if not name_or_path.endswith(".gguf"):
+        label += f"--{source.gguf_file}"
+    target = Path(cache_dir or model_cache_dir()) / _cache_key(label, identity)
+    if (target / "config.json").is_file():
+        return str(target)
+
+    def write(tmp: str) -> None:
+        # float32: the de-quantized weights exactly; vLLM casts them to model.dtype when it loads.
+        model, tokenizer = load_model_and_tokenizer(name_or_path, gguf_file, "float32", "cpu", revision, hf_token_env)
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+
+    return str(atomic_write_dir(target, write))
 
 
 def resolve_embedder(name_or_path: str) -> str:

@@ -4,6 +4,7 @@ and the one reader of rr's line-per-entry text files."""
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Callable
@@ -34,6 +35,25 @@ def atomic_write(path: Path, write: Callable[[str], object]) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def atomic_write_dir(path: Path, write: Callable[[str], object]) -> Path:
+    """write(tmp_dir) into a temp directory beside `path`, then rename it to `path`: readers see no directory or
+    the whole one. Where another writer got there first, theirs is kept and ours removed (both wrote the same)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        write(tmp)
+        os.rename(tmp, path)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not path.is_dir():
+            raise
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
 
 
 def atomic_write_text(path: Path, text: str) -> None:

@@ -55,7 +55,7 @@ class LocalExecutor:
         key = tuple((w.pem.name, float(w.merge_weight)) for w in composition)
         if key not in self._adapters:
             out = self.job.dir / "adapters" / f"composition-{len(self._adapters)}"
-            self._adapters[key] = export_adapter(list(composition), out, self.job.config.model.name_or_path)
+            self._adapters[key] = export_adapter(list(composition), out, self.job.generator.model)
         return self._adapters[key], sum(w.pem.rank for w in composition)
 
     def detach(self) -> None:

