@@ -111,11 +111,16 @@ class ModelConfig(_Strict):
 class GenerationConfig(_Strict):
     """The generator backend and its batching."""
 
-    backend: Literal["hf", "vllm"] = "hf"
-    batch_size: int = Field(16, ge=1, le=MAX_BATCH)
-    vllm_gpu_memory_utilization: float = Field(0.85, gt=0, le=1)
-    vllm_max_lora_rank: int = Field(64, ge=1, le=MAX_LORA_RANK)
-    vllm_max_loras: int = Field(8, ge=1, le=256)
+    backend: Literal["hf", "vllm"] = Field("hf", json_schema_extra=redoes(*RESULT_STAGES))
+    batch_size: int = Field(16, ge=1, le=MAX_BATCH, json_schema_extra=redoes(*RESULT_STAGES))
+    # How much memory the engine reserves: where work runs, like replica placement, so a job resumes across it
+    # (jobs saved with the old fixed default, 0.85, resume under null).
+    vllm_gpu_memory_utilization: float | None = Field(None, gt=0, le=1, json_schema_extra=redoes(),
+                                                      description="vLLM's memory fraction; null: 0.85 of a GPU, or "
+                                                      "5 GiB of RAM on vLLM's CPU build (where vLLM reads this as a "
+                                                      "fraction of RAM)")
+    vllm_max_lora_rank: int = Field(64, ge=1, le=MAX_LORA_RANK, json_schema_extra=redoes(*RESULT_STAGES))
+    vllm_max_loras: int = Field(8, ge=1, le=256, json_schema_extra=redoes(*RESULT_STAGES))
 
 
 class RevealConfig(_Strict):
@@ -467,7 +472,8 @@ class ComputeConfig(_Strict):
     requests_per_replica: int = Field(64, ge=1, le=MAX_ITEMS, description="generation requests (contexts × samples) one "
                                       "replica is sized for")
     replica_num_cpus: float = Field(1.0, gt=0, le=MAX_WORKERS)
-    replica_num_gpus: float = Field(0.0, ge=0, le=64, description="GPUs per replica; vLLM replicas need > 0")
+    replica_num_gpus: float = Field(0.0, ge=0, le=64, description="GPUs per replica; 0: CPU replicas "
+                                  "(vLLM: its CPU build)")
     threads_per_replica: int | None = Field(None, ge=1, le=MAX_WORKERS, description="torch threads in each replica; default "
                                             "replica_num_cpus")
     trainer_workers: int = Field(1, ge=1, le=MAX_WORKERS, json_schema_extra=redoes("release"), description="Ray Train workers for a PEM (the minimum when "
@@ -541,9 +547,11 @@ class JobConfig(_Strict):
     def _only_what_exists(self):
         # Settings that only make sense together: refuse them with the fix rather than fail on the cluster.
         compute = self.compute
-        if compute.executor == "ray" and self.generation.backend == "vllm" and compute.replica_num_gpus <= 0:
-            raise ValueError("compute.replica_num_gpus: vLLM replicas need a GPU each (e.g. 1); set it, or use "
-                             "generation.backend: hf")
+        # vLLM on CPU is its CPU build, in-process or on CPU replicas; on CUDA each replica needs its GPU.
+        if (compute.executor == "ray" and self.generation.backend == "vllm" and compute.replica_num_gpus <= 0
+                and compute.device == "cuda"):
+            raise ValueError("compute.replica_num_gpus: vLLM replicas on device: cuda need a GPU each (e.g. 1); set "
+                             "it, or device: cpu (or auto) for CPU replicas on vLLM's CPU build")
         if compute.executor == "local" and compute.replica_num_gpus > 0:
             raise ValueError("compute.replica_num_gpus: only the ray executor places replicas; remove it or set "
                              "compute.executor: ray")
@@ -560,7 +568,7 @@ class JobConfig(_Strict):
     log_forget_examples: bool = Field(False, json_schema_extra=redoes(), description="print forget records in logs (sensitive)")
     model: ModelConfig = Field(default_factory=ModelConfig, json_schema_extra=redoes(*RESULT_STAGES))
     task: TaskConfig = Field(default_factory=CodeTaskConfig, json_schema_extra=redoes(*RESULT_STAGES))
-    generation: GenerationConfig = Field(default_factory=GenerationConfig, json_schema_extra=redoes(*RESULT_STAGES))
+    generation: GenerationConfig = Field(default_factory=GenerationConfig, json_schema_extra={REDOES: REDOES_PER_KEY})
     reveal: RevealConfig = Field(default_factory=RevealConfig, json_schema_extra=redoes(*RESULT_STAGES))
     release: ReleaseConfig = Field(default_factory=ReleaseConfig, json_schema_extra=redoes("release"))
     tracking: TrackingConfig = Field(default_factory=TrackingConfig, json_schema_extra=redoes())

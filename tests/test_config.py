@@ -126,8 +126,8 @@ def test_settings_without_machinery_are_refused_not_ignored(tmp_path):
         load_config(_write(tmp_path, "compute:\n  generator_replicas: 2\n"))
     with pytest.raises(RRError, match="max_generator_replicas .* is below generator_replicas"):
         load_config(_write(tmp_path, "compute:\n  executor: ray\n  generator_replicas: 3\n  max_generator_replicas: 2\n"))
-    with pytest.raises(RRError, match="replica_num_gpus: vLLM replicas need a GPU"):
-        load_config(_write(tmp_path, "generation:\n  backend: vllm\ncompute:\n  executor: ray\n"))
+    with pytest.raises(RRError, match="replica_num_gpus: vLLM replicas on device: cuda need a GPU"):
+        load_config(_write(tmp_path, "generation:\n  backend: vllm\ncompute:\n  executor: ray\n  device: cuda\n"))
 
 
 def test_a_placement_change_resumes_but_a_numeric_one_does_not(tmp_path):
