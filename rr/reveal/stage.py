@@ -28,14 +28,16 @@ def load_or_decode_arms(job, progress: Callable[[str], None]) -> ArmPool:
     cfg = job.config.reveal
     path.parent.mkdir(parents=True, exist_ok=True)
     progress(f"decoding {cfg.n_arms} soft-prompt arms into instructions")
+    # Soft prompts are input embeddings: transformers decodes them, whatever generation.backend is.
+    from rr.generation.hf import job_generator
+
     if job.config.model.instruction_model:
-        from rr.generation.hf import job_generator
         from rr.models import load_model_and_tokenizer
 
         model, tokenizer = load_model_and_tokenizer(job.config.model.instruction_model, device=job.device)
         generator = job_generator(job, model, tokenizer)
     else:
-        model, tokenizer, generator = job.model, job.tokenizer, job.generator
+        model, tokenizer, generator = job.model, job.tokenizer, job_generator(job)
     pool = decode_arm_pool(model, tokenizer, generator, job.task.exemplars()[:cfg.n_exemplars], cfg.n_arms,
                            cfg.soft_prompt_dim, cfg.n_prompt_tokens, cfg.max_instruction_tokens, job.config.seed,
                            batch_size=max(job.config.generation.batch_size, 16), n_views=cfg.exemplar_views,
