@@ -374,7 +374,7 @@ def test_arm_decoding_killed_while_writing_its_cache_decodes_again_to_the_same_a
     job = SimpleNamespace(dir=tmp_path, model=None, tokenizer=None, generator=None,
                           config=SimpleNamespace(reveal=RevealConfig(n_arms=3), seed=0,
                                                  model=SimpleNamespace(instruction_model=None),
-                                                 generation=SimpleNamespace(batch_size=4)),
+                                                 generation=SimpleNamespace(backend="hf", batch_size=4)),
                           task=SimpleNamespace(exemplars=lambda: []))
     real_to_npz = ArmPool.to_npz
 

@@ -36,8 +36,9 @@ def load_or_decode_arms(job, progress: Callable[[str], None]) -> ArmPool:
 
         model, tokenizer = load_model_and_tokenizer(job.config.model.instruction_model, device=job.device)
         generator = job_generator(job, model, tokenizer)
-    else:
-        model, tokenizer, generator = job.model, job.tokenizer, job_generator(job)
+    else:  # the job's own transformers generator, or one beside a vLLM generator (which takes no embeddings)
+        model, tokenizer = job.model, job.tokenizer
+        generator = job.generator if job.config.generation.backend == "hf" else job_generator(job)
     pool = decode_arm_pool(model, tokenizer, generator, job.task.exemplars()[:cfg.n_exemplars], cfg.n_arms,
                            cfg.soft_prompt_dim, cfg.n_prompt_tokens, cfg.max_instruction_tokens, job.config.seed,
                            batch_size=max(job.config.generation.batch_size, 16), n_views=cfg.exemplar_views,
