@@ -49,8 +49,8 @@ def test_vllm_is_refused_only_where_a_replica_would_need_a_gpu_it_lacks(tmp_path
 def ci_config(output_dir: Path, backend: str) -> JobConfig:
     data = yaml.safe_load((ROOT / "configs" / "ci.yaml").read_text())
     data["output_dir"] = str(output_dir)
-    data["generation"]["backend"] = backend
-    data["tracking"] = {"enabled": False}
+    data["generation"]["backend"] = backend  # the backend is what this suite compares
+    data["tracking"] = {"enabled": False}  # .venv-vllm has no MLflow (vLLM's pins); tracking is tested elsewhere
     return JobConfig.model_validate(data)
 
 
