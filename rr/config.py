@@ -565,7 +565,9 @@ class JobConfig(_Strict):
     seed: int = Field(0, ge=0, le=SEED_MAX, json_schema_extra=redoes(*RESULT_STAGES), description=f"0 … {SEED_MAX}: rr derives seeds seed + k (k < "
                       f"{SEED_OFFSET_MAX}) and they must stay within 0 … 2**32 − 1")
     output_dir: Path = Field(Path("runs/quickstart"), json_schema_extra=redoes())  # where, not what
-    log_forget_examples: bool = Field(False, json_schema_extra=redoes(), description="print forget records in logs (sensitive)")
+    log_forget_examples: bool = Field(False, json_schema_extra=redoes(), description="print each outer loop's P* and "
+                                      "its forget records in full in the progress lines (sensitive); off: P* by hash "
+                                      "and length only")
     model: ModelConfig = Field(default_factory=ModelConfig, json_schema_extra=redoes(*RESULT_STAGES))
     task: TaskConfig = Field(default_factory=CodeTaskConfig, json_schema_extra=redoes(*RESULT_STAGES))
     generation: GenerationConfig = Field(default_factory=GenerationConfig, json_schema_extra={REDOES: REDOES_PER_KEY})

@@ -43,7 +43,7 @@ def fake_embed(texts):
     return matrix / np.linalg.norm(matrix, axis=1, keepdims=True)
 
 
-def make_search(tmp_path, calls=None, progress=lambda message: None, **overrides):
+def make_search(tmp_path, calls=None, progress=lambda message: None, log_forget_examples=False, **overrides):
     config = RevealConfig(n_arms=5, outer_loops=2, inner_rounds=3, arms_per_round=2, initial_random_arms=2,
                           context_sample=3, warm_start_top_k=2, ucb_train_steps=10, **overrides)
     arms = ArmPool(np.zeros((5, 2)), INSTRUCTIONS, np.random.default_rng(0).standard_normal((5, 4)).astype(np.float32))
@@ -54,7 +54,7 @@ def make_search(tmp_path, calls=None, progress=lambda message: None, **overrides
         return fake_generate(prompts, params, seeds)
 
     return RevealSearch(config, FakeTask(), arms, generate, fake_embed, RevealCheckpoint(tmp_path), seed=0,
-                        progress=progress)
+                        progress=progress, log_forget_examples=log_forget_examples)
 
 
 def test_harmonic_score():
@@ -105,6 +105,13 @@ def test_search_collects_relevant_answers_and_never_rescores_an_instruction(tmp_
     assert {r["context_id"] for r in records} == {f"c{i}" for i in range(6)}
     manifest_fields = {"context_id", "instruction", "response", "relevance", "outer_loop", "seed"}
     assert manifest_fields <= set(records[0])
+
+
+def test_log_forget_examples_prints_p_star_and_its_records_in_full(tmp_path):
+    messages = []
+    _, records = make_search(tmp_path, progress=messages.append, log_forget_examples=True).run()
+    assert any("P* in full" in m and any(i in m for i in INSTRUCTIONS) for m in messages)
+    assert all(any(repr(r["response"]) in m for m in messages) for r in records)
 
 
 def test_killed_search_resumes_without_recomputing(tmp_path):

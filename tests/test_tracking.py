@@ -264,6 +264,26 @@ def test_forget_data_goes_to_mlflow_only_when_opted_in(tmp_path, monkeypatch):
     assert SECRET_INSTRUCTION in downloaded_text(client, reveal.info.run_id, "reveal/manifest.json", tmp_path)
 
 
+def test_reveal_uploads_an_older_rr_queued_in_full_are_redacted_before_sending(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    job = make_job(tmp_path / "job")
+    # An older rr, its server unreachable, queued reveal/'s files as they are (read at send time).
+    outbox = job.tracker.outbox
+    outbox.put({"op": "start_run", "key": "reveal", "name": "reveal", "parent": None, "tags": {}, "time": 0})
+    for name in ("manifest.json", "report.md", "forget_set.jsonl"):
+        outbox.put({"op": "artifact", "key": "reveal", "path": str(job.dir / "reveal" / name),
+                    "artifact_path": "reveal"})
+    outbox.put({"op": "end_run", "key": "reveal", "status": "FINISHED", "time": 0})
+    outbox.mark_queued("reveal")
+    capsys.readouterr()
+    later = Job(job.config).tracker  # the next rr process on this job dir: its recorder redacts as it opens the outbox
+    assert "3 queued reveal/ upload(s)" in capsys.readouterr().err
+    paths = [r["path"] for r in later.outbox.pending() if r["op"] == "artifact"]
+    assert paths == [str(job.dir / "reveal" / "redacted" / name) for name in ("manifest.json", "report.md")]
+    assert SECRET_INSTRUCTION not in (job.dir / "reveal" / "redacted" / "manifest.json").read_text()
+    assert [r["op"] for r in later.outbox.pending()] == ["start_run", "artifact", "artifact", "end_run"]
+
+
 def test_an_unreachable_store_never_stops_the_job(tmp_path):
     job = make_job(tmp_path / "job", tracking_uri=f"http://127.0.0.1:{_free_port()}", flush_timeout_s=1)  # nobody there
     start = time.time()

@@ -173,8 +173,10 @@ class RevealSearch:
     """Runs Algorithm 1 against a generator, a task's oracle and an embedder."""
 
     def __init__(self, config, task, arms, generate: Callable, embed: Callable[[Sequence[str]], np.ndarray],
-                 checkpoint: RevealCheckpoint, seed: int, progress: Callable[[str], None] = lambda _: None):
+                 checkpoint: RevealCheckpoint, seed: int, progress: Callable[[str], None] = lambda _: None,
+                 log_forget_examples: bool = False):
         self.config = config
+        self.log_forget_examples = log_forget_examples  # the job's opt-in to print P* and its records in full
         self.task = task
         self.arms = arms
         self.generate = generate
@@ -253,6 +255,10 @@ class RevealSearch:
             # The instruction itself stays in the job directory (reveal/report.md): the model being unlearned
             # wrote it, and it can state forget data (an entity run's P* named a forget fact).
             self.progress(f"outer {loop + 1}: P* = {instruction_label(best.instruction)} → {len(new_records)} records")
+            if self.log_forget_examples:  # log_forget_examples: true asked for the sensitive text
+                self.progress(f"outer {loop + 1}: P* in full: {best.instruction!r}")
+                for record in new_records:
+                    self.progress(f"  forget record {record['context_id']}: {record['response']!r}")
             self.checkpoint.save(state, gram, records)
         state.finished = True
         self.checkpoint.save(state, gram, records)

@@ -67,7 +67,8 @@ def run_reveal(job, progress: Callable[[str], None] = print) -> dict:
     checkpoint = RevealCheckpoint(job.dir / "reveal")
     cfg = job.config.reveal
     job.executor.prepare("reveal", largest_generate_call(cfg, len(job.task.contexts("reveal"))))
-    search = RevealSearch(cfg, job.task, arms, job.executor.generate, job.embed, checkpoint, job.config.seed, progress)
+    search = RevealSearch(cfg, job.task, arms, job.executor.generate, job.embed, checkpoint, job.config.seed, progress,
+                          log_forget_examples=job.config.log_forget_examples)
     state, records = search.run()
     if not records:
         raise RRError(f"reveal.min_relevance {job.config.reveal.min_relevance}: every answer Reveal produced fell "

@@ -109,6 +109,10 @@ class Outbox:
                 continue  # the tail of a line cut by a kill: its record was queued again by the resumed job
         return records
 
+    def replace_pending(self, records: list[dict]) -> None:
+        """Replace what is queued (rr's own queue: the recorder redacts records an older rr queued)."""
+        self._rewrite(records)
+
     def _rewrite(self, records: list[dict]) -> None:
         text = "".join(json.dumps(r, default=str) + "\n" for r in records)
         atomic_write(self.path, lambda tmp: Path(tmp).write_text(text))

@@ -5,6 +5,7 @@ off, and none can fail the job: records wait in the job dir's outbox until the s
 from __future__ import annotations
 
 import functools
+import json
 import re
 import subprocess
 import sys
@@ -112,6 +113,38 @@ class Recorder:
         self.outbox.send = MlflowSender(self.uri, artifact_location, self.config.experiment, self.outbox.state,
                                         self.outbox.save_state)
         self._registered_before = self.outbox.state.get("registered")
+        if not self.config.log_forget_data:
+            self._redact_queued_reveal()
+
+    def _redact_queued_reveal(self) -> None:
+        """An outbox queued by an older rr (its server unreachable then) can hold reveal/'s files in full: the
+        instructions and the forget set. Unless tracking.log_forget_data, each such record is replaced by the
+        redacted copies (reveal/redacted/) before anything is sent; the forget set itself is dropped."""
+        reveal_dir = (self.job.dir / "reveal").resolve()
+        records = self.outbox.pending()
+
+        def in_full(record: dict) -> bool:
+            path = Path(record.get("path", "")).resolve() if record.get("op") == "artifact" else None
+            return path is not None and path.parent == reveal_dir
+
+        if not any(in_full(r) for r in records):
+            return
+        from rr.reveal.stage import write_redacted
+
+        manifest_path = reveal_dir / "manifest.json"
+        redacted_paths = write_redacted(self.job.dir, json.loads(manifest_path.read_text())) \
+            if manifest_path.exists() else []
+        kept, replaced, in_full_count = [], False, sum(in_full(r) for r in records)
+        for record in records:
+            if not in_full(record):
+                kept.append(record)
+            elif not replaced:  # the first one's place in the queue: after its run started, before it ended
+                kept += [{**record, "path": str(path)} for path in redacted_paths]
+                replaced = True
+        self.outbox.replace_pending(kept)
+        self.say(f"tracking: {in_full_count} queued reveal/ upload(s) from an "
+                 "older rr held instructions or the forget set in full; replaced by reveal/redacted/ "
+                 "(tracking.log_forget_data is off)")
 
     # ---- records -------------------------------------------------------------------------
     def _put(self, op: str, key: str, **fields) -> None:
