@@ -192,7 +192,7 @@ class GeneratorPool:
         self.replicas: list = []
         self.workers: list[asyncio.Task] = []
         self.queue: asyncio.Queue | None = None
-        self.counts = {"batches": 0, "retried_batches": 0, "replaced_replicas": 0}
+        self.counts = {"batches": 0, "shared_runs": 0, "retried_batches": 0, "replaced_replicas": 0}
         self.target = count
 
     async def _start(self) -> None:
@@ -262,6 +262,7 @@ class GeneratorPool:
                     future.set_exception(error)
                 continue
             self.counts["batches"] += len(batch)
+            self.counts["shared_runs"] += len(batch) > 1  # several compositions in one replica call (vLLM)
             for (_, future, _), result in zip(batch, results):
                 if not future.done():
                     future.set_result(result)
