@@ -9,7 +9,8 @@ Embedded data (source="builtin"), all written for rr and shipped in rr/tasks/dat
   assert tests and a reference solution that a test runs against its own tests);
 - arithmetic word problems generated from the seed (rr/tasks/arithmetic.py);
 - general_text.txt: encyclopedia-style paragraphs on geography, history, nature and everyday life,
-  one per line, for the perplexity check.
+  one per line, for the test split's perplexity; general_text_validation.txt: others like them for the
+  validation split's, where weights are chosen (a weight is never chosen on the test text).
 With source="hf" the real datasets are used instead (rr/tasks/loaders.py): MBPP for the three
 code splits, optionally MBPP+ on the test split, and GSM8K for arithmetic.
 """
@@ -28,8 +29,8 @@ from rr.tasks.base import SPLITS, Context, Evaluation, Example, ModelHandle, Sam
     check_split
 from rr.tasks.code_forms import (CODE_FORMS, FORMS_BY_SPLIT, FRAMED_FORMS, HELD_OUT_FORMS, FormItem, form_items, framed_like,
                                  has_parts)
-from rr.tasks.code_problems import (BUILTIN_PROBLEMS, CODE_STOP, GENERAL_TEXT, CodeProblem, check_program,
-                                    code_likeness, load_builtin_problems, load_perplexity_paragraphs)
+from rr.tasks.code_problems import (BUILTIN_PROBLEMS, CODE_STOP, GENERAL_TEXT, VALIDATION_GENERAL_TEXT, CodeProblem,
+                                    check_program, code_likeness, load_builtin_problems, load_perplexity_paragraphs)
 from rr.tasks.general_check import arithmetic_check_items, load_instruction_items, run_general_check
 from rr.tasks.sandbox import SandboxResult, run_many
 
@@ -47,7 +48,11 @@ class CodeTaskConfig(BaseModel):
     n_arithmetic_validation: int = Field(60, ge=1, le=10_000)
     n_arithmetic_test: int = Field(200, ge=1, le=10_000)
     n_retain_examples: int = Field(200, ge=1, le=10_000, description="arithmetic items retain PEMs train on")
-    n_perplexity_paragraphs: int = Field(40, ge=1, le=10_000)
+    n_perplexity_paragraphs: int = Field(40, ge=1, le=10_000, description="test split: paragraphs of the shipped "
+                                         "prose scored for perplexity")
+    n_validation_perplexity_paragraphs: int = Field(
+        20, ge=1, le=10_000, description="validation split: paragraphs of separate shipped prose scored for perplexity, "
+        "so a weight chosen on it is not chosen on the test text")
     max_new_tokens: int = Field(256, ge=1, le=32768, description="generation budget for code answers")
     arithmetic_max_new_tokens: int = Field(128, ge=1, le=32768)
     arithmetic_level: Literal["one-step", "mixed"] = Field(
@@ -110,11 +115,13 @@ class CodeTask:
         else:
             self._problems, self._plus = self._builtin_problem_splits(), []
             self._arithmetic, self._retain = self._builtin_arithmetic_splits()
-        paragraphs = load_perplexity_paragraphs()
-        if self.config.n_perplexity_paragraphs > len(paragraphs):
-            raise RRError(f"task.n_perplexity_paragraphs: {self.config.n_perplexity_paragraphs} asked, "
-                          f"{GENERAL_TEXT} has {len(paragraphs)} paragraphs; lower it")
-        self._paragraphs = paragraphs[: self.config.n_perplexity_paragraphs]
+        self._paragraphs = {}  # split → the prose its perplexity is measured on (reveal: none)
+        for split, path, key in (("validation", VALIDATION_GENERAL_TEXT, "n_validation_perplexity_paragraphs"),
+                                 ("test", GENERAL_TEXT, "n_perplexity_paragraphs")):
+            paragraphs, wanted = load_perplexity_paragraphs(path), getattr(self.config, key)
+            if wanted > len(paragraphs):
+                raise RRError(f"task.{key}: {wanted} asked, {path} has {len(paragraphs)} paragraphs; lower it")
+            self._paragraphs[split] = paragraphs[:wanted]
         self._general_check = load_instruction_items()
         if self.config.n_general_check_instructions > len(self._general_check):
             raise RRError(f"task.n_general_check_instructions: {self.config.n_general_check_instructions} asked, "
@@ -268,7 +275,8 @@ class CodeTask:
         n_code, n_arith = len(code_results), len(arithmetic)
         pass_at_1 = passed / n_code if n_code else 0.0
         accuracy = correct / n_arith if n_arith else 0.0
-        perplexity = float(model.perplexity(self._paragraphs))
+        paragraphs = self._paragraphs.get(split, self._paragraphs["validation"])  # reveal: the validation prose
+        perplexity = float(model.perplexity(paragraphs))
 
         forms: dict[str, list[int]] = {name: [0, 0] for name in FORMS_BY_SPLIT[split]}  # in registry order
         for item, result in zip(items, code_results):
@@ -284,7 +292,7 @@ class CodeTask:
                      **{f"pass@1/{name}": wilson_interval(hits, n) for name, (hits, n) in forms.items()}}
         counts = {"code_items": n_code, "code_passed": passed, "code_problems": len(self._problems[split]),
                   "arithmetic_items": n_arith, "arithmetic_correct": correct,
-                  "perplexity_paragraphs": len(self._paragraphs)}
+                  "perplexity_paragraphs": len(paragraphs)}
         for status in ("failed", "error", "timeout", "memory"):
             counts[f"code_{status}"] = sum(r.status == status for r in code_results)
         if split == "test" and self._plus:

@@ -15,7 +15,8 @@ from rr.errors import RRError
 
 DATA_DIR = Path(__file__).parent / "data"
 BUILTIN_PROBLEMS = DATA_DIR / "code_problems.json"
-GENERAL_TEXT = DATA_DIR / "general_text.txt"
+GENERAL_TEXT = DATA_DIR / "general_text.txt"  # the test split's perplexity text
+VALIDATION_GENERAL_TEXT = DATA_DIR / "general_text_validation.txt"  # the validation split's: weights decide on it
 
 
 # Code answers end at the closing fence of their first code block: an opening fence is followed by a
