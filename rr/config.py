@@ -183,6 +183,10 @@ class ReleaseConfig(_Strict):
         None, gt=0, le=1, description="a forget weight qualifies only if its validation utility is at least this × the "
         "base model's; unset: the paper's rule, whose rule 1 never looks at utility")
     recover_fraction: float = Field(0.95, gt=0, le=1)
+    max_perplexity_rise: float | None = Field(
+        None, gt=0, le=10, description="a retain weight recovers only if the validation perplexity is also at most "
+        "(1 + this) × the base model's, and the loop stops on met targets only then (tasks that report perplexity: "
+        "code, toxicity); unset: the paper's rule, on the utility score alone")
     forget_bounce: float = Field(0.3, ge=0, le=MAX_SCORE, description="allowed absolute rise of the forget score in a λ step; "
                                  "0.3 admits every retain step of papers/002 Tables 7–9")
     on_no_candidate: Literal["stop", "widen"] = "widen"
@@ -555,6 +559,9 @@ class JobConfig(_Strict):
         if compute.executor == "local" and compute.replica_num_gpus > 0:
             raise ValueError("compute.replica_num_gpus: only the ray executor places replicas; remove it or set "
                              "compute.executor: ray")
+        if self.release.max_perplexity_rise is not None and not TASKS[self.task.name].reports_perplexity:
+            raise ValueError(f"release.max_perplexity_rise: the {self.task.name} task reports no perplexity; remove it "
+                             f"(tasks that do: {', '.join(n for n, s in TASKS.items() if s.reports_perplexity)})")
         if compute.trainer_bounds()[1] > 1 and self.release.lora.gradient_accumulation_steps != 1:
             raise ValueError("compute.trainer_workers > 1 splits each batch across workers; set "
                              "release.lora.gradient_accumulation_steps: 1 (raise release.lora.batch_size instead)")

@@ -128,6 +128,10 @@ def test_settings_without_machinery_are_refused_not_ignored(tmp_path):
         load_config(_write(tmp_path, "compute:\n  executor: ray\n  generator_replicas: 3\n  max_generator_replicas: 2\n"))
     with pytest.raises(RRError, match="replica_num_gpus: vLLM replicas on device: cuda need a GPU"):
         load_config(_write(tmp_path, "generation:\n  backend: vllm\ncompute:\n  executor: ray\n  device: cuda\n"))
+    # A perplexity limit on a task that measures no perplexity would never be checked.
+    with pytest.raises(RRError, match="release.max_perplexity_rise: the entity task reports no perplexity"):
+        load_config(_write(tmp_path, "task:\n  name: entity\nrelease:\n  max_perplexity_rise: 0.1\n"))
+    assert load_config(_write(tmp_path, "release:\n  max_perplexity_rise: 0.1\n")).release.max_perplexity_rise == 0.1
 
 
 def test_a_placement_change_resumes_but_a_numeric_one_does_not(tmp_path):

@@ -137,6 +137,22 @@ def test_no_candidate_with_on_no_candidate_stop_ends_the_release_with_the_reason
     assert ("validation", (-2.0,)) not in executor.evaluated and not (tmp_path / "ledger.json").exists()
 
 
+# Validation perplexity (base 10) in the metrics: +0.5 brings utility back but leaves perplexity at 12; +1 at 10.5.
+WITH_TEXT = {(): (1.0, 0.8, {"perplexity": 10.0}), (-1.0,): (0.5, 0.7, {"perplexity": 11.0}),
+             (-2.0,): (0.08, 0.6, {"perplexity": 13.0}),
+             (-2.0, 0.5): (0.1, 0.78, {"perplexity": 12.0}), (-2.0, 1.0): (0.1, 0.78, {"perplexity": 10.5})}
+
+
+@pytest.mark.parametrize("max_rise, retain_weight", [(None, 0.5), (0.1, 1.0)])
+def test_a_perplexity_limit_makes_the_retain_step_bring_general_text_back_too(tmp_path, max_rise, retain_weight):
+    state, _ = run_loop(tmp_path, WITH_TEXT, iterations=1, stop_when_forget_below=0.15, max_perplexity_rise=max_rise)
+    assert [(s.kind, s.merge_weight) for s in state.steps] == [("base", 0.0), ("forget", -2.0),
+                                                                ("retain", retain_weight)]
+    assert state.steps[2].rule == "recover_target" and state.stopped_reason.startswith("targets met")
+    # every candidate's perplexity is kept with its scores, so a resumed search decides the same way
+    assert [c["perplexity"] for c in state.steps[2].candidates] == [12.0, 10.5][:len(state.steps[2].candidates)]
+
+
 def test_targets_met_after_a_retain_step_stop_before_the_next_forget_step(tmp_path):
     # step 1 reaches forget ≤ 0.1 but costs utility (0.6 < 0.76), so its retain step runs; that one recovers it.
     state, executor = run_loop(tmp_path, PLAN, iterations=2, stop_when_forget_below=0.15)

@@ -7,7 +7,8 @@ import pytest
 from rr.release.loop import nothing_left_to_forget, targets_met
 from rr.release.weights import (
     RULE_BEST_WITHIN_BOUNCE, RULE_FORGET_TARGET, RULE_NONE, RULE_RECOVER_TARGET, RULE_RELATIVE_DROP,
-    CandidateResult, candidate_grid, choose_forget_weight, choose_retain_weight, relative_drop, utility_floor,
+    CandidateResult, candidate_grid, choose_forget_weight, choose_retain_weight, perplexity_limit, relative_drop,
+    utility_floor,
 )
 
 
@@ -90,6 +91,31 @@ def test_retain_rule_bounce_excludes_weights_that_restore_the_target():
     choice = choose_retain_weight(RETAIN_CURVE, forget_ref=0.03, utility_base=0.74, forget_bounce=0.1)
     assert (choice.weight, choice.rule, choice.passed) == (0.3, RULE_BEST_WITHIN_BOUNCE, False)
     assert "no retain weight reaches utility ≥ 0.7030" in choice.reason
+
+
+# The same curve with the validation perplexity of each λ (base 10.0): 0.5 brings utility back but leaves the
+# general text at 12.0; 1.0 brings it to 10.8.
+RETAIN_CURVE_WITH_TEXT = [CandidateResult(c.weight, c.forget_score, c.utility_score, perplexity)
+                          for c, perplexity in zip(RETAIN_CURVE, [14.0, 13.0, 12.0, 10.8])]
+
+
+def test_retain_rule_with_a_perplexity_limit_refuses_a_weight_that_leaves_general_text_damaged():
+    limit = perplexity_limit(0.1, 10.0)
+    assert limit == pytest.approx(11.0)
+    choice = choose_retain_weight(RETAIN_CURVE_WITH_TEXT, forget_ref=0.2, utility_base=0.74, max_perplexity=limit)
+    assert (choice.weight, choice.rule, choice.passed) == (1.0, RULE_RECOVER_TARGET, True)
+    assert "perplexity 10.800 ≤ 11.000" in choice.reason
+    # Without the limit the paper's rule takes 0.5, whose perplexity is 20% over the base model's.
+    assert choose_retain_weight(RETAIN_CURVE_WITH_TEXT, forget_ref=0.2, utility_base=0.74).weight == 0.5
+    # When no λ keeps the text, the recover target is missed (passed=False, so the search widens the grid).
+    missed = choose_retain_weight(RETAIN_CURVE_WITH_TEXT[:3], forget_ref=0.2, utility_base=0.74, max_perplexity=limit)
+    assert (missed.rule, missed.passed) == (RULE_BEST_WITHIN_BOUNCE, False)
+    assert "and perplexity ≤ 11.000" in missed.reason
+    assert perplexity_limit(None, 10.0) is None
+    with pytest.raises(ValueError, match="no perplexity"):
+        choose_retain_weight(RETAIN_CURVE, forget_ref=0.2, utility_base=0.74, max_perplexity=limit)
+    with pytest.raises(ValueError, match="base model's validation perplexity"):
+        perplexity_limit(0.1, None)
 
 
 def test_retain_rule_reports_when_every_weight_breaks_the_bounce():
@@ -210,3 +236,8 @@ def test_the_loop_stops_once_forget_and_utility_targets_both_hold():
     assert reason and "0.050 ≤ 0.05" in reason and "0.375 ≥ 0.95 × base 0.350" in reason
     assert targets_met({"forget_score": 0.10, "utility_score": 0.375}, base, 0.05, 0.95) is None
     assert targets_met({"forget_score": 0.0, "utility_score": 0.375}, base, None, 0.95) is None  # no target set
+    # With a perplexity limit, the general text must be back too.
+    damaged = {"forget_score": 0.05, "utility_score": 0.375, "metrics": {"perplexity": 12.0}}
+    assert targets_met(damaged, base, 0.05, 0.95, max_perplexity=11.0) is None
+    kept = {**damaged, "metrics": {"perplexity": 10.9}}
+    assert "perplexity 10.900 ≤ 11.000" in targets_met(kept, base, 0.05, 0.95, max_perplexity=11.0)

@@ -36,7 +36,7 @@ def external_examples(job) -> list[Example]:
 
 
 def matched_negation(job, pem: Pem, target_forget_score: float, progress: Callable[[str], None],
-                     known: dict[float, tuple[float, float]] | None = None,
+                     known: dict[float, tuple] | None = None,
                      known_test: dict[float, dict] | None = None, checkpoint: str | None = None) -> dict:
     """The smallest weight magnitude (the release grid, widened once) whose validation forget score reaches the
     target, else the one closest to it; scored through the job's executor on the base model (Φ0 − m·ΔF).
@@ -45,9 +45,9 @@ def matched_negation(job, pem: Pem, target_forget_score: float, progress: Callab
     scores) so they are not evaluated again; `known_test` likewise maps magnitudes to test-split evaluations
     already made (Release step 1 scored base − μ0·F0 on the test split). With `checkpoint` (a path in the job
     directory) every new score is kept there as it is made, so a killed search resumes with the next candidate."""
-    cache = {float(m): (float(f), float(u)) for m, (f, u) in (known or {}).items()}
-    if checkpoint is not None:
-        cache.update({float(m): (f, u) for m, f, u in (job.read_json(checkpoint) or [])})
+    cache = {float(m): tuple(scores) for m, scores in (known or {}).items()}
+    if checkpoint is not None:  # rows [magnitude, forget, utility(, perplexity)]
+        cache.update({float(row[0]): tuple(row[1:]) for row in (job.read_json(checkpoint) or [])})
 
     def choose(candidates: list[CandidateResult]) -> WeightChoice:
         reaching = [c for c in candidates if c.forget_score <= target_forget_score]
@@ -60,7 +60,7 @@ def matched_negation(job, pem: Pem, target_forget_score: float, progress: Callab
 
     def after_each(signed_weight: float, evaluation) -> None:
         if checkpoint is not None:
-            job.write_json(checkpoint, [[m, f, u] for m, (f, u) in sorted(cache.items())])
+            job.write_json(checkpoint, [[m, *scores] for m, scores in sorted(cache.items())])
         progress(f"  {pem.name} {signed_weight:+g}: forget {evaluation.forget_score:.3f}, "
                  f"utility {evaluation.utility_score:.3f}")
 

@@ -15,7 +15,9 @@ from typing import Callable, MutableMapping, Sequence
 from rr.errors import RRError
 from rr.release.weights import RULE_NONE, CandidateResult, WeightChoice, candidate_grid
 
-Scores = tuple[float, float]  # (forget score, utility score) of one candidate on the validation split
+# (forget score, utility score[, perplexity]) of one candidate on the validation split; the perplexity where the
+# task reports one (release.max_perplexity_rise decides on it), None or absent elsewhere
+Scores = tuple
 # score(magnitudes, on_result, stop): score each magnitude, smallest first (an executor may run several at
 # once), calling on_result(magnitude, scores) for each; return early once stop() is true.
 Scorer = Callable[[list[float], Callable[[float, Scores], None], Callable[[], bool]], None]
@@ -28,7 +30,8 @@ def executor_scorer(executor, task, composition, pem, sign: float,
     once each score is in the search's cache (checkpoint it, report it)."""
     def score(todo: list[float], on_result: Callable[[float, Scores], None], stop: Callable[[], bool]) -> None:
         def on_evaluation(weight: float, evaluation) -> None:
-            on_result(abs(weight), (evaluation.forget_score, evaluation.utility_score))
+            on_result(abs(weight), (evaluation.forget_score, evaluation.utility_score,
+                                    evaluation.metrics.get("perplexity")))
             after_each(weight, evaluation)
 
         executor.search_weights(task, "validation", composition, pem, [sign * m for m in todo], on_evaluation, stop)
@@ -45,8 +48,7 @@ def scored_prefix(grid: Sequence[float], cache: MutableMapping[float, Scores],
     for magnitude in sorted(set(grid), key=lambda m: (abs(m), m)):
         if magnitude not in cache:
             return results, False
-        forget_score, utility_score = cache[magnitude]
-        results.append(CandidateResult(magnitude, forget_score, utility_score))
+        results.append(CandidateResult(magnitude, *cache[magnitude]))
         if decisive(choose(results)):
             return results, True
     return results, True
@@ -70,7 +72,7 @@ def search_weight(grid: Sequence[float], choose: Callable[[list[CandidateResult]
             todo = [m for m in sorted(set(candidates), key=abs) if m not in cache]
 
             def on_result(magnitude: float, scores: Scores) -> None:
-                cache[magnitude] = (float(scores[0]), float(scores[1]))
+                cache[magnitude] = tuple(None if score is None else float(score) for score in scores)
 
             score(todo, on_result, lambda: scored_prefix(candidates, cache, choose, decisive)[1])
             results, over = scored_prefix(candidates, cache, choose, decisive)

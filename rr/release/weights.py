@@ -34,6 +34,7 @@ class CandidateResult:
     weight: float
     forget_score: float
     utility_score: float
+    perplexity: float | None = None  # the task's validation perplexity, where it reports one
 
 
 @dataclass
@@ -57,9 +58,9 @@ def _check_scores(candidates: Sequence[CandidateResult], **references: float) ->
         if not math.isfinite(value) or value < 0:
             raise ValueError(f"{name} must be a finite score ≥ 0; got {value}")
     for candidate in candidates:
-        for name in ("weight", "forget_score", "utility_score"):
+        for name in ("weight", "forget_score", "utility_score", "perplexity"):
             value = getattr(candidate, name)
-            if not math.isfinite(value):
+            if value is not None and not math.isfinite(value):
                 raise ValueError(f"candidate with weight {candidate.weight} has a non-finite {name} ({value}); "
                                  "re-run its evaluation")
     # Sorted by magnitude so "smallest weight" and the report read in the same order.
@@ -125,41 +126,67 @@ def utility_floor(fraction_of_base: float | None, utility_base: float) -> float 
     return None if fraction_of_base is None else fraction_of_base * utility_base
 
 
+def perplexity_limit(max_rise: float | None, base_perplexity: float | None) -> float | None:
+    """release.max_perplexity_rise as the highest validation perplexity a retain weight may leave (None: no limit)."""
+    if max_rise is None:
+        return None
+    if base_perplexity is None or not math.isfinite(base_perplexity) or base_perplexity <= 0:
+        raise ValueError(f"release.max_perplexity_rise needs the base model's validation perplexity; got {base_perplexity}")
+    return (1 + max_rise) * base_perplexity
+
+
 def choose_retain_weight(candidates: Sequence[CandidateResult], forget_ref: float, utility_base: float,
                          recover_fraction: float = 0.95,
-                         forget_bounce: float = DEFAULT_FORGET_BOUNCE) -> WeightChoice:
+                         forget_bounce: float = DEFAULT_FORGET_BOUNCE,
+                         max_perplexity: float | None = None) -> WeightChoice:
     """The λ rule: the smallest λ with u ≥ recover_fraction·u_base and s ≤ s_ref + forget_bounce; if none,
     the λ with the highest u among those within the bounce (passed=False: the recover target is
     missed); if no candidate stays within the bounce, no weight.
 
     forget_bounce is an absolute rise of the forget score (same units as s) that a retain step may
     cause; retain PEMs partly restore the target too (papers/002 Table 8 step 6).
+
+    max_perplexity (None: the paper's rule) adds to the recover target: the candidate's perplexity is at most
+    this too, so a λ that brings the task's utility back while general text stays damaged does not pass.
     """
     if not 0 < recover_fraction <= 1:
         raise ValueError(f"recover_fraction must be in (0, 1]; got {recover_fraction}")
     if not math.isfinite(forget_bounce) or forget_bounce < 0:
         raise ValueError(f"forget_bounce must be a finite absolute score rise ≥ 0; got {forget_bounce}")
     evaluated = _check_scores(candidates, forget_ref=forget_ref, utility_base=utility_base)
+    if max_perplexity is not None:
+        if not math.isfinite(max_perplexity) or max_perplexity <= 0:
+            raise ValueError(f"max_perplexity must be a finite perplexity > 0 or None; got {max_perplexity}")
+        unmeasured = [c.weight for c in evaluated if c.perplexity is None]
+        if unmeasured:
+            raise ValueError(f"candidates {unmeasured} have no perplexity, which max_perplexity asks for")
     target = recover_fraction * utility_base
     forget_limit = forget_ref + forget_bounce
 
+    def keeps_text(c: CandidateResult) -> bool:
+        return max_perplexity is None or c.perplexity <= max_perplexity
+
     within_bounce = [c for c in evaluated if c.forget_score <= forget_limit]
-    recovering = [c for c in within_bounce if c.utility_score >= target]
+    recovering = [c for c in within_bounce if c.utility_score >= target and keeps_text(c)]
+    text = "" if max_perplexity is None else f" and perplexity ≤ {max_perplexity:.3f}"
     if recovering:
         chosen = recovering[0]
+        chosen_text = "" if max_perplexity is None else f", perplexity {chosen.perplexity:.3f} ≤ {max_perplexity:.3f},"
         return WeightChoice(chosen.weight, RULE_RECOVER_TARGET, True,
                             f"retain weight {chosen.weight:g} recovers utility {chosen.utility_score:.4f} ≥ "
-                            f"{recover_fraction:g} × base {utility_base:.4f} = {target:.4f} with forget score "
-                            f"{chosen.forget_score:.4f} ≤ {forget_ref:.4f} + {forget_bounce:g} "
+                            f"{recover_fraction:g} × base {utility_base:.4f} = {target:.4f}{chosen_text} with forget "
+                            f"score {chosen.forget_score:.4f} ≤ {forget_ref:.4f} + {forget_bounce:g} "
                             f"(smallest of {len(recovering)} qualifying weights)", evaluated)
 
     if within_bounce:
         chosen = max(within_bounce, key=lambda c: (c.utility_score, -abs(c.weight)))
+        chosen_text = "" if max_perplexity is None else f", perplexity {chosen.perplexity:.3f}"
         return WeightChoice(chosen.weight, RULE_BEST_WITHIN_BOUNCE, False,
                             f"no retain weight reaches utility ≥ {target:.4f} ({recover_fraction:g} × base "
-                            f"{utility_base:.4f}) within forget score ≤ {forget_limit:.4f}; retain weight "
+                            f"{utility_base:.4f}){text} within forget score ≤ {forget_limit:.4f}; retain weight "
                             f"{chosen.weight:g} gives the highest utility within the bounce, "
-                            f"{chosen.utility_score:.4f} (forget score {chosen.forget_score:.4f})", evaluated)
+                            f"{chosen.utility_score:.4f} (forget score {chosen.forget_score:.4f}{chosen_text})",
+                            evaluated)
 
     lowest = min(evaluated, key=lambda c: c.forget_score, default=None)
     detail = (f"; the lowest forget score was {lowest.forget_score:.4f} at weight {lowest.weight:g}" if lowest

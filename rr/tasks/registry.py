@@ -21,6 +21,7 @@ class TaskSpec:
     describe_target: Callable[[Any], str]       # what the job makes the model forget, in words (a registry tag)
     # `rr audit`'s material (relearn split, membership non-members, probes) from (task, AuditConfig); None: no audit
     audit: Callable[[Any, Any], Any] | None = None
+    reports_perplexity: bool = False            # its evaluation has metrics["perplexity"] (release.max_perplexity_rise)
 
 
 def _code_task():
@@ -49,8 +50,10 @@ def _entity_task():
 
 
 TASKS: dict[str, TaskSpec] = {spec.name: spec for spec in (
-    TaskSpec("code", CodeTaskConfig, _code_task, lambda config: "writing code (pass@1 in the sandbox)", _code_audit),
-    TaskSpec("toxicity", ToxicityTaskConfig, _toxicity_task, lambda config: "toxic continuations"),
+    TaskSpec("code", CodeTaskConfig, _code_task, lambda config: "writing code (pass@1 in the sandbox)", _code_audit,
+             reports_perplexity=True),
+    TaskSpec("toxicity", ToxicityTaskConfig, _toxicity_task, lambda config: "toxic continuations",
+             reports_perplexity=True),
     TaskSpec("ner", NerTaskConfig, _ner_task,
              lambda config: "recognizing " + ", ".join(config.forget_types) + " entities"),
     # A count, not the names: who was forgotten stays in the job's config.
