@@ -140,3 +140,22 @@ def test_validation_scores_through_the_local_executor_match_the_transformers_bac
     assert abs(hf.forget_score - vllm.forget_score) <= 1 / hf.counts["code_items"] + 1e-9
     assert abs(hf.utility_score - vllm.utility_score) <= 1 / hf.counts["arithmetic_items"] + 1e-9
     assert vllm.metrics["perplexity"] == pytest.approx(hf.metrics["perplexity"], rel=0.01)
+
+
+@pytest.mark.vllm
+def test_the_vllm_model_handle_gives_token_statistics_from_the_transformers_model(jobs):
+    """vLLM returns top-k log-probs only; the in-process handle reads the full distribution from the job's
+    transformers model under the same composition, so answer probability and the audit's scores exist on vLLM."""
+    from rr.release.ledger import WeightedPem
+
+    hf_job, vllm_job = jobs
+    composition = [WeightedPem(random_pem(hf_job.model), -1.0)]
+    prompts = ci_prompts(hf_job.task)[:4]
+    answers = ["def f(x):\n    return x", "The answer is 4.", "Hello there.", "print('hi')"]
+    on_vllm = vllm_job.executor.model(composition).token_stats(prompts, answers)
+    on_hf = hf_job.executor.model(composition).token_stats(prompts, answers)
+    assert [s.text for s in on_vllm] == answers
+    for a, b in zip(on_vllm, on_hf):
+        assert a.logprobs == pytest.approx(b.logprobs, abs=1e-5) and a.variances == pytest.approx(b.variances, abs=1e-5)
+    base = vllm_job.executor.model().token_stats(prompts, answers)
+    assert any(x.logprobs != pytest.approx(y.logprobs, abs=1e-3) for x, y in zip(base, on_vllm))  # the PEM applied

@@ -10,6 +10,32 @@ from rr.release.ledger import ComposedModel, Pem
 from rr.tasks.base import Evaluation, Example, SamplingParams
 
 
+class VllmComposition:
+    """A ModelHandle for `composition` on the job's in-process vLLM engine (generate, perplexity: one rank-sum
+    adapter). vLLM gives only the top-k log-probs of each token, so the token statistics (answer probability,
+    the audit's membership scores) come from the job's transformers model with the same composition by hooks."""
+
+    def __init__(self, executor: "LocalExecutor", composition: Composition):
+        self.executor, self.composition = executor, list(composition)
+
+    def _served(self):
+        generator = self.executor.job.generator
+        generator.use_adapter(*self.executor._adapter_dir(self.composition))
+        return generator
+
+    def generate(self, prompts, params: SamplingParams, seeds=None):
+        return self._served().generate(prompts, params, seeds)
+
+    def perplexity(self, texts) -> float:
+        return self._served().perplexity(texts)
+
+    def token_stats(self, prompts, answers):
+        from rr.generation.hf import job_generator
+
+        self.executor._compose(self.composition)
+        return job_generator(self.executor.job).token_stats(prompts, answers)
+
+
 class LocalExecutor:
     """Everything runs on `job.model` through `job.generator`, candidates one at a time, smallest first."""
 
@@ -25,8 +51,7 @@ class LocalExecutor:
         """The job's generator, serving `composition`."""
         generator = self.job.generator
         if hasattr(generator, "use_adapter"):  # vLLM: no hooks; the composition is one rank-sum adapter
-            generator.use_adapter(*self._adapter_dir(composition))
-            return generator
+            return VllmComposition(self, composition)
         self._compose(composition)
         return generator
 
