@@ -185,8 +185,8 @@ class ReleaseConfig(_Strict):
     recover_fraction: float = Field(0.95, gt=0, le=1)
     max_perplexity_rise: float | None = Field(
         None, gt=0, le=10, description="a retain weight recovers only if the validation perplexity is also at most "
-        "(1 + this) × the base model's, and the loop stops on met targets only then (tasks that report perplexity: "
-        "code, toxicity); unset: the paper's rule, on the utility score alone")
+        "(1 + this) × the base model's, and the loop stops on met targets only then (tasks whose spec reports "
+        "perplexity); unset: the paper's rule, on the utility score alone")
     forget_bounce: float = Field(0.3, ge=0, le=MAX_SCORE, description="allowed absolute rise of the forget score in a λ step; "
                                  "0.3 admits every retain step of papers/002 Tables 7–9")
     on_no_candidate: Literal["stop", "widen"] = "widen"

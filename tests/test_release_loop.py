@@ -22,13 +22,13 @@ class Killed(BaseException):
 
 
 class ScriptedExecutor:
-    """Executor whose scores come from `scores`: signed merge weights of the composition → (forget, utility),
-    the same on both splits. Every evaluation and every training is a call; the `kill_at`-th call raises
+    """Executor whose scores come from `scores`: signed merge weights of the composition → (forget, utility) or
+    (forget, utility, metrics), the same on both splits. Every evaluation and every training is a call; the `kill_at`-th call raises
     Killed (a training after its PEM is saved, as a kill before the step's checkpoint would)."""
 
     name = "scripted"
 
-    def __init__(self, scores: dict[tuple[float, ...], tuple[float, float]], kill_at: int | None = None):
+    def __init__(self, scores: dict[tuple[float, ...], tuple], kill_at: int | None = None):
         self.scores = scores
         self.kill_at = kill_at
         self.calls = 0

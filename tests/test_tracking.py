@@ -284,6 +284,18 @@ def test_reveal_uploads_an_older_rr_queued_in_full_are_redacted_before_sending(t
     assert [r["op"] for r in later.outbox.pending()] == ["start_run", "artifact", "artifact", "end_run"]
 
 
+def test_without_a_manifest_to_redact_the_older_full_reveal_uploads_are_dropped(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    job = make_job(tmp_path / "job")
+    job.tracker.outbox.put({"op": "artifact", "key": "reveal", "path": str(job.dir / "reveal" / "report.md"),
+                            "artifact_path": "reveal"})
+    (job.dir / "reveal" / "manifest.json").unlink()
+    capsys.readouterr()
+    later = Job(job.config).tracker
+    assert "dropped, with no redacted copy to send instead (reveal/manifest.json is missing)" in capsys.readouterr().err
+    assert not [r for r in later.outbox.pending() if r["op"] == "artifact"]
+
+
 def test_an_unreachable_store_never_stops_the_job(tmp_path):
     job = make_job(tmp_path / "job", tracking_uri=f"http://127.0.0.1:{_free_port()}", flush_timeout_s=1)  # nobody there
     start = time.time()

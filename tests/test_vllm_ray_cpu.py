@@ -128,6 +128,7 @@ def test_a_killed_vllm_replica_is_replaced_and_every_request_answered_once(ray_j
     before = ray.get(pool.info.remote())
     pending = pool.generate.remote(prompts, params, seeds, ())
     time.sleep(2)  # the replica is decoding the first batch
+    assert not ray.wait([pending], timeout=0)[0], "the call finished before the kill: nothing was tested"
     os.kill(before[0]["pid"], signal.SIGKILL)
     answers = ray.get(pending, timeout=900)  # a new replica starts its own engine (about a minute)
     assert answers == expected  # seeded per request: the same text as without the kill, none lost or twice

@@ -4,6 +4,7 @@ from statistics import mean
 
 import pytest
 
+from rr.errors import RRError
 from rr.release.loop import nothing_left_to_forget, targets_met
 from rr.release.weights import (
     RULE_BEST_WITHIN_BOUNCE, RULE_FORGET_TARGET, RULE_NONE, RULE_RECOVER_TARGET, RULE_RELATIVE_DROP,
@@ -111,10 +112,18 @@ def test_retain_rule_with_a_perplexity_limit_refuses_a_weight_that_leaves_genera
     missed = choose_retain_weight(RETAIN_CURVE_WITH_TEXT[:3], forget_ref=0.2, utility_base=0.74, max_perplexity=limit)
     assert (missed.rule, missed.passed) == (RULE_BEST_WITHIN_BOUNCE, False)
     assert "and perplexity ≤ 11.000" in missed.reason
+    # Missed, the fallback takes the highest utility among the weights that keep the text, when any does:
+    # 0.5 has more utility than 0.3 but leaves perplexity at 20.
+    flipped = [CandidateResult(0.3, 0.1, 0.60, 13.0), CandidateResult(0.5, 0.1, 0.66, 20.0)]
+    assert choose_retain_weight(flipped, forget_ref=0.2, utility_base=0.74, max_perplexity=13.5).weight == 0.3
+    # A non-finite perplexity (a broken model) never keeps the text, and without a limit it is not read at all.
+    broken = [CandidateResult(0.5, 0.1, 0.72, float("nan")), CandidateResult(1.0, 0.1, 0.72, 10.5)]
+    assert choose_retain_weight(broken, forget_ref=0.2, utility_base=0.74, max_perplexity=limit).weight == 1.0
+    assert choose_retain_weight(broken, forget_ref=0.2, utility_base=0.74).weight == 0.5
     assert perplexity_limit(None, 10.0) is None
     with pytest.raises(ValueError, match="no perplexity"):
         choose_retain_weight(RETAIN_CURVE, forget_ref=0.2, utility_base=0.74, max_perplexity=limit)
-    with pytest.raises(ValueError, match="base model's validation perplexity"):
+    with pytest.raises(RRError, match="base model's validation perplexity"):
         perplexity_limit(0.1, None)
 
 

@@ -262,7 +262,7 @@ class GeneratorPool:
                     future.set_exception(error)
                 continue
             self.counts["batches"] += len(batch)
-            self.counts["shared_runs"] += len(batch) > 1  # several compositions in one replica call (vLLM)
+            self.counts["shared_runs"] += len({group[1] for group, _, _ in batch}) > 1  # compositions sharing a call
             for (_, future, _), result in zip(batch, results):
                 if not future.done():
                     future.set_result(result)

@@ -37,7 +37,7 @@ def run_method(job, method: Method, data: ReleaseData, out_dir: Path, progress: 
     # Scores kept as they are made, so a killed compare resumes the search (compare clears the folder when
     # the data or settings change).
     scored_path = out_dir / "candidates.json"
-    cache = {r["weight"]: (r["forget_score"], r["utility_score"])
+    cache = {r["weight"]: (r["forget_score"], r["utility_score"], r.get("perplexity"))
              for r in (json.loads(scored_path.read_text()) if scored_path.exists() else [])}
 
     def choose(candidates: list[CandidateResult]) -> WeightChoice:

@@ -52,7 +52,7 @@ def single_negation_baseline(job, loop: ReleaseLoop, target_forget_score: float,
         return cached  # made for another target (the loop ended elsewhere since): chosen again below
     first = loop.state.steps[1]
     # Step 1 scored this very model (base − w·F0) for some weights already: reuse those scores.
-    known = {c["weight"]: (c["forget_score"], c["utility_score"]) for c in first.candidates}
+    known = {c["weight"]: (c["forget_score"], c["utility_score"], c.get("perplexity")) for c in first.candidates}
     # Step 1's own weight is this very model too, already scored on the test split.
     result = matched_negation(job, Pem.load(loop.dir / "pems" / first.pem), target_forget_score, progress, known,
                               {abs(first.merge_weight): first.test}, checkpoint="release/baseline_candidates.json")

@@ -17,7 +17,7 @@ from rr.release.weights import RULE_NONE, CandidateResult, WeightChoice, candida
 
 # (forget score, utility score[, perplexity]) of one candidate on the validation split; the perplexity where the
 # task reports one (release.max_perplexity_rise decides on it), None or absent elsewhere
-Scores = tuple
+Scores = tuple[float, float] | tuple[float, float, float | None]
 # score(magnitudes, on_result, stop): score each magnitude, smallest first (an executor may run several at
 # once), calling on_result(magnitude, scores) for each; return early once stop() is true.
 Scorer = Callable[[list[float], Callable[[float, Scores], None], Callable[[], bool]], None]

@@ -15,6 +15,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Sequence
 
+from rr.errors import RRError
+
 # Default for choose_retain_weight's forget_bounce: the largest absolute rise of the forget score that a
 # retain step may cause. 0.3 admits every λ step of papers/002 Tables 7–9; the largest there is Table 8
 # step 6 (Person F1 0.0306 → 0.3210, +0.29), which the next μ step then removed again.
@@ -57,10 +59,10 @@ def _check_scores(candidates: Sequence[CandidateResult], **references: float) ->
     for name, value in references.items():
         if not math.isfinite(value) or value < 0:
             raise ValueError(f"{name} must be a finite score ≥ 0; got {value}")
-    for candidate in candidates:
-        for name in ("weight", "forget_score", "utility_score", "perplexity"):
+    for candidate in candidates:  # perplexity is checked where a rule reads it (choose_retain_weight's limit)
+        for name in ("weight", "forget_score", "utility_score"):
             value = getattr(candidate, name)
-            if value is not None and not math.isfinite(value):
+            if not math.isfinite(value):
                 raise ValueError(f"candidate with weight {candidate.weight} has a non-finite {name} ({value}); "
                                  "re-run its evaluation")
     # Sorted by magnitude so "smallest weight" and the report read in the same order.
@@ -131,7 +133,8 @@ def perplexity_limit(max_rise: float | None, base_perplexity: float | None) -> f
     if max_rise is None:
         return None
     if base_perplexity is None or not math.isfinite(base_perplexity) or base_perplexity <= 0:
-        raise ValueError(f"release.max_perplexity_rise needs the base model's validation perplexity; got {base_perplexity}")
+        raise RRError(f"release.max_perplexity_rise needs the base model's validation perplexity (release step 0); "
+                      f"got {base_perplexity}: this task reports none, or the base model's text scored non-finite")
     return (1 + max_rise) * base_perplexity
 
 
@@ -163,8 +166,8 @@ def choose_retain_weight(candidates: Sequence[CandidateResult], forget_ref: floa
     target = recover_fraction * utility_base
     forget_limit = forget_ref + forget_bounce
 
-    def keeps_text(c: CandidateResult) -> bool:
-        return max_perplexity is None or c.perplexity <= max_perplexity
+    def keeps_text(c: CandidateResult) -> bool:  # a non-finite perplexity (a broken model) never keeps it
+        return max_perplexity is None or (math.isfinite(c.perplexity) and c.perplexity <= max_perplexity)
 
     within_bounce = [c for c in evaluated if c.forget_score <= forget_limit]
     recovering = [c for c in within_bounce if c.utility_score >= target and keeps_text(c)]
@@ -178,8 +181,9 @@ def choose_retain_weight(candidates: Sequence[CandidateResult], forget_ref: floa
                             f"score {chosen.forget_score:.4f} ≤ {forget_ref:.4f} + {forget_bounce:g} "
                             f"(smallest of {len(recovering)} qualifying weights)", evaluated)
 
-    if within_bounce:
-        chosen = max(within_bounce, key=lambda c: (c.utility_score, -abs(c.weight)))
+    if within_bounce:  # the highest utility, among the weights that keep the text when any does
+        chosen = max([c for c in within_bounce if keeps_text(c)] or within_bounce,
+                     key=lambda c: (c.utility_score, -abs(c.weight)))
         chosen_text = "" if max_perplexity is None else f", perplexity {chosen.perplexity:.3f}"
         return WeightChoice(chosen.weight, RULE_BEST_WITHIN_BOUNCE, False,
                             f"no retain weight reaches utility ≥ {target:.4f} ({recover_fraction:g} × base "

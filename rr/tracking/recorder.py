@@ -119,22 +119,29 @@ class Recorder:
     def _redact_queued_reveal(self) -> None:
         """An outbox queued by an older rr (its server unreachable then) can hold reveal/'s files in full: the
         instructions and the forget set. Unless tracking.log_forget_data, each such record is replaced by the
-        redacted copies (reveal/redacted/) before anything is sent; the forget set itself is dropped."""
+        redacted copies (reveal/redacted/) before anything is sent; the forget set itself is dropped. If the
+        redacted copies cannot be made, the records are dropped all the same (nothing leaves in full)."""
         reveal_dir = (self.job.dir / "reveal").resolve()
         records = self.outbox.pending()
 
         def in_full(record: dict) -> bool:
-            path = Path(record.get("path", "")).resolve() if record.get("op") == "artifact" else None
-            return path is not None and path.parent == reveal_dir
+            return record.get("op") == "artifact" and Path(record.get("path", "")).resolve().parent == reveal_dir
 
-        if not any(in_full(r) for r in records):
+        in_full_count = sum(in_full(r) for r in records)
+        if not in_full_count:
             return
-        from rr.reveal.stage import write_redacted
+        redacted_paths, problem = [], None
+        try:
+            from rr.reveal.stage import write_redacted
 
-        manifest_path = reveal_dir / "manifest.json"
-        redacted_paths = write_redacted(self.job.dir, json.loads(manifest_path.read_text())) \
-            if manifest_path.exists() else []
-        kept, replaced, in_full_count = [], False, sum(in_full(r) for r in records)
+            manifest = self.job.read_json("reveal/manifest.json")
+            if manifest is None:
+                problem = "reveal/manifest.json is missing"
+            else:
+                redacted_paths = write_redacted(self.job.dir, manifest)
+        except Exception as error:  # noqa: BLE001 - tracking never fails the job; the full text is dropped anyway
+            problem = f"{type(error).__name__}: {error}"
+        kept, replaced = [], False
         for record in records:
             if not in_full(record):
                 kept.append(record)
@@ -142,9 +149,10 @@ class Recorder:
                 kept += [{**record, "path": str(path)} for path in redacted_paths]
                 replaced = True
         self.outbox.replace_pending(kept)
-        self.say(f"tracking: {in_full_count} queued reveal/ upload(s) from an "
-                 "older rr held instructions or the forget set in full; replaced by reveal/redacted/ "
-                 "(tracking.log_forget_data is off)")
+        outcome = "dropped, with no redacted copy to send instead (" + problem + ")" if problem else \
+            "replaced by reveal/redacted/"
+        self.say(f"tracking: {in_full_count} queued reveal/ upload(s) from an older rr held instructions or the "
+                 f"forget set in full; {outcome} (tracking.log_forget_data is off)")
 
     # ---- records -------------------------------------------------------------------------
     def _put(self, op: str, key: str, **fields) -> None:
@@ -267,7 +275,6 @@ class Recorder:
         """`rr compare`: a nested run per comparison, and in it one run per method with its test scores and
         wall time; the table and plot as artifacts. A rerun that changed nothing records nothing new."""
         import hashlib
-        import json
 
         digest = hashlib.sha256(json.dumps(summary, sort_keys=True, default=str).encode()).hexdigest()[:12]
         marker = f"compare-{digest}"
@@ -297,7 +304,6 @@ class Recorder:
         """`rr audit`: a nested run with its figures and report, and the verdict's tags on the job's registered
         version (which `tracking.gates.require_audit` reads). A rerun that changed nothing records nothing new."""
         import hashlib
-        import json
 
         digest = hashlib.sha256(json.dumps(audit, sort_keys=True, default=str).encode()).hexdigest()[:12]
         marker = f"audit-{digest}"
