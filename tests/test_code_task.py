@@ -17,8 +17,8 @@ from rr.tasks.base import SPLITS, Task
 from rr.core.prompt import as_prompt
 from rr.tasks.code import CodeTask, CodeTaskConfig
 from rr.tasks.code_forms import FORMS_BY_SPLIT
-from rr.tasks.code_problems import (CodeProblem, check_program, code_likeness, code_prompt, extract_code,
-                                    load_builtin_problems, load_perplexity_paragraphs)
+from rr.tasks.code_problems import (VALIDATION_GENERAL_TEXT, CodeProblem, check_program, code_likeness, code_prompt,
+                                    extract_code, load_builtin_problems, load_perplexity_paragraphs)
 from rr.tasks.loaders import gsm8k_row_to_item, load_gsm8k, mbpp_plus_row_to_problem, mbpp_row_to_problem
 from rr.tasks.registry import build_task
 from rr.tasks.sandbox import run_many
@@ -95,6 +95,8 @@ def test_asking_for_more_problems_than_exist_names_the_fields():
         CodeTask(CodeTaskConfig(n_reveal_contexts=100, n_validation=50, n_test=50), seed=0)
     with pytest.raises(RRError, match="n_perplexity_paragraphs"):
         CodeTask(CodeTaskConfig(n_perplexity_paragraphs=10_000), seed=0)
+    with pytest.raises(RRError, match="n_validation_perplexity_paragraphs: 10000 asked"):
+        CodeTask(CodeTaskConfig(n_validation_perplexity_paragraphs=10_000), seed=0)
 
 
 def test_config_is_strict():
@@ -274,7 +276,11 @@ def test_evaluate_with_a_perfect_model(split):
     assert result.counts["arithmetic_correct"] == result.counts["arithmetic_items"] == n_arith
     low, high = result.intervals["pass@1"]
     assert 0.0 < low < 1.0 and high == pytest.approx(1.0)
-    assert model.perplexity_texts == load_perplexity_paragraphs()[:5]
+    # Each split scores its own prose: the weights are chosen on the validation paragraphs, never the test ones.
+    expected = load_perplexity_paragraphs()[:5] if split == "test" else \
+        load_perplexity_paragraphs(VALIDATION_GENERAL_TEXT)[:task.config.n_validation_perplexity_paragraphs]
+    assert model.perplexity_texts == expected
+    assert not set(load_perplexity_paragraphs()) & set(load_perplexity_paragraphs(VALIDATION_GENERAL_TEXT))
 
 
 def test_evaluate_with_a_garbage_model():
