@@ -198,6 +198,10 @@ class ReleaseConfig(_Strict):
     general_retain_prompts: int = Field(
         0, ge=0, le=MAX_ITEMS, description="shipped everyday prompts whose base-model answers join the task's retain data, "
         "so retain PEMs also restore general text (perplexity); 0: the task's retain data only, as in the paper")
+    general_retain_paragraphs: int = Field(
+        0, ge=0, le=MAX_ITEMS, description="shipped prose paragraphs (rr/tasks/data/general_text_retain.txt, read "
+        "by no perplexity measurement) that join the retain data as raw completions, so retain PEMs restore the "
+        "model's text (perplexity); 0: none, as in the paper")
     baseline_single_negation: bool = True
     external_forget_data: Path | None = Field(
         None, description="JSONL of {prompt, response} for `rr ablate` (pem-external); default: the task's own")

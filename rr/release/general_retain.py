@@ -1,16 +1,22 @@
-"""General retain data: the base model's own answers to everyday prompts, so retain PEMs hold general
-language (perplexity) as well as the task's utility data. Generated once per job and kept in its directory."""
+"""General retain data, so retain PEMs hold general language (perplexity) as well as the task's utility data:
+the base model's own answers to everyday prompts (generated once per job and kept in its directory) and
+shipped prose paragraphs that no perplexity measurement reads."""
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from rr.errors import RRError
 from rr.core.files import atomic_write, read_lines
+from rr.core.prompt import Prompt
 from rr.tasks.base import Example, SamplingParams
 
 GENERAL_PROMPTS = Path(__file__).resolve().parents[1] / "tasks" / "data" / "general_prompts.txt"
+# Project-written prose on topics of its own: shares no 8-word run with general_text.txt (the test split's
+# perplexity text) or general_text_validation.txt (the validation split's), which tests/test_general_retain.py checks.
+RETAIN_PROSE = Path(__file__).resolve().parents[1] / "tasks" / "data" / "general_text_retain.txt"
 ANSWER_TOKENS = 160  # a paragraph: about what a retain example of the code task holds
 
 
@@ -40,3 +46,27 @@ def general_retain_examples(job, count: int, progress) -> list[Example]:
     rows = [{"prompt": prompt, "response": texts[0] if texts else ""} for prompt, texts in zip(prompts, answers)]
     atomic_write(path, lambda tmp: Path(tmp).write_text("".join(json.dumps(row) + "\n" for row in rows)))
     return [Example(row["prompt"], row["response"]) for row in rows]
+
+
+def load_retain_prose(path: Path = RETAIN_PROSE) -> list[str]:
+    """The shipped retain prose: one paragraph per non-empty line."""
+    return read_lines(path, "the retain prose (reinstall rr)")
+
+
+def prose_retain_examples(count: int) -> list[Example]:
+    """The first `count` retain prose paragraphs as raw completions (no chat template, as perplexity reads
+    text): the first sentence is the prompt, the rest the response the retain PEM learns to continue with."""
+    if count == 0:
+        return []
+    paragraphs = load_retain_prose()
+    if count > len(paragraphs):
+        raise RRError(f"release.general_retain_paragraphs: {count} asked, but {RETAIN_PROSE} has {len(paragraphs)} "
+                      "paragraphs; lower it")
+    examples = []
+    for paragraph in paragraphs[:count]:
+        match = re.match(r"(.+?[.!?])\s+(\S.*)", paragraph)
+        if match is None:
+            raise RRError(f"{RETAIN_PROSE}: a paragraph of one sentence ({paragraph[:60]!r}…) leaves nothing to "
+                          "continue; reinstall rr")
+        examples.append(Example(Prompt.raw(match.group(1)), " " + match.group(2)))
+    return examples

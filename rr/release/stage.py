@@ -13,7 +13,7 @@ from rr.evaluation.forms import form_markdown, form_report, is_form_metric
 from rr.evaluation.report import plot_steps, write_step_table
 from rr.errors import RRError
 from rr.release.ablation import matched_negation
-from rr.release.general_retain import general_retain_examples
+from rr.release.general_retain import general_retain_examples, prose_retain_examples
 from rr.release.ledger import Pem
 from rr.release.loop import ReleaseLoop, StepRecord
 from rr.tasks.base import Example
@@ -32,13 +32,14 @@ def load_forget_examples(job) -> list[Example]:
 def job_release_loop(job, forget_examples: list[Example], progress: Callable[[str], None] = print,
                      on_step: Callable[[StepRecord], None] = lambda record: None) -> ReleaseLoop:
     """The job's Eq. 1 loop: its executor, task and release config, checkpointed in job.dir/release. Retain
-    PEMs train on the task's retain data plus the general retain data, which the base model makes when the
-    first retain PEM is trained (never, if no retain step runs)."""
+    PEMs train on the task's retain data plus the general retain data: the base model's answers to everyday
+    prompts, made when the first retain PEM is trained (never, if no retain step runs), and the retain prose."""
     config = job.config.release
     task_retain = job.task.retain_examples()
+    prose = prose_retain_examples(config.general_retain_paragraphs)
 
     def retain_examples() -> list[Example]:
-        return task_retain + general_retain_examples(job, config.general_retain_prompts, progress)
+        return task_retain + general_retain_examples(job, config.general_retain_prompts, progress) + prose
 
     return ReleaseLoop(job.executor, job.task, config, job.dir / "release", job.config.seed,
                        job.config.model.name_or_path, forget_examples, retain_examples, progress, on_step)
