@@ -79,6 +79,7 @@ def test_ci_is_the_quickstarts_tiny_profile_and_takes_its_control_flow():
     assert ci.release.on_no_candidate == quickstart.release.on_no_candidate == "widen"
     assert ci.release.stop_when_forget_below is not None and quickstart.release.stop_when_forget_below is not None
     assert ci.release.general_retain_prompts > 0 and ci.release.baseline_single_negation
+    assert 0 < ci.release.general_retain_paragraphs <= quickstart.release.general_retain_paragraphs
     assert ci.reveal.finalists > 1 and ci.tracking.enabled == quickstart.tracking.enabled
     assert ci.task.n_test < quickstart.task.n_test and ci.reveal.n_arms < quickstart.reveal.n_arms
 
