@@ -31,11 +31,7 @@ def general_retain_examples(job, count: int, progress) -> list[Example]:
     release/general_retain.jsonl when a run already made them, so a resumed job trains on the same data."""
     if count == 0:
         return []
-    prompts = load_general_prompts()
-    if count > len(prompts):
-        raise RRError(f"release.general_retain_prompts: {count} asked, but {GENERAL_PROMPTS} has {len(prompts)} "
-                      "prompts; lower it")
-    prompts = prompts[:count]
+    prompts = _first(load_general_prompts(), count, "release.general_retain_prompts", GENERAL_PROMPTS, "prompts")
     path = job.dir / "release" / "general_retain.jsonl"
     if path.exists():
         rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
@@ -58,15 +54,18 @@ def prose_retain_examples(count: int) -> list[Example]:
     text): the first sentence is the prompt, the rest the response the retain PEM learns to continue with."""
     if count == 0:
         return []
-    paragraphs = load_retain_prose()
-    if count > len(paragraphs):
-        raise RRError(f"release.general_retain_paragraphs: {count} asked, but {RETAIN_PROSE} has {len(paragraphs)} "
-                      "paragraphs; lower it")
     examples = []
-    for paragraph in paragraphs[:count]:
+    for paragraph in _first(load_retain_prose(), count, "release.general_retain_paragraphs", RETAIN_PROSE, "paragraphs"):
         match = re.match(r"(.+?[.!?])\s+(\S.*)", paragraph)
         if match is None:
             raise RRError(f"{RETAIN_PROSE}: a paragraph of one sentence ({paragraph[:60]!r}…) leaves nothing to "
                           "continue; reinstall rr")
         examples.append(Example(Prompt.raw(match.group(1)), " " + match.group(2)))
     return examples
+
+
+def _first(items: list[str], count: int, key: str, path: Path, unit: str) -> list[str]:
+    """The first `count` of a shipped list, or an error naming the setting that asked for more."""
+    if count > len(items):
+        raise RRError(f"{key}: {count} asked, but {path} has {len(items)} {unit}; lower it")
+    return items[:count]
