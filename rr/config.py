@@ -187,6 +187,10 @@ class ReleaseConfig(_Strict):
         None, gt=0, le=10, description="a retain weight recovers only if the validation perplexity is also at most "
         "(1 + this) × the base model's, and the loop stops on met targets only then (tasks whose spec reports "
         "perplexity); unset: the paper's rule, on the utility score alone")
+    min_general_check_ratio: float | None = Field(
+        None, gt=0, le=1, description="a retain weight recovers only if the validation general check (everyday "
+        "instructions no retain PEM trained on; task.n_general_check_validation) is also at least this × the base "
+        "model's, and the loop stops on met targets only then; unset: the paper's rule, on the utility score alone")
     forget_bounce: float = Field(0.3, ge=0, le=MAX_SCORE, description="allowed absolute rise of the forget score in a λ step; "
                                  "0.3 admits every retain step of papers/002 Tables 7–9")
     on_no_candidate: Literal["stop", "widen"] = "widen"
@@ -566,6 +570,9 @@ class JobConfig(_Strict):
         if self.release.max_perplexity_rise is not None and not TASKS[self.task.name].reports_perplexity:
             raise ValueError(f"release.max_perplexity_rise: the {self.task.name} task reports no perplexity; remove it "
                              f"(tasks that do: {', '.join(n for n, s in TASKS.items() if s.reports_perplexity)})")
+        if self.release.min_general_check_ratio is not None and not getattr(self.task, "n_general_check_validation", 0):
+            raise ValueError("release.min_general_check_ratio: the validation split asks no general check; set "
+                             "task.n_general_check_validation (code task, e.g. 40) or remove it")
         if compute.trainer_bounds()[1] > 1 and self.release.lora.gradient_accumulation_steps != 1:
             raise ValueError("compute.trainer_workers > 1 splits each batch across workers; set "
                              "release.lora.gradient_accumulation_steps: 1 (raise release.lora.batch_size instead)")

@@ -28,6 +28,8 @@ BASES = {
     ("audit", "gates", "relearn_gate_step"): {"audit": {"relearn_steps": [1, 2, 99_999, 100_000]}},
     ("audit", "min_probe_base_hits"): {"audit": {"probe_items_per_family": 10_000}},  # at most the items asked
     ("audit", "probe_items_per_family"): {"audit": {"min_probe_base_hits": 0}},
+    # the general check floor holds candidates to the validation split's own instructions
+    ("release", "min_general_check_ratio"): {"task": {"name": "code", "n_general_check_validation": 40}},
 }
 
 

@@ -1,5 +1,6 @@
 """The general check: shipped instructions load and their rules judge answers as written; arithmetic items are
-asked in wordings no split or retain example uses; the code task reports it on the test split only."""
+asked in wordings no split or retain example uses; the code task reports it on the test split, and on the
+validation split only with instructions of its own (no item shared with the test split's)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from rr.errors import RRError
 from rr.release.general_retain import load_general_prompts
 from rr.tasks.arithmetic import ANSWER_INSTRUCTION, ArithmeticItem
 from rr.tasks.code import CodeTask, CodeTaskConfig
-from rr.tasks.general_check import (TUTOR_SYSTEM, arithmetic_check_items, load_instruction_items,
+from rr.tasks.general_check import (INSTRUCTIONS, TUTOR_SYSTEM, arithmetic_check_items, load_instruction_items,
                                     run_general_check)
 
 
@@ -29,6 +30,15 @@ def test_shipped_instructions_load_and_are_not_retain_prompts():
     items = load_instruction_items()
     assert len(items) == 40 and len({i.prompt.user for i in items}) == 40
     assert not {i.prompt.user for i in items} & set(load_general_prompts())
+
+
+def test_validation_instructions_are_their_own_forty_and_neither_test_nor_retain_prompts():
+    validation, test = load_instruction_items(INSTRUCTIONS["validation"]), load_instruction_items(INSTRUCTIONS["test"])
+    asked = {i.prompt.user for i in validation}
+    assert len(validation) == 40 and len(asked) == 40
+    assert not asked & {i.prompt.user for i in test} and not asked & set(load_general_prompts())
+    # Nothing the forget task or the arithmetic utility asks: the check measures what neither trains.
+    assert not any(word in text.lower() for text in asked for word in ("python", "function", "code", "how many more"))
 
 
 @pytest.mark.parametrize("prompt_start, good, bad", [
@@ -67,7 +77,7 @@ def test_arithmetic_is_asked_without_the_answer_instruction_and_judged_on_the_nu
     assert wrong["general_check"] == 0.0
 
 
-def test_code_task_reports_the_general_check_on_the_test_split_only():
+def test_code_task_reports_the_general_check_on_the_test_split_and_validation_only_when_asked():
     config = CodeTaskConfig(n_reveal_contexts=3, n_validation=2, n_test=2, n_arithmetic_validation=2,
                             n_arithmetic_test=3, n_retain_examples=4, n_perplexity_paragraphs=1,
                             min_validation_items_per_form=1, min_test_items_per_form=1,
@@ -80,3 +90,13 @@ def test_code_task_reports_the_general_check_on_the_test_split_only():
     assert result.counts["general_check_instructions_items"] == 4
     with pytest.raises(RRError, match="n_general_check_instructions"):
         CodeTask(config.model_copy(update={"n_general_check_instructions": 41}), seed=0)
+    # With n_general_check_validation the validation split asks its own instructions (and no arithmetic wording).
+    model = TableModel({})
+    task = CodeTask(config.model_copy(update={"n_general_check_validation": 3}), seed=0)
+    validation = task.evaluate(model, "validation")
+    assert validation.counts["general_check_items"] == validation.counts["general_check_instructions_items"] == 3
+    own = [i.prompt for i in load_instruction_items(INSTRUCTIONS["validation"])[:3]]
+    assert all(p in model.asked for p in own)
+    assert not {i.prompt for i in load_instruction_items(INSTRUCTIONS["test"])} & set(model.asked)
+    with pytest.raises(RRError, match="n_general_check_validation"):
+        CodeTask(config.model_copy(update={"n_general_check_validation": 41}), seed=0)

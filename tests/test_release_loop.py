@@ -153,6 +153,46 @@ def test_a_perplexity_limit_makes_the_retain_step_bring_general_text_back_too(tm
     assert [c["perplexity"] for c in state.steps[2].candidates] == [12.0, 10.5][:len(state.steps[2].candidates)]
 
 
+# Validation general check (base 0.6) in the metrics: +0.5 brings utility back with the instructions at 0.45 (75%);
+# +1 brings them to 0.6. The test split scores the same, so the step table shows what the rule saw.
+WITH_CHECK = {(): (1.0, 0.8, {"general_check": 0.6}), (-1.0,): (0.5, 0.7, {"general_check": 0.5}),
+              (-2.0,): (0.08, 0.6, {"general_check": 0.3}),
+              (-2.0, 0.5): (0.1, 0.78, {"general_check": 0.45}), (-2.0, 1.0): (0.1, 0.78, {"general_check": 0.6})}
+
+
+@pytest.mark.parametrize("min_ratio, retain_weight", [(None, 0.5), (0.95, 1.0)])
+def test_a_general_check_floor_makes_the_retain_step_bring_the_instructions_back_too(tmp_path, min_ratio,
+                                                                                     retain_weight):
+    state, _ = run_loop(tmp_path, WITH_CHECK, iterations=1, stop_when_forget_below=0.15,
+                        min_general_check_ratio=min_ratio)
+    assert [(s.kind, s.merge_weight) for s in state.steps] == [("base", 0.0), ("forget", -2.0),
+                                                                ("retain", retain_weight)]
+    assert state.steps[2].rule == "recover_target" and state.stopped_reason.startswith("targets met")
+    assert [c["general_check"] for c in state.steps[2].candidates] == [0.45, 0.6][:len(state.steps[2].candidates)]
+    if min_ratio is not None:
+        assert "general check 0.600 ≥ 0.570" in state.steps[2].reason
+        assert "general check 0.600 ≥ 0.570" in state.stopped_reason
+
+
+def test_a_general_check_floor_is_kept_by_a_search_resumed_from_its_cache(tmp_path):
+    # Killed on the second candidate's evaluation: the first candidate's general check comes back from the
+    # checkpoint (state.json) and still rules it out, so the resumed search takes +1 as an unkilled one does.
+    with pytest.raises(Killed):
+        run_loop(tmp_path, WITH_CHECK, kill_at=9, iterations=1, stop_when_forget_below=0.15,
+                 min_general_check_ratio=0.95)
+    saved = json.loads((tmp_path / "state.json").read_text())["pending_candidates"]["2"]
+    assert saved == {"0.5": [0.1, 0.78, None, 0.45]}
+    state, _ = run_loop(tmp_path, WITH_CHECK, iterations=1, stop_when_forget_below=0.15, min_general_check_ratio=0.95)
+    assert [s.merge_weight for s in state.steps] == [0.0, -2.0, 1.0]
+
+
+def test_a_general_check_floor_without_a_validation_general_check_is_refused_with_the_fix(tmp_path):
+    from rr.errors import RRError
+
+    with pytest.raises(RRError, match="task.n_general_check_validation"):
+        run_loop(tmp_path, PLAN, iterations=1, min_general_check_ratio=0.95)
+
+
 def test_targets_met_after_a_retain_step_stop_before_the_next_forget_step(tmp_path):
     # step 1 reaches forget ≤ 0.1 but costs utility (0.6 < 0.76), so its retain step runs; that one recovers it.
     state, executor = run_loop(tmp_path, PLAN, iterations=2, stop_when_forget_below=0.15)

@@ -8,8 +8,8 @@ from rr.errors import RRError
 from rr.release.loop import nothing_left_to_forget, targets_met
 from rr.release.weights import (
     RULE_BEST_WITHIN_BOUNCE, RULE_FORGET_TARGET, RULE_NONE, RULE_RECOVER_TARGET, RULE_RELATIVE_DROP,
-    CandidateResult, candidate_grid, choose_forget_weight, choose_retain_weight, perplexity_limit, relative_drop,
-    utility_floor,
+    CandidateResult, candidate_grid, choose_forget_weight, choose_retain_weight, general_check_floor, perplexity_limit,
+    relative_drop, utility_floor,
 )
 
 
@@ -125,6 +125,48 @@ def test_retain_rule_with_a_perplexity_limit_refuses_a_weight_that_leaves_genera
         choose_retain_weight(RETAIN_CURVE, forget_ref=0.2, utility_base=0.74, max_perplexity=limit)
     with pytest.raises(RRError, match="base model's validation perplexity"):
         perplexity_limit(0.1, None)
+
+
+# The same curve with each λ's validation general check (base 0.625): 0.5 brings utility back with the everyday
+# instructions at 0.525 (84%), 1.0 brings them to 0.65. The case that made the quickstart miss its target.
+RETAIN_CURVE_WITH_CHECK = [CandidateResult(c.weight, c.forget_score, c.utility_score, general_check=check)
+                           for c, check in zip(RETAIN_CURVE, [0.25, 0.45, 0.525, 0.65])]
+
+
+def test_retain_rule_with_a_general_check_floor_refuses_a_weight_that_leaves_the_instructions_damaged():
+    floor = general_check_floor(0.95, 0.625)
+    assert floor == pytest.approx(0.59375)
+    choice = choose_retain_weight(RETAIN_CURVE_WITH_CHECK, forget_ref=0.2, utility_base=0.74, min_general_check=floor)
+    assert (choice.weight, choice.rule, choice.passed) == (1.0, RULE_RECOVER_TARGET, True)
+    assert "general check 0.650 ≥ 0.594" in choice.reason
+    assert choose_retain_weight(RETAIN_CURVE_WITH_CHECK, forget_ref=0.2, utility_base=0.74).weight == 0.5
+    missed = choose_retain_weight(RETAIN_CURVE_WITH_CHECK[:3], forget_ref=0.2, utility_base=0.74,
+                                  min_general_check=floor)
+    assert (missed.rule, missed.passed) == (RULE_BEST_WITHIN_BOUNCE, False)
+    assert "and general check ≥ 0.594" in missed.reason and "general check 0.525)" in missed.reason
+    # Both limits at once: a λ must keep the text and the instructions.
+    both = [CandidateResult(0.5, 0.1, 0.72, 12.0, 0.7), CandidateResult(1.0, 0.1, 0.72, 10.5, 0.5),
+            CandidateResult(2.0, 0.1, 0.72, 10.5, 0.7)]
+    assert choose_retain_weight(both, forget_ref=0.2, utility_base=0.74, max_perplexity=11.0,
+                                min_general_check=0.6).weight == 2.0
+    # A non-finite check never keeps the instructions; a missing one is an error only when the floor is set.
+    broken = [CandidateResult(0.5, 0.1, 0.72, general_check=float("nan")), CandidateResult(1.0, 0.1, 0.72,
+                                                                                         general_check=0.6)]
+    assert choose_retain_weight(broken, forget_ref=0.2, utility_base=0.74, min_general_check=floor).weight == 1.0
+    assert general_check_floor(None, 0.6) is None
+    with pytest.raises(ValueError, match="no general check"):
+        choose_retain_weight(RETAIN_CURVE, forget_ref=0.2, utility_base=0.74, min_general_check=floor)
+    with pytest.raises(RRError, match="task.n_general_check_validation"):
+        general_check_floor(0.95, None)
+
+
+def test_targets_met_holds_the_general_check_floor_too():
+    base = {"forget_score": 0.5, "utility_score": 0.4}
+    kept = {"forget_score": 0.0, "utility_score": 0.4, "metrics": {"general_check": 0.6}}
+    assert targets_met(kept, base, 0.025, 0.95, min_general_check=0.59).endswith("general check 0.600 ≥ 0.590")
+    assert targets_met(kept, base, 0.025, 0.95, min_general_check=0.61) is None
+    assert targets_met({**kept, "metrics": {}}, base, 0.025, 0.95, min_general_check=0.1) is None
+    assert targets_met(kept, base, 0.025, 0.95) is not None
 
 
 def test_retain_rule_reports_when_every_weight_breaks_the_bounce():

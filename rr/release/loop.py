@@ -18,9 +18,10 @@ from rr.config import ReleaseConfig
 from rr.core.files import atomic_write_text
 from rr.execution.base import Executor
 from rr.release.ledger import Ledger, LedgerEntry, Pem, WeightedPem
-from rr.release.weight_search import executor_scorer, search_weight
+from rr.release.weight_search import executor_scorer, search_weight, validation_scores
 from rr.release.weights import (RULE_FORGET_TARGET, RULE_RECOVER_TARGET, CandidateResult, WeightChoice,
-                                choose_forget_weight, choose_retain_weight, perplexity_limit, utility_floor)
+                                choose_forget_weight, choose_retain_weight, general_check_floor, perplexity_limit,
+                                utility_floor)
 from rr.tasks.base import Evaluation, Example
 
 
@@ -33,8 +34,9 @@ def evaluation_dict(evaluation: Evaluation) -> dict:
 def cached_validation(scores: list) -> dict:
     """A step's validation scores from its weight search's cache (the weight it applied was scored there)."""
     validation = {"forget_score": scores[0], "utility_score": scores[1]}
-    if len(scores) > 2 and scores[2] is not None:
-        validation["metrics"] = {"perplexity": scores[2]}
+    metrics = {name: score for name, score in zip(("perplexity", "general_check"), scores[2:]) if score is not None}
+    if metrics:
+        validation["metrics"] = metrics
     return validation
 
 
@@ -91,22 +93,28 @@ def nothing_left_to_forget(step: int, kind: str, forget_before: float, stop_belo
 
 
 def targets_met(validation: dict, base_validation: dict, stop_below: float | None,
-                recover_fraction: float, max_perplexity: float | None = None) -> str | None:
+                recover_fraction: float, max_perplexity: float | None = None,
+                min_general_check: float | None = None) -> str | None:
     """Why the loop may stop after a step, or None: the validation forget score is at most the stop target
     (release.stop_when_forget_below; never when unset), the utility is at least recover_fraction × the
-    base model's, and the perplexity at most max_perplexity (when set). A forget step that reaches the forget
-    target but has cost utility is followed by its retain step; a retain step that recovers utility while the
-    forget score stays at the target ends the loop before another forget step can cost more."""
+    base model's, the perplexity at most max_perplexity and the general check at least min_general_check
+    (each when set). A forget step that reaches the forget target but has cost utility is followed by its
+    retain step; a retain step that recovers utility while the forget score stays at the target ends the
+    loop before another forget step can cost more."""
     if stop_below is None:
         return None
     forget, utility = validation["forget_score"], validation["utility_score"]
     utility_target = recover_fraction * base_validation["utility_score"]
     if forget > stop_below or utility < utility_target:
         return None
-    perplexity = validation.get("metrics", {}).get("perplexity")
+    metrics = validation.get("metrics", {})
+    perplexity, general_check = metrics.get("perplexity"), metrics.get("general_check")
     if max_perplexity is not None and (perplexity is None or perplexity > max_perplexity):
         return None
-    text = "" if max_perplexity is None else f" and perplexity {perplexity:.3f} ≤ {max_perplexity:.3f}"
+    if min_general_check is not None and (general_check is None or general_check < min_general_check):
+        return None
+    text = (("" if max_perplexity is None else f" and perplexity {perplexity:.3f} ≤ {max_perplexity:.3f}")
+            + ("" if min_general_check is None else f" and general check {general_check:.3f} ≥ {min_general_check:.3f}"))
     return (f"targets met on the validation split: forget score {forget:.3f} ≤ {stop_below:g} and utility "
             f"{utility:.3f} ≥ {recover_fraction:g} × base {base_validation['utility_score']:.3f}{text}")
 
@@ -172,7 +180,7 @@ class ReleaseLoop:
                 break
             met = targets_met(record.validation, self.state.steps[0].validation,
                               self.config.stop_when_forget_below, self.config.recover_fraction,
-                              self._perplexity_limit())
+                              self._perplexity_limit(), self._general_check_floor())
             if met and step < len(plan):
                 self.state.stopped_reason = met
                 self.progress(met)
@@ -220,12 +228,11 @@ class ReleaseLoop:
         """Step `step`'s weight search (rr/release/weight_search.py) for `pem` applied with `sign` on top of the
         composition so far, scored on the validation split through the executor; every score is
         checkpointed in the release state as it arrives, so a killed search resumes with the next candidate."""
-        # repr(signed weight) → [forget, utility, perplexity (None where the task reports none)]
+        # repr(signed weight) → [forget, utility, perplexity, general check (None where the task reports none)]
         cached = self.state.pending_candidates.setdefault(str(step), {})
 
         def checkpoint(weight: float, evaluation: Evaluation) -> None:
-            cached[repr(weight)] = [evaluation.forget_score, evaluation.utility_score,
-                                    evaluation.metrics.get("perplexity")]
+            cached[repr(weight)] = list(validation_scores(evaluation))
             self.progress(f"  candidate {weight:+g}: forget {evaluation.forget_score:.3f}, "
                           f"utility {evaluation.utility_score:.3f}")
             self.state.save(self.state_path)
@@ -244,7 +251,8 @@ class ReleaseLoop:
                                         self.config.forget_fraction,
                                         utility_floor(self.config.forget_utility_floor, base["utility_score"]))
         return choose_retain_weight(results, previous["forget_score"], base["utility_score"],
-                                    self.config.recover_fraction, self.config.forget_bounce, self._perplexity_limit())
+                                    self.config.recover_fraction, self.config.forget_bounce, self._perplexity_limit(),
+                                    self._general_check_floor())
 
     def _perplexity_limit(self) -> float | None:
         """release.max_perplexity_rise over the base model's validation perplexity (None: not set)."""
@@ -252,6 +260,11 @@ class ReleaseLoop:
             return None
         return perplexity_limit(self.config.max_perplexity_rise,
                                 self.state.steps[0].validation.get("metrics", {}).get("perplexity"))
+
+    def _general_check_floor(self) -> float | None:
+        """release.min_general_check_ratio × the base model's validation general check (None: not set)."""
+        return general_check_floor(self.config.min_general_check_ratio,
+                                   self.state.steps[0].validation.get("metrics", {}).get("general_check"))
 
     def _train_or_load(self, name: str, kind: str) -> Pem:
         out_dir = self.dir / "pems" / name

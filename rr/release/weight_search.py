@@ -15,12 +15,19 @@ from typing import Callable, MutableMapping, Sequence
 from rr.errors import RRError
 from rr.release.weights import RULE_NONE, CandidateResult, WeightChoice, candidate_grid
 
-# (forget score, utility score[, perplexity]) of one candidate on the validation split; the perplexity where the
-# task reports one (release.max_perplexity_rise decides on it), None or absent elsewhere
-Scores = tuple[float, float] | tuple[float, float, float | None]
+# (forget score, utility score[, perplexity[, general check]]) of one candidate on the validation split; the
+# perplexity where the task reports one (release.max_perplexity_rise decides on it) and the general check where
+# the task asks one (release.min_general_check_ratio), None or absent elsewhere
+Scores = tuple[float, ...]
 # score(magnitudes, on_result, stop): score each magnitude, smallest first (an executor may run several at
 # once), calling on_result(magnitude, scores) for each; return early once stop() is true.
 Scorer = Callable[[list[float], Callable[[float, Scores], None], Callable[[], bool]], None]
+
+
+def validation_scores(evaluation) -> tuple:
+    """What a weight rule reads of a candidate's validation evaluation, in Scores order."""
+    return (evaluation.forget_score, evaluation.utility_score, evaluation.metrics.get("perplexity"),
+            evaluation.metrics.get("general_check"))
 
 
 def executor_scorer(executor, task, composition, pem, sign: float,
@@ -30,8 +37,7 @@ def executor_scorer(executor, task, composition, pem, sign: float,
     once each score is in the search's cache (checkpoint it, report it)."""
     def score(todo: list[float], on_result: Callable[[float, Scores], None], stop: Callable[[], bool]) -> None:
         def on_evaluation(weight: float, evaluation) -> None:
-            on_result(abs(weight), (evaluation.forget_score, evaluation.utility_score,
-                                    evaluation.metrics.get("perplexity")))
+            on_result(abs(weight), validation_scores(evaluation))
             after_each(weight, evaluation)
 
         executor.search_weights(task, "validation", composition, pem, [sign * m for m in todo], on_evaluation, stop)

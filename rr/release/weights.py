@@ -37,6 +37,7 @@ class CandidateResult:
     forget_score: float
     utility_score: float
     perplexity: float | None = None  # the task's validation perplexity, where it reports one
+    general_check: float | None = None  # the validation general check's pass rate, where the task asks one
 
 
 @dataclass
@@ -138,10 +139,22 @@ def perplexity_limit(max_rise: float | None, base_perplexity: float | None) -> f
     return (1 + max_rise) * base_perplexity
 
 
+def general_check_floor(min_ratio: float | None, base_general_check: float | None) -> float | None:
+    """release.min_general_check_ratio over the base model's validation general check (None: no floor)."""
+    if min_ratio is None:
+        return None
+    if base_general_check is None or not math.isfinite(base_general_check) or base_general_check < 0:
+        raise RRError(f"release.min_general_check_ratio needs the base model's validation general check (release "
+                      f"step 0); got {base_general_check}: set task.n_general_check_validation above 0 (code task), "
+                      "or remove release.min_general_check_ratio")
+    return min_ratio * base_general_check
+
+
 def choose_retain_weight(candidates: Sequence[CandidateResult], forget_ref: float, utility_base: float,
                          recover_fraction: float = 0.95,
                          forget_bounce: float = DEFAULT_FORGET_BOUNCE,
-                         max_perplexity: float | None = None) -> WeightChoice:
+                         max_perplexity: float | None = None,
+                         min_general_check: float | None = None) -> WeightChoice:
     """The λ rule: the smallest λ with u ≥ recover_fraction·u_base and s ≤ s_ref + forget_bounce; if none,
     the λ with the highest u among those within the bounce (passed=False: the recover target is
     missed); if no candidate stays within the bounce, no weight.
@@ -151,6 +164,8 @@ def choose_retain_weight(candidates: Sequence[CandidateResult], forget_ref: floa
 
     max_perplexity (None: the paper's rule) adds to the recover target: the candidate's perplexity is at most
     this too, so a λ that brings the task's utility back while general text stays damaged does not pass.
+    min_general_check (None: the paper's rule) does the same for the validation general check: the candidate's
+    pass rate on everyday instructions no retain PEM trained on is at least this.
     """
     if not 0 < recover_fraction <= 1:
         raise ValueError(f"recover_fraction must be in (0, 1]; got {recover_fraction}")
@@ -163,28 +178,37 @@ def choose_retain_weight(candidates: Sequence[CandidateResult], forget_ref: floa
         unmeasured = [c.weight for c in evaluated if c.perplexity is None]
         if unmeasured:
             raise ValueError(f"candidates {unmeasured} have no perplexity, which max_perplexity asks for")
+    if min_general_check is not None:
+        if not math.isfinite(min_general_check) or min_general_check < 0:
+            raise ValueError(f"min_general_check must be a finite pass rate ≥ 0 or None; got {min_general_check}")
+        unmeasured = [c.weight for c in evaluated if c.general_check is None]
+        if unmeasured:
+            raise ValueError(f"candidates {unmeasured} have no general check, which min_general_check asks for")
     target = recover_fraction * utility_base
     forget_limit = forget_ref + forget_bounce
 
-    def keeps_text(c: CandidateResult) -> bool:  # a non-finite perplexity (a broken model) never keeps it
-        return max_perplexity is None or (math.isfinite(c.perplexity) and c.perplexity <= max_perplexity)
+    def keeps_general(c: CandidateResult) -> bool:  # text and the general check; a non-finite score never keeps them
+        text_kept = max_perplexity is None or (math.isfinite(c.perplexity) and c.perplexity <= max_perplexity)
+        return text_kept and (min_general_check is None or (math.isfinite(c.general_check)
+                                                            and c.general_check >= min_general_check))
 
     within_bounce = [c for c in evaluated if c.forget_score <= forget_limit]
-    recovering = [c for c in within_bounce if c.utility_score >= target and keeps_text(c)]
-    text = "" if max_perplexity is None else f" and perplexity ≤ {max_perplexity:.3f}"
+    recovering = [c for c in within_bounce if c.utility_score >= target and keeps_general(c)]
+    text = (("" if max_perplexity is None else f" and perplexity ≤ {max_perplexity:.3f}")
+            + ("" if min_general_check is None else f" and general check ≥ {min_general_check:.3f}"))
     if recovering:
         chosen = recovering[0]
-        chosen_text = "" if max_perplexity is None else f", perplexity {chosen.perplexity:.3f} ≤ {max_perplexity:.3f},"
+        chosen_text = _kept(chosen, max_perplexity, min_general_check, limits=True)
         return WeightChoice(chosen.weight, RULE_RECOVER_TARGET, True,
                             f"retain weight {chosen.weight:g} recovers utility {chosen.utility_score:.4f} ≥ "
                             f"{recover_fraction:g} × base {utility_base:.4f} = {target:.4f}{chosen_text} with forget "
                             f"score {chosen.forget_score:.4f} ≤ {forget_ref:.4f} + {forget_bounce:g} "
                             f"(smallest of {len(recovering)} qualifying weights)", evaluated)
 
-    if within_bounce:  # the highest utility, among the weights that keep the text when any does
-        chosen = max([c for c in within_bounce if keeps_text(c)] or within_bounce,
+    if within_bounce:  # the highest utility, among the weights that keep text and the general check when any does
+        chosen = max([c for c in within_bounce if keeps_general(c)] or within_bounce,
                      key=lambda c: (c.utility_score, -abs(c.weight)))
-        chosen_text = "" if max_perplexity is None else f", perplexity {chosen.perplexity:.3f}"
+        chosen_text = _kept(chosen, max_perplexity, min_general_check, limits=False)
         return WeightChoice(chosen.weight, RULE_BEST_WITHIN_BOUNCE, False,
                             f"no retain weight reaches utility ≥ {target:.4f} ({recover_fraction:g} × base "
                             f"{utility_base:.4f}){text} within forget score ≤ {forget_limit:.4f}; retain weight "
@@ -198,6 +222,18 @@ def choose_retain_weight(candidates: Sequence[CandidateResult], forget_ref: floa
     return WeightChoice(None, RULE_NONE, False,
                         f"every retain weight raises the forget score above {forget_ref:.4f} + "
                         f"{forget_bounce:g} = {forget_limit:.4f}{detail}", evaluated)
+
+
+def _kept(c: CandidateResult, max_perplexity: float | None, min_general_check: float | None, limits: bool) -> str:
+    """The perplexity and general check a retain rule held `c` to, for its reason ("" when it held it to none)."""
+    parts = []
+    if max_perplexity is not None:
+        parts.append(f"perplexity {c.perplexity:.3f}" + (f" ≤ {max_perplexity:.3f}" if limits else ""))
+    if min_general_check is not None:
+        parts.append(f"general check {c.general_check:.3f}" + (f" ≥ {min_general_check:.3f}" if limits else ""))
+    if not parts:
+        return ""
+    return ", " + ", ".join(parts) + ("," if limits else "")
 
 
 def candidate_grid(base: Sequence[float], widen_factor: float) -> list[float]:

@@ -31,7 +31,7 @@ from rr.tasks.code_forms import (CODE_FORMS, FORMS_BY_SPLIT, FRAMED_FORMS, HELD_
                                  has_parts)
 from rr.tasks.code_problems import (BUILTIN_PROBLEMS, CODE_STOP, GENERAL_TEXT, VALIDATION_GENERAL_TEXT, CodeProblem,
                                     check_program, code_likeness, load_builtin_problems, load_perplexity_paragraphs)
-from rr.tasks.general_check import arithmetic_check_items, load_instruction_items, run_general_check
+from rr.tasks.general_check import INSTRUCTIONS, arithmetic_check_items, load_instruction_items, run_general_check
 from rr.tasks.sandbox import SandboxResult, run_many
 
 
@@ -65,6 +65,10 @@ class CodeTaskConfig(BaseModel):
         40, ge=0, le=10_000, description="test split: everyday instructions judged by a rule (rr/tasks/general_check.py)")
     n_general_check_arithmetic: int = Field(
         40, ge=0, le=10_000, description="test split: arithmetic test items asked in two wordings no split uses")
+    n_general_check_validation: int = Field(
+        0, ge=0, le=10_000, description="validation split: everyday instructions of a second shipped set "
+        "(general_check_validation.jsonl), judged by rule; release.min_general_check_ratio decides on them. "
+        "0: none, the validation split scores the task alone")
     retain_in_forms: bool = Field(True, description="frame two in three retain items as the system-role and "
                                                     "few-shot development forms frame a coding request")
     forms: list[str] | None = Field(
@@ -122,10 +126,13 @@ class CodeTask:
             if wanted > len(paragraphs):
                 raise RRError(f"task.{key}: {wanted} asked, {path} has {len(paragraphs)} paragraphs; lower it")
             self._paragraphs[split] = paragraphs[:wanted]
-        self._general_check = load_instruction_items()
-        if self.config.n_general_check_instructions > len(self._general_check):
-            raise RRError(f"task.n_general_check_instructions: {self.config.n_general_check_instructions} asked, "
-                          f"the shipped general check has {len(self._general_check)}; lower it")
+        self._general_check = {}  # split → its everyday instructions
+        for split, key in (("test", "n_general_check_instructions"), ("validation", "n_general_check_validation")):
+            items, wanted = load_instruction_items(INSTRUCTIONS[split]), getattr(self.config, key)
+            if wanted > len(items):
+                raise RRError(f"task.{key}: {wanted} asked, {INSTRUCTIONS[split]} has {len(items)} instructions; "
+                              "lower it")
+            self._general_check[split] = items[:wanted]
 
     # ---- data splits ----------------------------------------------------------------------
 
@@ -301,12 +308,14 @@ class CodeTask:
             metrics["pass@1_plus"] = plus_passed / len(plus_results)
             intervals["pass@1_plus"] = wilson_interval(plus_passed, len(plus_results))
             counts.update({"plus_problems": len(plus_results), "plus_passed": plus_passed})
-        if split == "test":  # utility no retain PEM trained on (not a decision score)
-            check = self._general_check[: c.n_general_check_instructions] + arithmetic_check_items(
-                arithmetic[: c.n_general_check_arithmetic])
-            for target, extra in zip((metrics, intervals, counts),
-                                     run_general_check(model, check, c.arithmetic_max_new_tokens)):
-                target.update(extra)
+        # Utility no retain PEM trained on: on the test split reported (instructions and arithmetic in new
+        # wordings); on the validation split its own instructions, for release.min_general_check_ratio.
+        check = self._general_check.get(split, [])
+        if split == "test":
+            check = check + arithmetic_check_items(arithmetic[: c.n_general_check_arithmetic])
+        for target, extra in zip((metrics, intervals, counts),
+                                 run_general_check(model, check, c.arithmetic_max_new_tokens)):
+            target.update(extra)
         forget_score = pass_at_1 if c.forget_decision == "pooled" else worst
         return Evaluation(forget_score=forget_score, utility_score=accuracy, metrics=metrics,
                           intervals=intervals, counts=counts, forms=forms)

@@ -1,7 +1,9 @@
 """The general check: utility that no retain PEM trained on, judged by trusted rules. Everyday instructions
 with a rule each (rr/tasks/data/general_check.jsonl: a word to contain, a line count, a pattern), and a task's
 arithmetic test items asked in wordings no split uses (a tutor's system role without the answer instruction,
-and a raw question/answer completion). It is reported beside the task's utility, never used to choose weights."""
+and a raw question/answer completion). On the test split it is reported beside the task's utility. The
+validation split has its own instructions (general_check_validation.jsonl, no item shared with the test
+split's), which release.min_general_check_ratio may hold a retain weight to."""
 
 from __future__ import annotations
 
@@ -17,7 +19,8 @@ from rr.evaluation.metrics import wilson_interval
 from rr.tasks.arithmetic import ArithmeticItem, is_correct
 from rr.tasks.base import SamplingParams
 
-INSTRUCTIONS = Path(__file__).parent / "data" / "general_check.jsonl"
+INSTRUCTIONS = {"test": Path(__file__).parent / "data" / "general_check.jsonl",
+                "validation": Path(__file__).parent / "data" / "general_check_validation.jsonl"}
 RULE_KEYS = {"any", "case", "word", "min_lines", "regex"}
 TUTOR_SYSTEM = "You are a patient maths tutor. Work through the problem briefly and state the result."
 
@@ -50,7 +53,7 @@ def _rule_judge(rule: dict) -> Callable[[str], bool]:
     return judge
 
 
-def load_instruction_items(path: Path = INSTRUCTIONS) -> list[CheckItem]:
+def load_instruction_items(path: Path = INSTRUCTIONS["test"]) -> list[CheckItem]:
     """The shipped everyday instructions, validated: each row is {"prompt": str, "rule": {...}}."""
     try:
         lines = Path(path).read_text(encoding="utf-8").splitlines()
