@@ -571,8 +571,9 @@ class JobConfig(_Strict):
             raise ValueError(f"release.max_perplexity_rise: the {self.task.name} task reports no perplexity; remove it "
                              f"(tasks that do: {', '.join(n for n, s in TASKS.items() if s.reports_perplexity)})")
         if self.release.min_general_check_ratio is not None and not getattr(self.task, "n_general_check_validation", 0):
-            raise ValueError("release.min_general_check_ratio: the validation split asks no general check; set "
-                             "task.n_general_check_validation (code task, e.g. 40) or remove it")
+            raise ValueError(f"release.min_general_check_ratio: the {self.task.name} task's validation split asks no "
+                             "general check; remove it" + (", or set task.n_general_check_validation (e.g. 40)"
+                                                           if self.task.name == "code" else " (only the code task asks one)"))
         if compute.trainer_bounds()[1] > 1 and self.release.lora.gradient_accumulation_steps != 1:
             raise ValueError("compute.trainer_workers > 1 splits each batch across workers; set "
                              "release.lora.gradient_accumulation_steps: 1 (raise release.lora.batch_size instead)")

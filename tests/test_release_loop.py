@@ -155,9 +155,9 @@ def test_a_perplexity_limit_makes_the_retain_step_bring_general_text_back_too(tm
 
 # Validation general check (base 0.6) in the metrics: +0.5 brings utility back with the instructions at 0.45 (75%);
 # +1 brings them to 0.6. The test split scores the same, so the step table shows what the rule saw.
-WITH_CHECK = {(): (1.0, 0.8, {"general_check": 0.6}), (-1.0,): (0.5, 0.7, {"general_check": 0.5}),
-              (-2.0,): (0.08, 0.6, {"general_check": 0.3}),
-              (-2.0, 0.5): (0.1, 0.78, {"general_check": 0.45}), (-2.0, 1.0): (0.1, 0.78, {"general_check": 0.6})}
+WITH_CHECK = {(): (1.0, 0.8, {"general_check_instructions": 0.6}), (-1.0,): (0.5, 0.7, {"general_check_instructions": 0.5}),
+              (-2.0,): (0.08, 0.6, {"general_check_instructions": 0.3}),
+              (-2.0, 0.5): (0.1, 0.78, {"general_check_instructions": 0.45}), (-2.0, 1.0): (0.1, 0.78, {"general_check_instructions": 0.6})}
 
 
 @pytest.mark.parametrize("min_ratio, retain_weight", [(None, 0.5), (0.95, 1.0)])

@@ -149,6 +149,14 @@ def test_retain_rule_with_a_general_check_floor_refuses_a_weight_that_leaves_the
             CandidateResult(2.0, 0.1, 0.72, 10.5, 0.7)]
     assert choose_retain_weight(both, forget_ref=0.2, utility_base=0.74, max_perplexity=11.0,
                                 min_general_check=0.6).weight == 2.0
+    # Missed with both limits set and none keeping both: the fallback prefers the text, then the check.
+    neither = [CandidateResult(0.5, 0.1, 0.65, 10.5, 0.4), CandidateResult(1.0, 0.1, 0.69, 12.0, 0.4),
+               CandidateResult(2.0, 0.1, 0.68, 12.0, 0.7)]
+    fallback = choose_retain_weight(neither, forget_ref=0.2, utility_base=0.74, max_perplexity=11.0,
+                                    min_general_check=0.6)
+    assert (fallback.weight, fallback.passed) == (0.5, False)
+    assert choose_retain_weight(neither[1:], forget_ref=0.2, utility_base=0.74, max_perplexity=11.0,
+                                min_general_check=0.6).weight == 2.0
     # A non-finite check never keeps the instructions; a missing one is an error only when the floor is set.
     broken = [CandidateResult(0.5, 0.1, 0.72, general_check=float("nan")), CandidateResult(1.0, 0.1, 0.72,
                                                                                          general_check=0.6)]
@@ -162,7 +170,7 @@ def test_retain_rule_with_a_general_check_floor_refuses_a_weight_that_leaves_the
 
 def test_targets_met_holds_the_general_check_floor_too():
     base = {"forget_score": 0.5, "utility_score": 0.4}
-    kept = {"forget_score": 0.0, "utility_score": 0.4, "metrics": {"general_check": 0.6}}
+    kept = {"forget_score": 0.0, "utility_score": 0.4, "metrics": {"general_check_instructions": 0.6}}
     assert targets_met(kept, base, 0.025, 0.95, min_general_check=0.59).endswith("general check 0.600 ≥ 0.590")
     assert targets_met(kept, base, 0.025, 0.95, min_general_check=0.61) is None
     assert targets_met({**kept, "metrics": {}}, base, 0.025, 0.95, min_general_check=0.1) is None

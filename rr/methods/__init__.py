@@ -90,7 +90,8 @@ def get_method(name: str) -> Method:
 
 register(Method(name="reveal-release", family="reveal_release", settings=("release",), note=ledger_note,
                 summary="Φ0 − μ0·ΔF0 + Σ(λi·ΔRi − μi·ΔFi): forget and retain PEMs composed step by step, each weight "
-                        "chosen on validation by the paper's rules (the job's release stage)"))
+                        "chosen on validation by the paper's rules (the job's release stage; release.max_perplexity_rise and "
+                        "min_general_check_ratio add to the λ rule's target)"))
 register(Method(name="pem-negation", family="pem_negation", settings=("release",), note=merge_weight_note,
                 summary="one forget PEM trained on the forget set and negated once, its weight chosen on validation "
                         "by the μ rule (PEM-external in papers/002)"))

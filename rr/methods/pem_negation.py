@@ -20,7 +20,7 @@ def run_method(job, method: Method, data: ReleaseData, out_dir: Path, progress: 
     from rr.core.files import atomic_write_text
     from rr.release.ledger import Pem, WeightedPem
     from rr.release.loop import evaluation_dict
-    from rr.release.weight_search import executor_scorer, search_weight
+    from rr.release.weight_search import executor_scorer, scores_of, search_weight
     from rr.release.weights import (RULE_FORGET_TARGET, CandidateResult, WeightChoice, choose_forget_weight,
                                     utility_floor)
 
@@ -37,8 +37,7 @@ def run_method(job, method: Method, data: ReleaseData, out_dir: Path, progress: 
     # Scores kept as they are made, so a killed compare resumes the search (compare clears the folder when
     # the data or settings change).
     scored_path = out_dir / "candidates.json"
-    cache = {r["weight"]: (r["forget_score"], r["utility_score"], r.get("perplexity"))
-             for r in (json.loads(scored_path.read_text()) if scored_path.exists() else [])}
+    cache = {r["weight"]: scores_of(r) for r in (json.loads(scored_path.read_text()) if scored_path.exists() else [])}
 
     def choose(candidates: list[CandidateResult]) -> WeightChoice:
         return choose_forget_weight(candidates, base["forget_score"], base["utility_score"], config.forget_fraction,

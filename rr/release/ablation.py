@@ -46,7 +46,7 @@ def matched_negation(job, pem: Pem, target_forget_score: float, progress: Callab
     already made (Release step 1 scored base − μ0·F0 on the test split). With `checkpoint` (a path in the job
     directory) every new score is kept there as it is made, so a killed search resumes with the next candidate."""
     cache = {float(m): tuple(scores) for m, scores in (known or {}).items()}
-    if checkpoint is not None:  # rows [magnitude, forget, utility(, perplexity)]
+    if checkpoint is not None:  # rows [magnitude, forget, utility(, perplexity, general check)]
         cache.update({float(row[0]): tuple(row[1:]) for row in (job.read_json(checkpoint) or [])})
 
     def choose(candidates: list[CandidateResult]) -> WeightChoice:

@@ -18,7 +18,7 @@ from rr.config import ReleaseConfig
 from rr.core.files import atomic_write_text
 from rr.execution.base import Executor
 from rr.release.ledger import Ledger, LedgerEntry, Pem, WeightedPem
-from rr.release.weight_search import executor_scorer, search_weight, validation_scores
+from rr.release.weight_search import GENERAL_CHECK_METRIC, executor_scorer, search_weight, validation_scores
 from rr.release.weights import (RULE_FORGET_TARGET, RULE_RECOVER_TARGET, CandidateResult, WeightChoice,
                                 choose_forget_weight, choose_retain_weight, general_check_floor, perplexity_limit,
                                 utility_floor)
@@ -34,7 +34,8 @@ def evaluation_dict(evaluation: Evaluation) -> dict:
 def cached_validation(scores: list) -> dict:
     """A step's validation scores from its weight search's cache (the weight it applied was scored there)."""
     validation = {"forget_score": scores[0], "utility_score": scores[1]}
-    metrics = {name: score for name, score in zip(("perplexity", "general_check"), scores[2:]) if score is not None}
+    metrics = {name: score for name, score in zip(("perplexity", GENERAL_CHECK_METRIC), scores[2:])
+               if score is not None}
     if metrics:
         validation["metrics"] = metrics
     return validation
@@ -108,7 +109,7 @@ def targets_met(validation: dict, base_validation: dict, stop_below: float | Non
     if forget > stop_below or utility < utility_target:
         return None
     metrics = validation.get("metrics", {})
-    perplexity, general_check = metrics.get("perplexity"), metrics.get("general_check")
+    perplexity, general_check = metrics.get("perplexity"), metrics.get(GENERAL_CHECK_METRIC)
     if max_perplexity is not None and (perplexity is None or perplexity > max_perplexity):
         return None
     if min_general_check is not None and (general_check is None or general_check < min_general_check):
@@ -165,6 +166,7 @@ class ReleaseLoop:
             self.on_step(self.state.steps[0])
         if self.state.finished:
             return self.state
+        self._perplexity_limit(), self._general_check_floor()  # refused now, not after a step's work
         plan = step_plan(self.config.iterations)
         for step, kind in enumerate(plan, start=1):
             if step < len(self.state.steps):
@@ -264,7 +266,7 @@ class ReleaseLoop:
     def _general_check_floor(self) -> float | None:
         """release.min_general_check_ratio × the base model's validation general check (None: not set)."""
         return general_check_floor(self.config.min_general_check_ratio,
-                                   self.state.steps[0].validation.get("metrics", {}).get("general_check"))
+                                   self.state.steps[0].validation.get("metrics", {}).get(GENERAL_CHECK_METRIC))
 
     def _train_or_load(self, name: str, kind: str) -> Pem:
         out_dir = self.dir / "pems" / name

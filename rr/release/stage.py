@@ -15,6 +15,7 @@ from rr.errors import RRError
 from rr.release.ablation import matched_negation
 from rr.release.general_retain import general_retain_examples, prose_retain_examples
 from rr.release.ledger import Pem
+from rr.release.weight_search import scores_of
 from rr.release.loop import ReleaseLoop, StepRecord
 from rr.tasks.base import Example
 
@@ -53,7 +54,7 @@ def single_negation_baseline(job, loop: ReleaseLoop, target_forget_score: float,
         return cached  # made for another target (the loop ended elsewhere since): chosen again below
     first = loop.state.steps[1]
     # Step 1 scored this very model (base − w·F0) for some weights already: reuse those scores.
-    known = {c["weight"]: (c["forget_score"], c["utility_score"], c.get("perplexity")) for c in first.candidates}
+    known = {c["weight"]: scores_of(c) for c in first.candidates}
     # Step 1's own weight is this very model too, already scored on the test split.
     result = matched_negation(job, Pem.load(loop.dir / "pems" / first.pem), target_forget_score, progress, known,
                               {abs(first.merge_weight): first.test}, checkpoint="release/baseline_candidates.json")

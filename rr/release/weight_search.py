@@ -16,9 +16,12 @@ from rr.errors import RRError
 from rr.release.weights import RULE_NONE, CandidateResult, WeightChoice, candidate_grid
 
 # (forget score, utility score[, perplexity[, general check]]) of one candidate on the validation split; the
-# perplexity where the task reports one (release.max_perplexity_rise decides on it) and the general check where
-# the task asks one (release.min_general_check_ratio), None or absent elsewhere
+# perplexity where the task reports one (release.max_perplexity_rise decides on it) and the general check's
+# instructions where the task asks them (release.min_general_check_ratio), None or absent elsewhere
 Scores = tuple[float, ...]
+# What release.min_general_check_ratio reads: the everyday instructions' pass rate, which means the same on both
+# splits (the test split's general check also asks arithmetic in new wordings; the validation split's does not).
+GENERAL_CHECK_METRIC = "general_check_instructions"
 # score(magnitudes, on_result, stop): score each magnitude, smallest first (an executor may run several at
 # once), calling on_result(magnitude, scores) for each; return early once stop() is true.
 Scorer = Callable[[list[float], Callable[[float, Scores], None], Callable[[], bool]], None]
@@ -27,7 +30,13 @@ Scorer = Callable[[list[float], Callable[[float, Scores], None], Callable[[], bo
 def validation_scores(evaluation) -> tuple:
     """What a weight rule reads of a candidate's validation evaluation, in Scores order."""
     return (evaluation.forget_score, evaluation.utility_score, evaluation.metrics.get("perplexity"),
-            evaluation.metrics.get("general_check"))
+            evaluation.metrics.get(GENERAL_CHECK_METRIC))
+
+
+def scores_of(candidate: dict) -> tuple:
+    """A candidate as a weight search's records keep it (asdict(CandidateResult)) back in Scores order."""
+    return (candidate["forget_score"], candidate["utility_score"], candidate.get("perplexity"),
+            candidate.get("general_check"))
 
 
 def executor_scorer(executor, task, composition, pem, sign: float,

@@ -145,8 +145,9 @@ def general_check_floor(min_ratio: float | None, base_general_check: float | Non
         return None
     if base_general_check is None or not math.isfinite(base_general_check) or base_general_check < 0:
         raise RRError(f"release.min_general_check_ratio needs the base model's validation general check (release "
-                      f"step 0); got {base_general_check}: set task.n_general_check_validation above 0 (code task), "
-                      "or remove release.min_general_check_ratio")
+                      f"step 0); got {base_general_check}: set task.n_general_check_validation above 0 (code task) or "
+                      "remove release.min_general_check_ratio; a job whose step 0 was scored without it needs its "
+                      "release/ deleted to score it again")
     return min_ratio * base_general_check
 
 
@@ -183,14 +184,19 @@ def choose_retain_weight(candidates: Sequence[CandidateResult], forget_ref: floa
             raise ValueError(f"min_general_check must be a finite pass rate ≥ 0 or None; got {min_general_check}")
         unmeasured = [c.weight for c in evaluated if c.general_check is None]
         if unmeasured:
-            raise ValueError(f"candidates {unmeasured} have no general check, which min_general_check asks for")
+            raise ValueError(f"candidates {unmeasured} have no general check, which min_general_check asks for "
+                             "(their validation evaluation reported none: the task asks no validation general check)")
     target = recover_fraction * utility_base
     forget_limit = forget_ref + forget_bounce
 
-    def keeps_general(c: CandidateResult) -> bool:  # text and the general check; a non-finite score never keeps them
-        text_kept = max_perplexity is None or (math.isfinite(c.perplexity) and c.perplexity <= max_perplexity)
-        return text_kept and (min_general_check is None or (math.isfinite(c.general_check)
-                                                            and c.general_check >= min_general_check))
+    def keeps_text(c: CandidateResult) -> bool:  # a non-finite score (a broken model) never keeps it
+        return max_perplexity is None or (math.isfinite(c.perplexity) and c.perplexity <= max_perplexity)
+
+    def keeps_check(c: CandidateResult) -> bool:
+        return min_general_check is None or (math.isfinite(c.general_check) and c.general_check >= min_general_check)
+
+    def keeps_general(c: CandidateResult) -> bool:
+        return keeps_text(c) and keeps_check(c)
 
     within_bounce = [c for c in evaluated if c.forget_score <= forget_limit]
     recovering = [c for c in within_bounce if c.utility_score >= target and keeps_general(c)]
@@ -205,8 +211,9 @@ def choose_retain_weight(candidates: Sequence[CandidateResult], forget_ref: floa
                             f"score {chosen.forget_score:.4f} ≤ {forget_ref:.4f} + {forget_bounce:g} "
                             f"(smallest of {len(recovering)} qualifying weights)", evaluated)
 
-    if within_bounce:  # the highest utility, among the weights that keep text and the general check when any does
-        chosen = max([c for c in within_bounce if keeps_general(c)] or within_bounce,
+    if within_bounce:  # the highest utility among the weights that keep both, else the text, else the check
+        pools = ([c for c in within_bounce if keep(c)] for keep in (keeps_general, keeps_text, keeps_check))
+        chosen = max(next((pool for pool in pools if pool), within_bounce),
                      key=lambda c: (c.utility_score, -abs(c.weight)))
         chosen_text = _kept(chosen, max_perplexity, min_general_check, limits=False)
         return WeightChoice(chosen.weight, RULE_BEST_WITHIN_BOUNCE, False,
