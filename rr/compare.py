@@ -14,7 +14,7 @@ import shutil
 from dataclasses import asdict
 from typing import Callable
 
-from rr.config import CompareConfig
+from rr.config import CompareConfig, ReleaseConfig
 from rr.core.prompt import prompt_to_json
 from rr.methods import Method, MethodRun, ReleaseData, get_method
 
@@ -58,7 +58,30 @@ def data_fingerprint(data: ReleaseData) -> dict:
 def method_settings(job, config: CompareConfig, method: Method) -> dict:
     """The config a method's result depends on (its spec's `settings`, dotted paths under `compare` or
     `release`): a result made with other settings is redone."""
-    roots = {"compare": config, "release": job.config.release}
+    return _settings_under({"compare": config, "release": job.config.release}, method)
+
+
+def _with_defaults(saved, defaults):
+    """`saved` with the keys it lacks taken from `defaults`, at every depth: settings an older rr wrote, before a
+    key with a default was added, read as that default (a new key left at its default redoes nothing)."""
+    if not isinstance(saved, dict) or not isinstance(defaults, dict):
+        return saved
+    return {**{k: v for k, v in defaults.items() if k not in saved},
+            **{k: _with_defaults(v, defaults.get(k)) for k, v in saved.items()}}
+
+
+def same_inputs(saved: dict | None, inputs: dict, method: Method) -> bool:
+    """Whether a method's saved {data, settings} are `inputs`, keys added since read as their defaults."""
+    if not isinstance(saved, dict):
+        return False
+    defaults = _settings_under({"compare": CompareConfig(), "release": ReleaseConfig()}, method)
+    settings = saved.get("settings")
+    settings = {path: _with_defaults(value, defaults.get(path)) for path, value in settings.items()} \
+        if isinstance(settings, dict) else settings
+    return saved.get("data") == inputs["data"] and settings == inputs["settings"]
+
+
+def _settings_under(roots: dict, method: Method) -> dict:
     values = {}
     for path in method.settings:
         root, *keys = path.split(".")
@@ -76,7 +99,7 @@ def start_method_dir(job, name: str, inputs: dict) -> None:
     candidates) is resumed only when it was made from the same data and settings; otherwise it is removed,
     so a method never reuses a PEM trained on another forget set. inputs.json says what the folder is for."""
     out_dir = job.dir / "compare" / name
-    if job.read_json(f"compare/{name}/inputs.json") != inputs and out_dir.exists():
+    if not same_inputs(job.read_json(f"compare/{name}/inputs.json"), inputs, get_method(name)) and out_dir.exists():
         shutil.rmtree(out_dir)  # rr made it (compare/<method>/ of this job)
     job.write_json(f"compare/{name}/inputs.json", inputs)
 
@@ -98,7 +121,7 @@ def run_compare(job, progress: Callable[[str], None] = print) -> dict:
         out_dir = job.dir / "compare" / name
         settings = method_settings(job, config, method)
         done = job.read_json(f"compare/{name}/result.json")
-        if done is None or done.get("data") != fingerprint or done.get("settings") != settings:
+        if not same_inputs(done, {"data": fingerprint, "settings": settings}, method):
             start_method_dir(job, name, {"data": fingerprint, "settings": settings})
             progress(f"compare: {name} — {method.summary}")
             module = importlib.import_module(f"rr.methods.{method.family}")

@@ -4,9 +4,11 @@ registry tags, `rr compare` (its family module and the settings that decide when
 import importlib
 from types import SimpleNamespace
 
+import json
+
 import pytest
 
-from rr.compare import method_settings
+from rr.compare import method_settings, same_inputs
 from rr.config import CompareConfig, JobConfig
 from rr.methods import METHODS
 from rr.tasks.registry import TASKS
@@ -63,6 +65,27 @@ def test_a_method_whose_settings_change_is_re_run(name):
         object.__setattr__(parent, keys[-1], changed(getattr(parent, keys[-1])))
         after = method_settings(SimpleNamespace(config=job), compare, method)
         assert after != before, f"{name}: changing {path} leaves its settings unchanged"
+
+
+@pytest.mark.parametrize("name", ["reveal-release", "pem-negation", "ga+gd"])
+def test_a_result_saved_before_a_key_was_added_is_reused_while_the_key_keeps_its_default(name):
+    """An older rr's result.json lacks keys added since (release.min_general_check_ratio, say): read as their
+    defaults they change nothing, so upgrading rr does not delete hours of compare results; set, they redo it."""
+    method = METHODS[name]
+    now = {"data": {"forget_sha256": "x"}, "settings": method_settings(SimpleNamespace(config=JobConfig()),
+                                                                       CompareConfig(), method)}
+    older = json.loads(json.dumps(now))
+    for value in older["settings"].values():
+        for key in ("min_general_check_ratio", "lora", "epochs"):  # a nested block missing reads as its defaults too
+            if isinstance(value, dict):
+                value.pop(key, None)
+    assert older != now and same_inputs(older, now, method)
+    if "release" in now["settings"]:
+        raised = json.loads(json.dumps(now))
+        raised["settings"]["release"]["min_general_check_ratio"] = 0.95
+        assert not same_inputs(older, raised, method)
+    assert not same_inputs({**older, "data": {"forget_sha256": "y"}}, now, method)
+    assert not same_inputs(None, now, method)
 
 
 def changed(value):
