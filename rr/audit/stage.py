@@ -202,9 +202,6 @@ def run_audit(job, progress: Callable[[str], None] = print) -> dict:
     material = spec.audit(job.task, cfg)
     store = AuditDir(job.dir / "audit")
     compositions = _compositions(job, summary, cfg.models)
-    if job.config.generation.backend != "hf":
-        raise RRError("rr audit: membership inference reads the model's token statistics, which need "
-                      "generation.backend: hf")
     model_keys = {name: _composition_key(composition) for name, composition in compositions.items()}
     job.executor.prepare("release", len(material.relearn_examples()))  # generation and training, as Release
 

@@ -117,12 +117,17 @@ def form_markdown(report: Mapping, metric: str = "hit rate") -> str:
     return "\n".join(lines) + "\n"
 
 
-def with_form_report(result: dict, base: dict | None, task) -> tuple[dict, str | None]:
-    """`rr eval`'s and ray_jobs/evaluate.py's answer: the composed model's evaluation dict with its per-form
-    report against the base model (`base`, None when the base itself was scored) and that report in
-    Markdown; the result unchanged and None for a task without forms."""
+def evaluate_with_forms(executor, task, split: str, composition=()) -> tuple[dict, str | None]:
+    """`rr eval`'s and ray_jobs/evaluate.py's answer: base + `composition` scored on a split through the job's
+    executor (in-process or Ray, either generation backend), as an evaluation dict with its per-form report
+    against the base model (scored as well when the composition is not empty) and that report in Markdown;
+    the dict alone and None for a task without forms."""
+    from rr.release.loop import evaluation_dict
+
+    composition = list(composition)
+    result = evaluation_dict(executor.evaluate(task, split, composition))
     if not result.get("forms"):
         return result, None
-    models = {"rr": result} if base is not None else {}
-    report = form_report(base if base is not None else result, models, getattr(task, "held_out_forms", ()))
+    base = evaluation_dict(executor.evaluate(task, split, [])) if composition else result
+    report = form_report(base, {"rr": result} if composition else {}, getattr(task, "held_out_forms", ()))
     return {**result, "form_report": report}, form_markdown(report, getattr(task, "form_metric", "hit rate"))

@@ -91,9 +91,8 @@ def release_stage(job, args, progress) -> None:
 
 def evaluate_stage(job, args, progress) -> None:
     """Score base + the job's ledger (or the base model) on a split; written to evaluation/<split>.json."""
-    from rr.evaluation.forms import with_form_report
+    from rr.evaluation.forms import evaluate_with_forms
     from rr.release.ledger import Ledger
-    from rr.release.loop import evaluation_dict
     from rr.tasks.base import SPLITS
 
     if args.split not in SPLITS:
@@ -102,12 +101,8 @@ def evaluate_stage(job, args, progress) -> None:
     composition = Ledger.load(ledger_path).resolve(ledger_path.parent) if ledger_path.exists() else []
     progress(f"evaluating {'base + ' + str(len(composition)) + ' ledger entries' if composition else 'the base model'} "
              f"on the {args.split} split")
-    result = evaluation_dict(job.executor.evaluate(job.task, args.split, composition))
+    result, table = evaluate_with_forms(job.executor, job.task, args.split, composition)
     result["ledger_entries"] = len(composition)
-    base = None
-    if composition and result.get("forms"):  # per form, against the base model
-        base = evaluation_dict(job.executor.evaluate(job.task, args.split, []))
-    result, table = with_form_report(result, base, job.task)
     job.write_json(f"evaluation/{args.split}.json", result)
     if table:
         (job.dir / "evaluation" / f"{args.split}-forms.md").write_text(table)

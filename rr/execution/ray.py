@@ -67,15 +67,42 @@ class GeneratorReplica:
                 max_loras=spec["vllm_max_loras"], seed=spec["seed"], dtype=spec["dtype"])
             self.adapter_root = Path(tempfile.mkdtemp(prefix="rr-adapters-"))
             self.adapters: dict[CompositionKey, object] = {}
+            self.scorer = self.composed = None  # token statistics: the transformers model, loaded on first use
             return
+        self.generator = self.scorer = None
+        self._load_scorer()
+
+    def _load_scorer(self) -> None:
+        """The transformers model that composes by forward hooks: the generator of a transformers replica, and a
+        vLLM replica's source of token statistics (vLLM gives only the top-k log-probs of a prompt token, not the
+        whole distribution MinK++ standardises by), as the in-process executor reads them from the job's model."""
         from rr.generation.hf import HFGenerator
         from rr.models import load_model_and_tokenizer
         from rr.release.ledger import ComposedModel
 
-        model, tokenizer = load_model_and_tokenizer(spec["name_or_path"], spec["gguf_file"], spec["dtype"],
-                                                    spec["device"], spec["revision"], spec["hf_token_env"])
-        self.generator = HFGenerator(model, tokenizer, batch_size=spec["batch_size"])
+        import torch
+
+        spec = self.spec
+        try:
+            model, tokenizer = load_model_and_tokenizer(spec["name_or_path"], spec["gguf_file"], spec["dtype"],
+                                                        spec["device"], spec["revision"], spec["hf_token_env"])
+        except torch.OutOfMemoryError as exc:
+            if self.generator is None:  # a transformers replica: its one model did not fit
+                raise
+            raise RRError("a vLLM replica loads the transformers model beside its engine for token statistics "
+                          "(rr audit, answer probability) and it did not fit: lower "
+                          "generation.vllm_gpu_memory_utilization to leave room for one more copy of the model, or "
+                          "use generation.backend: hf for this stage") from exc
+        self.scorer = HFGenerator(model, tokenizer, batch_size=spec["batch_size"])
         self.composed = ComposedModel(model)
+        if self.generator is None:
+            self.generator = self.scorer
+
+    def _token_stats(self, key: CompositionKey, prompts: Sequence, answers: Sequence[str]) -> list:
+        if self.scorer is None:
+            self._load_scorer()
+        self._compose(key)
+        return self.scorer.token_stats(prompts, answers)
 
     def info(self) -> dict:
         return {"pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id()}
@@ -101,7 +128,7 @@ class GeneratorReplica:
             if kind == "generate":
                 out.append(self._decode(*payload))
             elif kind == "token_stats":
-                out.append(self.generator.token_stats(*payload))
+                out.append(self._token_stats(key, *payload))
             else:
                 out.append(self.generator.perplexity(payload))
         return out
@@ -141,6 +168,9 @@ class GeneratorReplica:
             if kind == "perplexity":
                 g._adapter = self._lora(key)
                 out[index] = g.perplexity(payload)
+                continue
+            if kind == "token_stats":
+                out[index] = self._token_stats(key, *payload)
                 continue
             prompts, request_seeds, params = payload
             start = len(texts)
