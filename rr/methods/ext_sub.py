@@ -7,7 +7,7 @@ row (each output unit's weight vector), the shared "general capability" directio
 the anti-expert's projection on it, (ΔA_row·g)·g, is its general part, and the rest is its deficiency:
     D = ΔA − proj_g(ΔA).
 The released model is Φ0 + ΔE − α·D (the extraction-before-subtraction of the authors' code), with α chosen
-on the validation split by the paper's μ rule among compare.ext_sub.weights.
+on the validation split by the paper's μ rule among compare.ext_sub.weights (widened once, as pem-negation's).
 """
 
 from __future__ import annotations
@@ -101,9 +101,14 @@ def run_method(job, method: Method, data: ReleaseData, out_dir: Path, progress: 
             progress(f"  ext-sub α={alpha:g}: forget {evaluation.forget_score:.3f}, "
                      f"utility {evaluation.utility_score:.3f}")
 
-    choice = search_weight(config.weights, choose, lambda c: c.rule == RULE_FORGET_TARGET, score, {})
+    tried: dict = {}
+    # as pem-negation: the grid, widened once by release.widen_factor when no α reaches the forget target
+    choice = search_weight(config.weights, choose, lambda c: c.rule == RULE_FORGET_TARGET, score, tried,
+                           job.config.release.widen_factor,
+                           lambda choice, wider: progress(f"ext-sub: no α reached the forget target; widening to "
+                                                          f"{sorted(wider)}"))
     if choice.weight is None:
-        raise RRError(f"ext-sub: no α in {config.weights} lowers the validation forget score enough "
+        raise RRError(f"ext-sub: no α in {sorted(tried)} lowers the validation forget score enough "
                       f"({choice.reason}); widen compare.ext_sub.weights")
     apply(choice.weight)
     wall_time = time.perf_counter() - started
