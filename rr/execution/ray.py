@@ -76,11 +76,11 @@ class GeneratorReplica:
         """The transformers model that composes by forward hooks: the generator of a transformers replica, and a
         vLLM replica's source of token statistics (vLLM gives only the top-k log-probs of a prompt token, not the
         whole distribution MinK++ standardises by), as the in-process executor reads them from the job's model."""
+        import torch
+
         from rr.generation.hf import HFGenerator
         from rr.models import load_model_and_tokenizer
         from rr.release.ledger import ComposedModel
-
-        import torch
 
         spec = self.spec
         try:
