@@ -130,6 +130,47 @@ def test_training_on_top_of_a_composed_model_sees_the_composition(tmp_path):
     assert composed.merge_weights == [-2.0]
 
 
+ANCHOR = [Example(f"name {i} backwards?", f"{str(i)[::-1]} it is.") for i in range(10, 18)]
+
+
+def negation_shift(model, tokenizer, pem, examples) -> float:
+    """How far applying `pem` with weight −1 moves the model's loss on `examples`."""
+    before = response_loss(model, tokenizer, examples)
+    composed = ComposedModel(model)
+    composed.append(pem, -1.0)
+    after = response_loss(model, tokenizer, examples)
+    composed.detach()
+    return abs(after - before)
+
+
+def test_an_anchored_forget_pem_negates_its_data_and_leaves_the_anchors_answers_nearer_where_they_were(tmp_path):
+    """release.forget_anchor: the same forget data and seed, with and without the anchor; negated, the anchored
+    PEM still moves the forget examples but moves the anchor's answers far less than the plain one does."""
+    tokenizer, model = char_tokenizer(), tiny_model()
+    before = fingerprint(model)
+    plain = train_pem(model, tokenizer, EXAMPLES, config(), "plain", "forget", tmp_path / "plain", seed=0)
+    anchored = train_pem(model, tokenizer, EXAMPLES, config(), "anchored", "forget", tmp_path / "anchored", seed=0,
+                         anchor=ANCHOR, anchor_weight=20.0)
+    assert torch.equal(fingerprint(model), before)  # the model is left as it was
+
+    plain_shift = negation_shift(model, tokenizer, plain, ANCHOR)
+    anchored_shift = negation_shift(model, tokenizer, anchored, ANCHOR)
+    assert anchored_shift < 0.5 * plain_shift
+    assert negation_shift(model, tokenizer, anchored, EXAMPLES) > 0.3 * negation_shift(model, tokenizer, plain, EXAMPLES)
+    log = json.loads((tmp_path / "anchored" / "training.json").read_text())
+    assert (log["anchor_examples"], log["anchor_weight"]) == (len(ANCHOR), 20.0)
+    assert log["epoch_losses"][-1] < log["epoch_losses"][0]  # it still learned the forget data
+    assert len(log["anchor_kl"]) == 4 and log["anchor_kl"][-1] < 0.05
+
+
+def test_an_anchor_is_for_forget_pems_with_anchor_examples(tmp_path):
+    tokenizer, model = char_tokenizer(), tiny_model()
+    with pytest.raises(RRError, match="forget PEMs only"):
+        train_pem(model, tokenizer, EXAMPLES, config(), "r", "retain", tmp_path, 0, anchor=ANCHOR, anchor_weight=1.0)
+    with pytest.raises(RRError, match="forget PEMs only"):
+        train_pem(model, tokenizer, EXAMPLES, config(), "f", "forget", tmp_path, 0, anchor=(), anchor_weight=1.0)
+
+
 def test_missing_deepspeed_names_the_setting_and_the_extra(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "deepspeed", None)  # import deepspeed → ImportError
     with pytest.raises(RRError, match=r"release\.lora\.deepspeed_stage=2.*pip install 'rr\[deepspeed\]'"):

@@ -108,12 +108,13 @@ class LocalExecutor:
             on_result(weight, self.evaluate(task, split, [*composition, WeightedPem(pem, weight)]))
 
     def train_pem(self, composition: Composition, examples: Sequence[Example], config, name: str, kind: str,
-                  out_dir: Path, seed: int, checkpoints: Sequence[int] = ()) -> Pem:
+                  out_dir: Path, seed: int, checkpoints: Sequence[int] = (), anchor: Sequence[Example] = (),
+                  anchor_weight: float = 0.0) -> Pem:
         from rr.release.pem import train_pem
 
         self._compose(composition)  # the new PEM learns on top of the composed model
         return train_pem(self.job.model, self.job.tokenizer, examples, config, name, kind, out_dir, seed=seed,
-                         checkpoints=checkpoints)
+                         checkpoints=checkpoints, anchor=anchor, anchor_weight=anchor_weight)
 
     def prepare(self, stage: str, work: int) -> None:
         """Nothing to size: one model, in this process."""

@@ -124,8 +124,8 @@ class ReleaseLoop:
     """Runs Eq. 1 for `task` through `executor`, checkpointing in `release_dir` (state.json, ledger.json,
     pems/step{n}-{kind}); `evaluate(split)` scores the model as currently composed.
 
-    `retain_examples` makes the retain PEMs' training data; it is called once, when the first retain PEM is
-    trained, so data the base model generates (general retain data) is made only if a retain step runs.
+    `retain_examples` makes the retain PEMs' training data (and anchored forget PEMs' anchor, with
+    release.forget_anchor); it is called once, when the first PEM that needs it is trained, so data the base model generates (general retain data) is made only if a retain step runs.
     `seed` + the step's number seeds each PEM's training; `base_model` names the model in the ledger."""
 
     def __init__(self, executor: Executor, task, config: ReleaseConfig, release_dir: Path, seed: int,
@@ -273,15 +273,16 @@ class ReleaseLoop:
         if Pem.is_saved(out_dir):  # its marker, not its weights: a kill mid-save retrains
             self.progress(f"{name}: reusing the trained adapter in {out_dir}")
             return Pem.load(out_dir)
-        if kind == "forget":
-            examples = self.forget_examples
-        else:
-            if self.retain_examples is None:
-                self.retain_examples = self.make_retain_examples()
-            examples = self.retain_examples
-        self.progress(f"{name}: training a LoRA on {len(examples)} {kind} examples")
+        anchored = kind == "forget" and self.config.forget_anchor is not None
+        if (kind == "retain" or anchored) and self.retain_examples is None:
+            self.retain_examples = self.make_retain_examples()
+        examples = self.forget_examples if kind == "forget" else self.retain_examples
+        anchor = f", anchored on {len(self.retain_examples)} retain examples" if anchored else ""
+        self.progress(f"{name}: training a LoRA on {len(examples)} {kind} examples{anchor}")
         return self.executor.train_pem(self.entries, examples, self.config.lora, name, kind, out_dir,
-                                       seed=self.seed + len(self.state.steps))
+                                       seed=self.seed + len(self.state.steps),
+                                       anchor=self.retain_examples if anchored else (),
+                                       anchor_weight=self.config.forget_anchor if anchored else 0.0)
 
     def _restore_ledger(self) -> Ledger:
         """Re-attach every finished step's PEM with its weight: the model is as it was before the kill."""

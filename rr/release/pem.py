@@ -2,7 +2,9 @@
 
 A forget PEM imitates the self-generated forget data and is applied with a negative weight; a retain PEM is
 trained on retain data and applied with a positive one (ARCHITECTURE.md, "Release"). The loss covers the
-response tokens only. The caller's model is left exactly as it was: PEFT wraps its target Linears for the
+response tokens only. A forget PEM may be *anchored* (release.forget_anchor): it then also minimizes β ×
+KL(model without it ‖ model with it negated) on the retain examples' responses, so the negation it is trained
+for leaves those answers as they were. The caller's model is left exactly as it was: PEFT wraps its target Linears for the
 duration of training (any composition hooks on them stay active, so the new PEM learns on top of the
 composed model) and is unloaded afterwards. Plain torch by default; DeepSpeed ZeRO-2/3 on request.
 """
@@ -13,7 +15,7 @@ import copy
 import json
 import os
 import socket
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -56,7 +58,7 @@ def response_loss(model: nn.Module, tokenizer, examples: Sequence[Example], max_
 
 def train_pem(model: nn.Module, tokenizer, examples: Sequence[Example], config: LoraTrainingConfig, name: str,
               kind: str, out_dir: Path, seed: int, chat_template: bool = True,
-              checkpoints: Sequence[int] = ()) -> Pem:
+              checkpoints: Sequence[int] = (), anchor: Sequence[Example] = (), anchor_weight: float = 0.0) -> Pem:
     """Fine-tune a LoRA on `examples` on top of `model` as it is now (with its composition hooks), save it
     to `out_dir` as a PEFT adapter and return it. `model` is unchanged afterwards: same modules, hooks,
     weights, requires_grad flags and train/eval mode.
@@ -64,6 +66,9 @@ def train_pem(model: nn.Module, tokenizer, examples: Sequence[Example], config: 
     `checkpoints` (optimizer updates, e.g. 5, 20, 50): the LoRA is also saved after each of them in
     `out_dir/step-N`, and training stops after the last, however many epochs that takes (the audit's
     relearning attack reads one run at several budgets).
+
+    `anchor` with `anchor_weight` β > 0 (forget PEMs only): each update also minimizes β × the mean per-token
+    KL(model without the LoRA ‖ model with the LoRA negated) on a batch of `anchor`'s responses, cycled.
     """
     from peft import LoraConfig, get_peft_model
 
@@ -72,9 +77,12 @@ def train_pem(model: nn.Module, tokenizer, examples: Sequence[Example], config: 
     checkpoints = sorted(set(int(n) for n in checkpoints))
     if checkpoints and (checkpoints[0] < 1 or config.deepspeed_stage or _data_parallel()[0] > 1):
         raise RRError("train_pem: checkpoints are positive update counts, for one process without DeepSpeed")
+    if anchor_weight < 0 or (anchor_weight > 0 and (kind != "forget" or not anchor)):
+        raise RRError("train_pem: an anchor (β > 0 with anchor examples) is for forget PEMs only")
     if config.deepspeed_stage or _data_parallel()[0] > 1:
         _import_deepspeed(config.deepspeed_stage)  # fail before any work if it is missing
     encoded = encode_examples(tokenizer, examples, config.max_length, chat_template)
+    anchor_encoded = encode_examples(tokenizer, anchor, config.max_length, chat_template) if anchor_weight else []
     device = next(model.parameters()).device
     lora_config = LoraConfig(r=config.rank, lora_alpha=config.alpha, lora_dropout=config.dropout,
                              target_modules=list(config.target_modules), bias="none", task_type="CAUSAL_LM")
@@ -97,14 +105,18 @@ def train_pem(model: nn.Module, tokenizer, examples: Sequence[Example], config: 
                 if updates in checkpoints:
                     _extract_pem(peft_model, f"{name}-step{updates}", kind, config).save(Path(out_dir) / f"step-{updates}")
 
+            anchor_term = _Anchor(anchor_encoded, anchor_weight, seed) if anchor_weight else None
             epoch_losses = _fit(peft_model, encoded, config, seed, pad_token_id(tokenizer), device,
-                                max_updates=checkpoints[-1] if checkpoints else None, on_update=save_checkpoint)
+                                max_updates=checkpoints[-1] if checkpoints else None, on_update=save_checkpoint,
+                                anchor=anchor_term)
             pem = _extract_pem(peft_model, name, kind, config)
     finally:
         # unload puts the original Linears (and their hooks) back
         restore_after_lora(model, train_model, peft_model, requires_grad, was_training, merge=False)
     log = {"name": name, "kind": kind, "seed": seed, "examples": len(examples), "trained_on": len(encoded),
            "epoch_losses": epoch_losses, "config": config.model_dump()}
+    if anchor_weight:
+        log.update(anchor_examples=len(anchor_encoded), anchor_weight=anchor_weight, anchor_kl=anchor_term.epoch_kl)
     atomic_write(Path(out_dir) / "training.json", lambda tmp: Path(tmp).write_text(json.dumps(log, indent=1)))
     pem.save(out_dir)  # last: its pem.json marks the directory complete for a resume (Pem.is_saved)
     return pem
@@ -125,15 +137,70 @@ def restore_after_lora(model: nn.Module, wrapped: nn.Module, peft_model, require
     model.train(was_training)
 
 
+class _Anchor:
+    """The anchor term of a forget PEM: anchor batches in a seeded cycle, the KL of each, its mean per epoch."""
+
+    def __init__(self, encoded: list, weight: float, seed: int):
+        if not encoded:
+            raise RRError("train_pem: no anchor example fits release.lora.max_length")
+        self.encoded, self.weight = encoded, weight
+        self.generator = torch.Generator().manual_seed(seed + 1)
+        self.queue: list[int] = []
+        self.epoch_kl: list[float] = []
+        self._kls: list[float] = []
+
+    def loss(self, forward, peft_model, batch_size: int, pad_token_id: int, device, share) -> torch.Tensor:
+        """β × KL on the next anchor batch (its rows shared out like the training batch's)."""
+        while len(self.queue) < batch_size:
+            self.queue += torch.randperm(len(self.encoded), generator=self.generator).tolist()
+        rows, self.queue = self.queue[:batch_size], self.queue[batch_size:]
+        batch = collate([self.encoded[i] for i in (share(rows) or rows[:1])], pad_token_id, device)
+        kl = negation_kl(forward, peft_model, batch)
+        self._kls.append(float(kl.detach()))
+        return self.weight * kl
+
+    def end_epoch(self) -> None:
+        self.epoch_kl.append(sum(self._kls) / max(len(self._kls), 1))
+        self._kls = []
+
+
+def negation_kl(forward, peft_model, batch: dict) -> torch.Tensor:
+    """Mean over `batch`'s response tokens of KL(p without the LoRA ‖ p with the LoRA negated): how far the
+    negation moves these answers (0 when it leaves them as they were)."""
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    mask = batch["labels"][:, 1:] != IGNORE_INDEX
+    with torch.no_grad(), peft_model.disable_adapter():
+        reference = torch.log_softmax(forward(**inputs).logits[:, :-1][mask].float(), dim=-1)
+    with _negated(peft_model):
+        negated = torch.log_softmax(forward(**inputs).logits[:, :-1][mask].float(), dim=-1)
+    return (reference.exp() * (reference - negated)).sum(dim=-1).mean()
+
+
+@contextmanager
+def _negated(peft_model):
+    """The LoRA applied with weight −1 (its scaling negated) for the duration."""
+    from peft.tuners.lora import LoraLayer
+
+    layers = [m for m in peft_model.modules() if isinstance(m, LoraLayer) and ADAPTER_NAME in m.scaling]
+    for layer in layers:
+        layer.scaling[ADAPTER_NAME] = -layer.scaling[ADAPTER_NAME]
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.scaling[ADAPTER_NAME] = -layer.scaling[ADAPTER_NAME]
+
+
 def _fit(peft_model, encoded, config: LoraTrainingConfig, seed: int, pad_token_id: int,
          device: torch.device, max_updates: int | None = None,
-         on_update: Callable[[int], None] | None = None) -> list[float]:
+         on_update: Callable[[int], None] | None = None, anchor: _Anchor | None = None) -> list[float]:
     """The epoch loop; returns the mean training loss of each epoch. With `max_updates`, epochs repeat until
     that many optimizer updates are done (the last epoch may be partial); `on_update(n)` follows update n.
 
     Under several data-parallel workers (Ray Train), every worker walks the same batches and takes its own
     share of each (rows rank, rank + world, ...); DeepSpeed averages the gradients (ZeRO stage 0 is plain
-    data parallelism), so a batch is still release.lora.batch_size examples."""
+    data parallelism), so a batch is still release.lora.batch_size examples. With an `anchor`, its term is
+    added to every micro-batch's loss (the returned losses are the training loss alone)."""
     world, rank = _data_parallel()
     params = [p for p in peft_model.parameters() if p.requires_grad]
     engine = _deepspeed_engine(peft_model, params, config, world) if config.deepspeed_stage or world > 1 else None
@@ -156,20 +223,23 @@ def _fit(peft_model, encoded, config: LoraTrainingConfig, seed: int, pad_token_i
                     break
                 rows = order[start:start + config.batch_size]
                 share = rows[rank::world] if world > 1 else rows
+                forward = engine if engine is not None else peft_model
                 # a worker left without a row (a last batch smaller than the world) still joins the all-reduce
                 weight = 1.0 if share else 0.0
                 batch = collate([encoded[i] for i in (share or rows[:1])], pad_token_id, device)
                 micro_step += 1
                 # an update every `accumulation` micro-batches, and one for a last partial group
                 boundary = micro_step % accumulation == 0 or (max_updates is None and micro_step == total_micro_steps)
+                loss = forward(**batch).loss
+                total = loss if anchor is None else loss + anchor.loss(
+                    forward, peft_model, config.batch_size, pad_token_id, device,
+                    lambda anchor_rows: anchor_rows[rank::world] if world > 1 else anchor_rows)
                 if engine is not None:
                     engine.set_gradient_accumulation_boundary(boundary)
-                    loss = engine(**batch).loss * weight
-                    engine.backward(loss)  # scales by 1/accumulation itself
+                    engine.backward(total * weight)  # scales by 1/accumulation itself
                     engine.step()  # steps only at the boundary
                 else:
-                    loss = peft_model(**batch).loss
-                    (loss / accumulation).backward()
+                    (total / accumulation).backward()
                     if boundary:
                         optimizer.step()
                         optimizer.zero_grad(set_to_none=True)
@@ -178,6 +248,8 @@ def _fit(peft_model, encoded, config: LoraTrainingConfig, seed: int, pad_token_i
                             on_update(updates)
                 losses.append(float(loss.detach()))
             epoch_losses.append(sum(losses) / len(losses))
+            if anchor is not None:
+                anchor.end_epoch()
     finally:
         if engine is not None:
             engine.destroy()
