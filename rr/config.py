@@ -180,9 +180,11 @@ class ReleaseConfig(_Strict):
                                            max_length=MAX_WEIGHTS)
     forget_anchor: float | None = Field(
         None, gt=0, le=1000, description="β: each forget PEM also trains to keep the retain examples' answers where "
-        "they are when it is negated (β × KL(model without it ‖ model with it negated) on their responses), so "
-        "the negation forgets less of what the retain data asks (e.g. the entity task's neighbours); unset: the "
-        "paper's plain LoRA")
+        "they are when it is negated (β × KL(model without it ‖ model with it at weight −forget_anchor_at) on their "
+        "responses), so the negation forgets less of what the retain data asks (e.g. the entity task's "
+        "neighbours); unset: the paper's plain LoRA")
+    forget_anchor_at: Magnitude | None = Field(
+        None, description="the negation weight at which forget_anchor holds; unset: the largest of forget_weights")
     forget_fraction: float = Field(0.9, gt=0, lt=1)
     forget_utility_floor: float | None = Field(
         None, gt=0, le=1, description="a forget weight qualifies only if its validation utility is at least this × the "

@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 from pydantic import ValidationError
-from support import char_tokenizer, tiny_model
+from support import FORGET, RETAIN, char_tokenizer, learned_model, tiny_model
 
 from rr.config import LoraTrainingConfig
 from rr.errors import RRError
@@ -130,43 +130,39 @@ def test_training_on_top_of_a_composed_model_sees_the_composition(tmp_path):
     assert composed.merge_weights == [-2.0]
 
 
-ANCHOR = [Example(f"name {i} backwards?", f"{str(i)[::-1]} it is.") for i in range(10, 18)]
-
-
-def negation_shift(model, tokenizer, pem, examples) -> float:
-    """How far applying `pem` with weight −1 moves the model's loss on `examples`."""
+def negation_shift(model, tokenizer, pem, examples, weight: float = 2.0) -> float:
+    """How far applying `pem` with weight −`weight` moves the model's loss on `examples`."""
     before = response_loss(model, tokenizer, examples)
     composed = ComposedModel(model)
-    composed.append(pem, -1.0)
+    composed.append(pem, -weight)
     after = response_loss(model, tokenizer, examples)
     composed.detach()
     return abs(after - before)
 
 
-def test_an_anchored_forget_pem_negates_its_data_and_leaves_the_anchors_answers_nearer_where_they_were(tmp_path):
-    """release.forget_anchor: the same forget data and seed, with and without the anchor; negated, the anchored
-    PEM still moves the forget examples but moves the anchor's answers far less than the plain one does."""
-    tokenizer, model = char_tokenizer(), tiny_model()
+def test_an_anchored_forget_pem_negates_its_data_and_leaves_the_anchors_answers_where_they_were(tmp_path, learned_state):
+    """release.forget_anchor on a model that learned FORGET and RETAIN: the same forget data and seed, with and
+    without the anchor (RETAIN, held at weight −2). Negated at −2, the plain PEM raises RETAIN's loss by 0.28
+    (more than FORGET's); the anchored one moves FORGET as much and RETAIN by about 0.002."""
+    tokenizer, model = char_tokenizer(), learned_model(learned_state)
     before = fingerprint(model)
-    plain = train_pem(model, tokenizer, EXAMPLES, config(), "plain", "forget", tmp_path / "plain", seed=0)
-    anchored = train_pem(model, tokenizer, EXAMPLES, config(), "anchored", "forget", tmp_path / "anchored", seed=0,
-                         anchor=ANCHOR, anchor_weight=20.0)
+    plain = train_pem(model, tokenizer, FORGET, config(epochs=10), "plain", "forget", tmp_path / "plain", seed=0)
+    anchored = train_pem(model, tokenizer, FORGET, config(epochs=10), "anchored", "forget", tmp_path / "anchored",
+                         seed=0, anchor=RETAIN, anchor_weight=1.0, anchor_scale=2.0)
     assert torch.equal(fingerprint(model), before)  # the model is left as it was
 
-    plain_shift = negation_shift(model, tokenizer, plain, ANCHOR)
-    anchored_shift = negation_shift(model, tokenizer, anchored, ANCHOR)
-    assert anchored_shift < 0.5 * plain_shift
-    assert negation_shift(model, tokenizer, anchored, EXAMPLES) > 0.3 * negation_shift(model, tokenizer, plain, EXAMPLES)
+    assert negation_shift(model, tokenizer, plain, RETAIN) > 0.1
+    assert negation_shift(model, tokenizer, anchored, RETAIN) < 0.1 * negation_shift(model, tokenizer, plain, RETAIN)
+    assert negation_shift(model, tokenizer, anchored, FORGET) > 0.5 * negation_shift(model, tokenizer, plain, FORGET)
     log = json.loads((tmp_path / "anchored" / "training.json").read_text())
-    assert (log["anchor_examples"], log["anchor_weight"]) == (len(ANCHOR), 20.0)
-    assert log["epoch_losses"][-1] < log["epoch_losses"][0]  # it still learned the forget data
-    assert len(log["anchor_kl"]) == 4 and log["anchor_kl"][-1] < 0.05
+    assert (log["anchor_examples"], log["anchor_weight"], log["anchor_scale"]) == (len(RETAIN), 1.0, 2.0)
+    assert len(log["anchor_kl"]) == 10 and log["anchor_kl"][-1] < 0.01
 
 
 def test_an_anchor_is_for_forget_pems_with_anchor_examples(tmp_path):
     tokenizer, model = char_tokenizer(), tiny_model()
     with pytest.raises(RRError, match="forget PEMs only"):
-        train_pem(model, tokenizer, EXAMPLES, config(), "r", "retain", tmp_path, 0, anchor=ANCHOR, anchor_weight=1.0)
+        train_pem(model, tokenizer, EXAMPLES, config(), "r", "retain", tmp_path, 0, anchor=RETAIN, anchor_weight=1.0)
     with pytest.raises(RRError, match="forget PEMs only"):
         train_pem(model, tokenizer, EXAMPLES, config(), "f", "forget", tmp_path, 0, anchor=(), anchor_weight=1.0)
 

@@ -109,12 +109,13 @@ class LocalExecutor:
 
     def train_pem(self, composition: Composition, examples: Sequence[Example], config, name: str, kind: str,
                   out_dir: Path, seed: int, checkpoints: Sequence[int] = (), anchor: Sequence[Example] = (),
-                  anchor_weight: float = 0.0) -> Pem:
+                  anchor_weight: float = 0.0, anchor_scale: float = 1.0) -> Pem:
         from rr.release.pem import train_pem
 
         self._compose(composition)  # the new PEM learns on top of the composed model
         return train_pem(self.job.model, self.job.tokenizer, examples, config, name, kind, out_dir, seed=seed,
-                         checkpoints=checkpoints, anchor=anchor, anchor_weight=anchor_weight)
+                         checkpoints=checkpoints, anchor=anchor, anchor_weight=anchor_weight,
+                         anchor_scale=anchor_scale)
 
     def prepare(self, stage: str, work: int) -> None:
         """Nothing to size: one model, in this process."""

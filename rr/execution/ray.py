@@ -394,7 +394,7 @@ def _train_worker(config: dict) -> None:
     out_dir = Path(config["out_dir"]) if rank == 0 else Path(tempfile.mkdtemp(prefix="rr-pem-rank"))
     train_pem(model, tokenizer, config["examples"], config["lora"], config["name"], config["kind"], out_dir,
               seed=config["seed"], checkpoints=config.get("checkpoints", ()), anchor=config.get("anchor", ()),
-              anchor_weight=config.get("anchor_weight", 0.0))
+              anchor_weight=config.get("anchor_weight", 0.0), anchor_scale=config.get("anchor_scale", 1.0))
     train.report({"rank": rank, "saved": str(out_dir)})
 
 
@@ -603,7 +603,7 @@ class RayExecutor:
 
     def train_pem(self, composition: Composition, examples: Sequence[Example], config, name: str, kind: str,
                   out_dir: Path, seed: int, checkpoints: Sequence[int] = (), anchor: Sequence[Example] = (),
-                  anchor_weight: float = 0.0) -> Pem:
+                  anchor_weight: float = 0.0, anchor_scale: float = 1.0) -> Pem:
         """rr.release.pem.train_pem on Ray Train workers (TorchTrainer; gloo on CPU, NCCL on GPUs); with
         `checkpoints`, on one worker (train_pem saves checkpoints in one process only)."""
         from ray.train import RunConfig, ScalingConfig
@@ -622,7 +622,7 @@ class RayExecutor:
                                    "examples": list(examples), "lora": config, "name": name, "kind": kind,
                                    "out_dir": str(out_dir), "seed": seed, "device": "cuda" if use_gpu else "cpu",
                                    "checkpoints": list(checkpoints), "anchor": list(anchor),
-                                   "anchor_weight": anchor_weight,
+                                   "anchor_weight": anchor_weight, "anchor_scale": anchor_scale,
                                    "threads": self.job.config.compute.threads or max(1, int(self.compute.trainer_num_cpus))},
                 torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
                 scaling_config=ScalingConfig(num_workers=1 if checkpoints else self.trainers, use_gpu=use_gpu,

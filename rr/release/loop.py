@@ -282,7 +282,8 @@ class ReleaseLoop:
         return self.executor.train_pem(self.entries, examples, self.config.lora, name, kind, out_dir,
                                        seed=self.seed + len(self.state.steps),
                                        anchor=self.retain_examples if anchored else (),
-                                       anchor_weight=self.config.forget_anchor if anchored else 0.0)
+                                       anchor_weight=self.config.forget_anchor if anchored else 0.0,
+                                       anchor_scale=self.config.forget_anchor_at or max(self.config.forget_weights))
 
     def _restore_ledger(self) -> Ledger:
         """Re-attach every finished step's PEM with its weight: the model is as it was before the kill."""

@@ -3,8 +3,8 @@
 A forget PEM imitates the self-generated forget data and is applied with a negative weight; a retain PEM is
 trained on retain data and applied with a positive one (ARCHITECTURE.md, "Release"). The loss covers the
 response tokens only. A forget PEM may be *anchored* (release.forget_anchor): it then also minimizes β ×
-KL(model without it ‖ model with it negated) on the retain examples' responses, so the negation it is trained
-for leaves those answers as they were. The caller's model is left exactly as it was: PEFT wraps its target Linears for the
+KL(model without it ‖ model with it negated, at the largest forget weight) on the retain examples' responses,
+so the negation it is trained for leaves those answers as they were. The caller's model is left exactly as it was: PEFT wraps its target Linears for the
 duration of training (any composition hooks on them stay active, so the new PEM learns on top of the
 composed model) and is unloaded afterwards. Plain torch by default; DeepSpeed ZeRO-2/3 on request.
 """
@@ -58,7 +58,8 @@ def response_loss(model: nn.Module, tokenizer, examples: Sequence[Example], max_
 
 def train_pem(model: nn.Module, tokenizer, examples: Sequence[Example], config: LoraTrainingConfig, name: str,
               kind: str, out_dir: Path, seed: int, chat_template: bool = True,
-              checkpoints: Sequence[int] = (), anchor: Sequence[Example] = (), anchor_weight: float = 0.0) -> Pem:
+              checkpoints: Sequence[int] = (), anchor: Sequence[Example] = (), anchor_weight: float = 0.0,
+              anchor_scale: float = 1.0) -> Pem:
     """Fine-tune a LoRA on `examples` on top of `model` as it is now (with its composition hooks), save it
     to `out_dir` as a PEFT adapter and return it. `model` is unchanged afterwards: same modules, hooks,
     weights, requires_grad flags and train/eval mode.
@@ -68,7 +69,8 @@ def train_pem(model: nn.Module, tokenizer, examples: Sequence[Example], config: 
     relearning attack reads one run at several budgets).
 
     `anchor` with `anchor_weight` β > 0 (forget PEMs only): each update also minimizes β × the mean per-token
-    KL(model without the LoRA ‖ model with the LoRA negated) on a batch of `anchor`'s responses, cycled.
+    KL(model without the LoRA ‖ model with the LoRA applied at weight −`anchor_scale`) on a batch of `anchor`'s
+    responses, cycled.
     """
     from peft import LoraConfig, get_peft_model
 
@@ -77,7 +79,7 @@ def train_pem(model: nn.Module, tokenizer, examples: Sequence[Example], config: 
     checkpoints = sorted(set(int(n) for n in checkpoints))
     if checkpoints and (checkpoints[0] < 1 or config.deepspeed_stage or _data_parallel()[0] > 1):
         raise RRError("train_pem: checkpoints are positive update counts, for one process without DeepSpeed")
-    if anchor_weight < 0 or (anchor_weight > 0 and (kind != "forget" or not anchor)):
+    if anchor_weight < 0 or anchor_scale <= 0 or (anchor_weight > 0 and (kind != "forget" or not anchor)):
         raise RRError("train_pem: an anchor (β > 0 with anchor examples) is for forget PEMs only")
     if config.deepspeed_stage or _data_parallel()[0] > 1:
         _import_deepspeed(config.deepspeed_stage)  # fail before any work if it is missing
@@ -105,7 +107,7 @@ def train_pem(model: nn.Module, tokenizer, examples: Sequence[Example], config: 
                 if updates in checkpoints:
                     _extract_pem(peft_model, f"{name}-step{updates}", kind, config).save(Path(out_dir) / f"step-{updates}")
 
-            anchor_term = _Anchor(anchor_encoded, anchor_weight, seed) if anchor_weight else None
+            anchor_term = _Anchor(anchor_encoded, anchor_weight, anchor_scale, seed) if anchor_weight else None
             epoch_losses = _fit(peft_model, encoded, config, seed, pad_token_id(tokenizer), device,
                                 max_updates=checkpoints[-1] if checkpoints else None, on_update=save_checkpoint,
                                 anchor=anchor_term)
@@ -116,7 +118,8 @@ def train_pem(model: nn.Module, tokenizer, examples: Sequence[Example], config: 
     log = {"name": name, "kind": kind, "seed": seed, "examples": len(examples), "trained_on": len(encoded),
            "epoch_losses": epoch_losses, "config": config.model_dump()}
     if anchor_weight:
-        log.update(anchor_examples=len(anchor_encoded), anchor_weight=anchor_weight, anchor_kl=anchor_term.epoch_kl)
+        log.update(anchor_examples=len(anchor_encoded), anchor_weight=anchor_weight, anchor_scale=anchor_scale,
+                   anchor_kl=anchor_term.epoch_kl)
     atomic_write(Path(out_dir) / "training.json", lambda tmp: Path(tmp).write_text(json.dumps(log, indent=1)))
     pem.save(out_dir)  # last: its pem.json marks the directory complete for a resume (Pem.is_saved)
     return pem
@@ -140,10 +143,10 @@ def restore_after_lora(model: nn.Module, wrapped: nn.Module, peft_model, require
 class _Anchor:
     """The anchor term of a forget PEM: anchor batches in a seeded cycle, the KL of each, its mean per epoch."""
 
-    def __init__(self, encoded: list, weight: float, seed: int):
+    def __init__(self, encoded: list, weight: float, scale: float, seed: int):
         if not encoded:
             raise RRError("train_pem: no anchor example fits release.lora.max_length")
-        self.encoded, self.weight = encoded, weight
+        self.encoded, self.weight, self.scale = encoded, weight, scale
         self.generator = torch.Generator().manual_seed(seed + 1)
         self.queue: list[int] = []
         self.epoch_kl: list[float] = []
@@ -155,7 +158,7 @@ class _Anchor:
             self.queue += torch.randperm(len(self.encoded), generator=self.generator).tolist()
         rows, self.queue = self.queue[:batch_size], self.queue[batch_size:]
         batch = collate([self.encoded[i] for i in (share(rows) or rows[:1])], pad_token_id, device)
-        kl = negation_kl(forward, peft_model, batch)
+        kl = negation_kl(forward, peft_model, batch, self.scale)
         self._kls.append(float(kl.detach()))
         return self.weight * kl
 
@@ -164,31 +167,32 @@ class _Anchor:
         self._kls = []
 
 
-def negation_kl(forward, peft_model, batch: dict) -> torch.Tensor:
-    """Mean over `batch`'s response tokens of KL(p without the LoRA ‖ p with the LoRA negated): how far the
-    negation moves these answers (0 when it leaves them as they were)."""
+def negation_kl(forward, peft_model, batch: dict, scale: float = 1.0) -> torch.Tensor:
+    """Mean over `batch`'s response tokens of KL(p without the LoRA ‖ p with the LoRA at weight −`scale`): how
+    far the negation moves these answers (0 when it leaves them as they were)."""
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
     mask = batch["labels"][:, 1:] != IGNORE_INDEX
     with torch.no_grad(), peft_model.disable_adapter():
         reference = torch.log_softmax(forward(**inputs).logits[:, :-1][mask].float(), dim=-1)
-    with _negated(peft_model):
+    with _negated(peft_model, scale):
         negated = torch.log_softmax(forward(**inputs).logits[:, :-1][mask].float(), dim=-1)
     return (reference.exp() * (reference - negated)).sum(dim=-1).mean()
 
 
 @contextmanager
-def _negated(peft_model):
-    """The LoRA applied with weight −1 (its scaling negated) for the duration."""
+def _negated(peft_model, scale: float):
+    """The LoRA applied with weight −`scale` (its scaling multiplied by it) for the duration."""
     from peft.tuners.lora import LoraLayer
 
     layers = [m for m in peft_model.modules() if isinstance(m, LoraLayer) and ADAPTER_NAME in m.scaling]
-    for layer in layers:
-        layer.scaling[ADAPTER_NAME] = -layer.scaling[ADAPTER_NAME]
+    saved = [layer.scaling[ADAPTER_NAME] for layer in layers]
+    for layer, scaling in zip(layers, saved):
+        layer.scaling[ADAPTER_NAME] = -scale * scaling
     try:
         yield
     finally:
-        for layer in layers:
-            layer.scaling[ADAPTER_NAME] = -layer.scaling[ADAPTER_NAME]
+        for layer, scaling in zip(layers, saved):
+            layer.scaling[ADAPTER_NAME] = scaling
 
 
 def _fit(peft_model, encoded, config: LoraTrainingConfig, seed: int, pad_token_id: int,
