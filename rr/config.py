@@ -183,8 +183,9 @@ class ReleaseConfig(_Strict):
         "they are when it is negated (β × KL(model without it ‖ model with it at weight −forget_anchor_at) on their "
         "responses), so the negation forgets less of what the retain data asks (e.g. the entity task's "
         "neighbours); unset: the paper's plain LoRA")
-    forget_anchor_at: Magnitude | None = Field(
-        None, description="the negation weight at which forget_anchor holds; unset: the largest of forget_weights")
+    forget_anchor_at: float | None = Field(
+        None, gt=0, le=100, description="the negation weight (a magnitude) at which forget_anchor holds; unset: the "
+        "largest of forget_weights")
     forget_fraction: float = Field(0.9, gt=0, lt=1)
     forget_utility_floor: float | None = Field(
         None, gt=0, le=1, description="a forget weight qualifies only if its validation utility is at least this × the "

@@ -34,6 +34,7 @@ class ScriptedExecutor:
         self.calls = 0
         self.evaluated: list[tuple[str, tuple[float, ...]]] = []  # finished evaluations, in order
         self.trained: list[tuple[str, int, int]] = []  # (name, examples, seed) of finished trainings
+        self.anchors: list[tuple[str, int, float, float]] = []  # (name, anchor examples, β, at weight) of each
 
     def _call(self) -> None:
         self.calls += 1
@@ -55,11 +56,13 @@ class ScriptedExecutor:
                 return
             on_result(weight, self.evaluate(task, split, [*composition, WeightedPem(pem, weight)]))
 
-    def train_pem(self, composition, examples, config, name, kind, out_dir, seed, checkpoints=()):
+    def train_pem(self, composition, examples, config, name, kind, out_dir, seed, checkpoints=(), anchor=(),
+                  anchor_weight=0.0, anchor_scale=1.0):
         pem = Pem(name, kind, 1, 1.0, ["q_proj"], {"q_proj": (torch.ones(1, 2), torch.ones(2, 1))})
         pem.save(out_dir)
         self._call()
         self.trained.append((name, len(examples), seed))
+        self.anchors.append((name, len(anchor), anchor_weight, anchor_scale))
         return pem
 
     def prepare(self, stage, work):
@@ -214,6 +217,18 @@ def test_a_later_forget_step_with_nothing_left_to_forget_is_skipped(tmp_path):
 def test_no_retain_step_means_the_retain_examples_are_never_made(tmp_path):
     state, _ = run_loop(tmp_path, PLAN, iterations=0, retain=never_called)
     assert [s.kind for s in state.steps] == ["base", "forget"]
+
+
+def test_forget_anchor_anchors_every_forget_pem_on_the_retain_examples_at_the_largest_forget_weight(tmp_path):
+    """release.forget_anchor: the retain examples are made before the first forget PEM and anchor each forget
+    PEM (at the largest forget weight unless forget_anchor_at says otherwise); retain PEMs are never anchored."""
+    _, executor = run_loop(tmp_path / "default", PLAN, iterations=1, forget_anchor=2.0)
+    assert executor.anchors == [("step1-forget", 1, 2.0, 3.0), ("step2-retain", 0, 0.0, 1.0),
+                                ("step3-forget", 1, 2.0, 3.0)]
+    _, executor = run_loop(tmp_path / "at", PLAN, iterations=0, forget_anchor=0.5, forget_anchor_at=8.0)
+    assert executor.anchors == [("step1-forget", 1, 0.5, 8.0)]
+    _, executor = run_loop(tmp_path / "off", PLAN, iterations=0, retain=never_called)
+    assert executor.anchors == [("step1-forget", 0, 0.0, 1.0)]
 
 
 def test_a_loop_killed_at_any_evaluation_or_training_resumes_to_the_same_state_and_ledger(tmp_path):

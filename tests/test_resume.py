@@ -68,7 +68,7 @@ class Probe:
 
 
 def fixed_training(model, tokenizer, examples, config, name, kind, out_dir, seed, chat_template=True,
-                   checkpoints=()):
+                   checkpoints=(), anchor=(), anchor_weight=0.0, anchor_scale=1.0):
     """Stands in for LoRA training: a rank-1 PEM per kind, saved with the real Pem.save."""
     if kind == "forget":
         a, b = torch.tensor([[1.0, 0.0]]), torch.tensor([[1.0], [0.25]])

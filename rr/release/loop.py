@@ -279,11 +279,10 @@ class ReleaseLoop:
         examples = self.forget_examples if kind == "forget" else self.retain_examples
         anchor = f", anchored on {len(self.retain_examples)} retain examples" if anchored else ""
         self.progress(f"{name}: training a LoRA on {len(examples)} {kind} examples{anchor}")
+        anchoring = {"anchor": self.retain_examples, "anchor_weight": self.config.forget_anchor,
+                     "anchor_scale": self.config.forget_anchor_at or max(self.config.forget_weights)} if anchored else {}
         return self.executor.train_pem(self.entries, examples, self.config.lora, name, kind, out_dir,
-                                       seed=self.seed + len(self.state.steps),
-                                       anchor=self.retain_examples if anchored else (),
-                                       anchor_weight=self.config.forget_anchor if anchored else 0.0,
-                                       anchor_scale=self.config.forget_anchor_at or max(self.config.forget_weights))
+                                       seed=self.seed + len(self.state.steps), **anchoring)
 
     def _restore_ledger(self) -> Ledger:
         """Re-attach every finished step's PEM with its weight: the model is as it was before the kill."""
