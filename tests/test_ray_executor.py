@@ -3,6 +3,7 @@ sampled, composed), a replica killed mid-call loses and duplicates nothing, the 
 (the real loop and code task, tracking on) runs as Tune trials on the shared pool, scores as in-process and stops
 once decided, and a PEM trained on Ray Train equals the in-process one."""
 
+import json
 import os
 import signal
 import tempfile
@@ -156,8 +157,15 @@ def test_a_pem_trained_on_ray_train_equals_the_in_process_one(ray_job, local, tm
     examples = [Example(f"What is {i} + {i}?", f"{i} + {i} = {2 * i}.") for i in range(6)]
     lora = ray_job.config.release.lora
     composition = [WeightedPem(random_pem(ray_job.model, "earlier", 2), -1.0)]
-    on_ray = ray_job.executor.train_pem(composition, examples, lora, "step1-forget", "forget", tmp_path / "ray", 5)
-    in_process = local.train_pem(composition, examples, lora, "step1-forget", "forget", tmp_path / "local", 5)
+    # anchored (release.forget_anchor), so the anchor's examples and settings are shown to reach the workers too
+    anchoring = {"anchor": [Example("Spell cat.", "c-a-t"), Example("Spell dog.", "d-o-g")], "anchor_weight": 0.5,
+                 "anchor_scale": 2.0}
+    on_ray = ray_job.executor.train_pem(composition, examples, lora, "step1-forget", "forget", tmp_path / "ray", 5,
+                                        **anchoring)
+    in_process = local.train_pem(composition, examples, lora, "step1-forget", "forget", tmp_path / "local", 5,
+                                 **anchoring)
+    log = json.loads((tmp_path / "ray" / "training.json").read_text())
+    assert (log["anchor_examples"], log["anchor_weight"], log["anchor_scale"]) == (2, 0.5, 2.0)
     assert sorted(on_ray.tensors) == sorted(in_process.tensors)
     for module, (a, b) in in_process.tensors.items():
         torch.testing.assert_close(on_ray.tensors[module][0], a, rtol=1e-4, atol=1e-6)
