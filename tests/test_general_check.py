@@ -4,6 +4,8 @@ validation split only with instructions of its own (no item shared with the test
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from rr.errors import RRError
@@ -51,6 +53,25 @@ def test_validation_instructions_are_their_own_forty_and_neither_test_nor_retain
 ])
 def test_rules_judge_answers_as_written(prompt_start, good, bad):
     item = next(i for i in load_instruction_items() if i.prompt.user.startswith(prompt_start))
+    assert item.judge(good) and not item.judge(bad)
+
+
+def test_no_instruction_passes_an_answer_that_repeats_it():
+    """An echo is not an answer: each instruction's rule fails its own prompt, and its first sentence, repeated."""
+    for path in INSTRUCTIONS.values():
+        for item in load_instruction_items(path):
+            first = re.split(r"(?<=[.?!])\s", item.prompt.user, maxsplit=1)[0]
+            assert not item.judge(item.prompt.user) and not item.judge(f"Sure! {first.upper()}"), item.prompt.user
+
+
+@pytest.mark.parametrize("path, prompt_start, good, bad", [
+    ("test", "Write a greeting you could use in an email", "Hi Sam, I hope you are well.", "I hope this finds you well."),
+    ("validation", "Write a short goodbye you could put", "Goodbye for now, my friend!", "Goodness, what a week."),
+    ("test", "Write a sentence that contains the word 'umbrella'", "I forgot my umbrella at home.",
+     "Write a sentence that contains the word umbrella"),
+])
+def test_word_rules_match_whole_words_and_echoes_fail(path, prompt_start, good, bad):
+    item = next(i for i in load_instruction_items(INSTRUCTIONS[path]) if i.prompt.user.startswith(prompt_start))
     assert item.judge(good) and not item.judge(bad)
 
 

@@ -1,5 +1,6 @@
 """The general check: utility that no retain PEM trained on, judged by trusted rules. Everyday instructions
-with a rule each (rr/tasks/data/general_check.jsonl: a word to contain, a line count, a pattern), and a task's
+with a rule each (rr/tasks/data/general_check.jsonl: a word to contain, a line count, a pattern; an answer that
+repeats the instruction fails whatever its rule), and a task's
 arithmetic test items asked in wordings no split uses (a tutor's system role without the answer instruction,
 and a raw question/answer completion). On the test split it is reported beside the task's utility. The
 validation split has its own instructions (general_check_validation.jsonl, no item shared with the test
@@ -76,8 +77,25 @@ def load_instruction_items(path: Path = INSTRUCTIONS["test"]) -> list[CheckItem]
             judge = _rule_judge(rule)
         except re.error as exc:
             raise RRError(f"{path}:{number}: rule regex does not compile ({exc})") from exc
-        items.append(CheckItem(f"instruction-{number}", "instruction", Prompt.chat(row["prompt"]), judge))
+        items.append(CheckItem(f"instruction-{number}", "instruction", Prompt.chat(row["prompt"]),
+                               _not_an_echo(row["prompt"], judge)))
     return items
+
+
+def _words(text: str) -> str:
+    return " ".join(re.findall(r"\w+", text.lower()))
+
+
+def _not_an_echo(prompt: str, judge: Callable[[str], bool]) -> Callable[[str], bool]:
+    """`judge`, failing every answer that repeats the instruction's first sentence (words compared, case and
+    punctuation aside): an echo of "Write a sentence that contains the word 'umbrella'." names the umbrella but
+    does not answer, and a model whose unlearning left it echoing would otherwise pass such items."""
+    first = _words(re.split(r"(?<=[.?!])\s", prompt.strip(), maxsplit=1)[0])
+
+    def judged(answer: str) -> bool:
+        return first not in _words(answer) and judge(answer)
+
+    return judged
 
 
 def arithmetic_check_items(items: Sequence[ArithmeticItem]) -> list[CheckItem]:
