@@ -65,7 +65,8 @@ def test_no_instruction_passes_an_answer_that_repeats_it():
 
 
 @pytest.mark.parametrize("path, prompt_start, good, bad", [
-    ("test", "Write a greeting you could use in an email", "Hi Sam, I hope you are well.", "I hope this finds you well."),
+    ("test", "Write a greeting you could use in an email", "Hi Sam, I hope you are well.",
+     "I hope this finds you well."),
     ("validation", "Write a short goodbye you could put", "Goodbye for now, my friend!", "Goodness, what a week."),
     ("test", "Write a sentence that contains the word 'umbrella'", "I forgot my umbrella at home.",
      "Write a sentence that contains the word umbrella"),

@@ -140,7 +140,8 @@ def negation_shift(model, tokenizer, pem, examples, weight: float = 2.0) -> floa
     return abs(after - before)
 
 
-def test_an_anchored_forget_pem_negates_its_data_and_leaves_the_anchors_answers_where_they_were(tmp_path, learned_state):
+def test_an_anchored_forget_pem_negates_its_data_and_leaves_the_anchors_answers_where_they_were(tmp_path,
+                                                                                                learned_state):
     """release.forget_anchor on a model that learned FORGET and RETAIN: the same forget data and seed, with and
     without the anchor (RETAIN, held at weight −2). Negated at −2, the plain PEM raises RETAIN's loss by 0.28
     (more than FORGET's); the anchored one moves FORGET as much and RETAIN by about 0.002."""

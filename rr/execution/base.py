@@ -40,7 +40,8 @@ class Executor(Protocol):
                   out_dir: Path, seed: int, checkpoints: Sequence[int] = (), anchor: Sequence[Example] = (),
                   anchor_weight: float = 0.0, anchor_scale: float = 1.0) -> Pem:
         """rr.release.pem.train_pem on the composed model; the adapter is saved in out_dir (and after each of
-        `checkpoints` updates in out_dir/step-N); a forget PEM anchored on `anchor` with β = `anchor_weight` at weight −`anchor_scale`."""
+        `checkpoints` updates in out_dir/step-N); a forget PEM anchored on `anchor` with β = `anchor_weight` at
+        weight −`anchor_scale`."""
 
     def prepare(self, stage: str, work: int) -> None:
         """A sizing hint before a stage ("reveal": generation requests; "release": forget examples)."""

@@ -125,7 +125,8 @@ class ReleaseLoop:
     pems/step{n}-{kind}); `evaluate(split)` scores the model as currently composed.
 
     `retain_examples` makes the retain PEMs' training data (and anchored forget PEMs' anchor, with
-    release.forget_anchor); it is called once, when the first PEM that needs it is trained, so data the base model generates (general retain data) is made only if a retain step runs.
+    release.forget_anchor); it is called once, when the first PEM that needs it is trained, so data the base
+    model generates (general retain data) is made only if a retain step or an anchored forget step runs.
     `seed` + the step's number seeds each PEM's training; `base_model` names the model in the ledger."""
 
     def __init__(self, executor: Executor, task, config: ReleaseConfig, release_dir: Path, seed: int,
@@ -279,8 +280,9 @@ class ReleaseLoop:
         examples = self.forget_examples if kind == "forget" else self.retain_examples
         anchor = f", anchored on {len(self.retain_examples)} retain examples" if anchored else ""
         self.progress(f"{name}: training a LoRA on {len(examples)} {kind} examples{anchor}")
-        anchoring = {"anchor": self.retain_examples, "anchor_weight": self.config.forget_anchor,
-                     "anchor_scale": self.config.forget_anchor_at or max(self.config.forget_weights)} if anchored else {}
+        anchoring = {} if not anchored else {
+            "anchor": self.retain_examples, "anchor_weight": self.config.forget_anchor,
+            "anchor_scale": self.config.forget_anchor_at or max(self.config.forget_weights)}
         return self.executor.train_pem(self.entries, examples, self.config.lora, name, kind, out_dir,
                                        seed=self.seed + len(self.state.steps), **anchoring)
 

@@ -3,9 +3,9 @@
 A forget PEM imitates the self-generated forget data and is applied with a negative weight; a retain PEM is
 trained on retain data and applied with a positive one (ARCHITECTURE.md, "Release"). The loss covers the
 response tokens only. A forget PEM may be *anchored* (release.forget_anchor): it then also minimizes β ×
-KL(model without it ‖ model with it negated, at the largest forget weight) on the retain examples' responses,
-so the negation it is trained for leaves those answers as they were. The caller's model is left exactly as it was: PEFT wraps its target Linears for the
-duration of training (any composition hooks on them stay active, so the new PEM learns on top of the
+KL(model without it ‖ model with it negated at release.forget_anchor_at) on the retain examples' responses, so
+the negation it is trained for leaves those answers as they were. The caller's model is left exactly as it
+was: PEFT wraps its target Linears for the duration of training (any composition hooks on them stay active, so the new PEM learns on top of the
 composed model) and is unloaded afterwards. Plain torch by default; DeepSpeed ZeRO-2/3 on request.
 """
 
