@@ -214,6 +214,11 @@ def _fit(peft_model, encoded, config: LoraTrainingConfig, seed: int, pad_token_i
     accumulation = config.gradient_accumulation_steps
     batches_per_epoch = -(-len(encoded) // config.batch_size)
     total_micro_steps = batches_per_epoch * config.epochs
+    forward = engine if engine is not None else peft_model
+
+    def share(rows: list[int]) -> list[int]:  # this worker's rows of a batch
+        return rows[rank::world] if world > 1 else rows
+
     peft_model.train()
     epoch_losses, micro_step = [], 0
     try:
@@ -226,18 +231,16 @@ def _fit(peft_model, encoded, config: LoraTrainingConfig, seed: int, pad_token_i
                 if max_updates is not None and updates >= max_updates:
                     break
                 rows = order[start:start + config.batch_size]
-                share = rows[rank::world] if world > 1 else rows
-                forward = engine if engine is not None else peft_model
+                mine = share(rows)
                 # a worker left without a row (a last batch smaller than the world) still joins the all-reduce
-                weight = 1.0 if share else 0.0
-                batch = collate([encoded[i] for i in (share or rows[:1])], pad_token_id, device)
+                weight = 1.0 if mine else 0.0
+                batch = collate([encoded[i] for i in (mine or rows[:1])], pad_token_id, device)
                 micro_step += 1
                 # an update every `accumulation` micro-batches, and one for a last partial group
                 boundary = micro_step % accumulation == 0 or (max_updates is None and micro_step == total_micro_steps)
                 loss = forward(**batch).loss
-                total = loss if anchor is None else loss + anchor.loss(
-                    forward, peft_model, config.batch_size, pad_token_id, device,
-                    lambda anchor_rows: anchor_rows[rank::world] if world > 1 else anchor_rows)
+                total = loss if anchor is None else loss + anchor.loss(forward, peft_model, config.batch_size,
+                                                                       pad_token_id, device, share)
                 if engine is not None:
                     engine.set_gradient_accumulation_boundary(boundary)
                     engine.backward(total * weight)  # scales by 1/accumulation itself

@@ -16,6 +16,7 @@ from typing import Callable, Sequence
 
 from rr.core.prompt import Prompt
 from rr.errors import RRError
+from rr.evaluation.memorization import words
 from rr.evaluation.metrics import wilson_interval
 from rr.tasks.arithmetic import ArithmeticItem, is_correct
 from rr.tasks.base import SamplingParams
@@ -82,18 +83,14 @@ def load_instruction_items(path: Path = INSTRUCTIONS["test"]) -> list[CheckItem]
     return items
 
 
-def _words(text: str) -> str:
-    return " ".join(re.findall(r"\w+", text.lower()))
-
-
 def _not_an_echo(prompt: str, judge: Callable[[str], bool]) -> Callable[[str], bool]:
     """`judge`, failing every answer that repeats the instruction's first sentence (words compared, case and
     punctuation aside): an echo of "Write a sentence that contains the word 'umbrella'." names the umbrella but
     does not answer, and a model whose unlearning left it echoing would otherwise pass such items."""
-    first = _words(re.split(r"(?<=[.?!])\s", prompt.strip(), maxsplit=1)[0])
+    first = " ".join(words(re.split(r"(?<=[.?!])\s", prompt.strip(), maxsplit=1)[0]))
 
     def judged(answer: str) -> bool:
-        return first not in _words(answer) and judge(answer)
+        return first not in " ".join(words(answer)) and judge(answer)
 
     return judged
 
