@@ -87,7 +87,7 @@ def main() -> None:
         job.config.compute.parallel_candidates = parallel
         executor.search_weights(task, "validation", [], pem, weights, lambda w, e: None, lambda: False)
 
-    search_times = {"parallel": timed(lambda: search(None)), "one_at_a_time": timed(lambda: search(1))}
+    search_times = {"parallel": timed(lambda: search(len(weights))), "one_at_a_time": timed(lambda: search(1))}
     result = {
         "cores": os.cpu_count(), "threads_per_replica": args.threads, "requests_per_round": len(prompts),
         "max_new_tokens": args.max_new_tokens, "candidates": len(weights),

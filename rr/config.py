@@ -506,7 +506,7 @@ class ComputeConfig(_Strict):
         "separate", description="separate: trainers run on their own workers (a GPU worker group apart from the "
         "replicas'); release_during_training: the replicas are released while a PEM trains and re-created after")
     parallel_candidates: int | None = Field(None, ge=1, le=10_000, description="Ray Tune trials of the weight search that "
-                                            "run at once; null: every candidate")
+                                            "run at once; null: as many as the replicas serve at once (one each; vLLM: vllm_max_loras each)")
     candidate_num_cpus: float = Field(0.0, ge=0, le=MAX_WORKERS, description="CPUs a weight-search trial reserves; 0: none (a "
                                       "trial mostly waits on the replicas; it runs the task's scoring, e.g. the sandbox)")
     max_replica_restarts: int = Field(3, ge=0, le=1000, description="a dead replica is restarted this often; its "

@@ -131,16 +131,13 @@ def test_release_loop_weight_search_runs_as_tune_trials_scores_as_in_process_and
     # The loop as run_release builds it: its callbacks close over the job (tracker, models, Ray executor).
     loop = job_release_loop(ray_job, [], progress=lambda message: None, on_step=ray_job.tracker.release_step)
     loop.state = ReleaseState.load(loop.state_path)
-    ray_job.config.compute.parallel_candidates = 2  # two trials at a time: the later ones wait
+    assert ray_job.config.compute.parallel_candidates is None  # the default: one trial per replica, two at a time
     # A stand-in rule that decides once two candidates are scored (the real rules are tested without Ray).
     def take_the_last(results):
         return WeightChoice(results[-1].weight, "test", True, "two scored", results)
 
-    try:
-        choice = loop.search(1, -1.0, pem, [abs(w) for w in weights], take_the_last,
-                             lambda choice: len(choice.evaluated) >= 2)
-    finally:
-        ray_job.config.compute.parallel_candidates = None
+    choice = loop.search(1, -1.0, pem, [abs(w) for w in weights], take_the_last,
+                         lambda choice: len(choice.evaluated) >= 2)
     cached = loop.state.pending_candidates["1"]
     assert [c.weight for c in choice.evaluated] == [0.5, 1.0]
     assert 2 <= len(cached) < len(weights), "the experiment did not stop once decided"

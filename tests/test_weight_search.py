@@ -85,3 +85,17 @@ def test_a_scorer_that_stops_before_deciding_is_named():
         search_weight([1.0, 2.0], mu_rule(0.175), rule_1, gives_up, {})
     with pytest.raises(ValueError, match="at least one candidate"):
         search_weight([], mu_rule(), rule_1, Scorer(), {})
+
+
+def test_the_ray_search_runs_as_many_trials_at_once_as_the_replicas_serve_unless_told():
+    from rr.execution.base import concurrent_trials
+
+    # The quickstart on Ray: one HF replica, four candidates. All four at once made the one replica score −3 and
+    # −4, which the decided search never needs; one at a time scores smallest first, as in-process.
+    assert concurrent_trials(None, candidates=4, replicas=1, per_replica=1) == 1
+    assert concurrent_trials(None, candidates=5, replicas=2, per_replica=1) == 2
+    assert concurrent_trials(None, candidates=8, replicas=1, per_replica=8) == 8  # vLLM: max_loras share a batch
+    assert concurrent_trials(None, candidates=3, replicas=4, per_replica=1) == 3  # never more than the candidates
+    assert concurrent_trials(None, candidates=3, replicas=0, per_replica=1) == 1  # no replica yet: one
+    assert concurrent_trials(6, candidates=4, replicas=1, per_replica=1) == 4  # compute.parallel_candidates wins
+    assert concurrent_trials(2, candidates=4, replicas=8, per_replica=1) == 2

@@ -57,3 +57,11 @@ def sized(work: int, per_unit: int, bounds: tuple[int, int]) -> int:
     """How many replicas or workers `work` calls for: ceil(work / per_unit) within [low, high]."""
     low, high = bounds
     return max(low, min(high, -(-max(work, 0) // per_unit)))
+
+
+def concurrent_trials(setting: int | None, candidates: int, replicas: int, per_replica: int) -> int:
+    """How many weight-search trials run at once: `setting` (compute.parallel_candidates) when given, else one
+    per composition the replicas can serve at a time (a trial beyond that only queues behind the others, and
+    scores a weight that a decided search would never have scored). Never more than the candidates."""
+    wanted = setting if setting is not None else max(1, replicas) * max(1, per_replica)
+    return max(1, min(candidates, wanted))

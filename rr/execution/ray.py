@@ -26,7 +26,7 @@ import ray
 import ray.util.client
 
 from rr.errors import RRError
-from rr.execution.base import Composition, sized
+from rr.execution.base import Composition, concurrent_trials, sized
 from rr.generation.base import tidy_answer
 from rr.release.ledger import Pem, WeightedPem
 from rr.tasks.base import Evaluation, Example, SamplingParams
@@ -209,6 +209,11 @@ class GeneratorReplica:
 # ---- the pool ------------------------------------------------------------------------------------------------
 
 
+def compositions_per_call(spec: dict) -> int:
+    """Compositions one replica serves in one call: vLLM batches up to vllm_max_loras adapters; HF one."""
+    return spec["vllm_max_loras"] if spec["backend"] == "vllm" else 1
+
+
 class GeneratorPool:
     """An async actor in front of the replicas: splits each call into HFGenerator's batches, hands them to
     whichever replica is free, retries a batch whose replica died on a fresh replica, and puts every answer in
@@ -260,7 +265,7 @@ class GeneratorPool:
 
     async def _serve(self, index: int) -> None:
         """One loop per replica: take work, run it, settle its futures; a dead replica is replaced."""
-        max_groups = self.spec["vllm_max_loras"] if self.spec["backend"] == "vllm" else 1
+        max_groups = compositions_per_call(self.spec)
         while True:
             item = await self.queue.get()
             batch = [item]
@@ -579,6 +584,9 @@ class RayExecutor:
         base_key = self._key(composition)
         self._key([*composition, WeightedPem(pem, 0.0)])  # the pool learns the new PEM once
         ordered = sorted(signed_weights, key=abs)
+        at_once = concurrent_trials(self.compute.parallel_candidates, len(ordered), self.replicas,
+                                    compositions_per_call(self.spec))
+        log.info("weight search %s: %d candidates, %d at a time", pem.name, len(ordered), at_once)
         trainable = tune.with_parameters(_score_candidate, pool=self.pool, task=task, split=split,
                                          base_key=base_key, pem_name=pem.name)
         # Trials wait on the shared pool: they hold a little memory, not the replicas' CPUs or GPUs.
@@ -591,7 +599,7 @@ class RayExecutor:
             tuner = tune.Tuner(
                 tune.with_resources(trainable, resources),
                 param_space={"weight": tune.grid_search(ordered)},
-                tune_config=tune.TuneConfig(max_concurrent_trials=self.compute.parallel_candidates or len(ordered)),
+                tune_config=tune.TuneConfig(max_concurrent_trials=at_once),
                 run_config=tune.RunConfig(name=name, verbose=0, storage_path=str(self.job.dir / "ray" / "tune"),
                                           stop=_as_tune_stopper(search_id)))
             results = tuner.fit()
