@@ -387,7 +387,8 @@ class AuditConfig(_Strict):
     models: list[Literal[AUDIT_MODELS]] = Field(default_factory=lambda: list(AUDIT_MODELS), min_length=1,
                                                 max_length=len(AUDIT_MODELS),
                                                 description="which models to attack; the verdict reads rr's")
-    n_relearn: int = Field(20, ge=1, le=10_000, description="relearn split: target items no other split uses")
+    n_relearn: int = Field(20, ge=1, le=10_000, description="relearn split: target items no other split uses "
+                           "(the entity task: at most the forget people's set-aside relearn facts)")
     relearn_steps: list[Annotated[int, Field(ge=1, le=100_000)]] = Field(
         default_factory=lambda: [5, 20, 50], min_length=1, max_length=10,
                                      description="relearning checkpoints (optimizer updates) of one run")
@@ -397,7 +398,14 @@ class AuditConfig(_Strict):
     relearn_eval_items: int = Field(40, ge=1, le=10_000, description="test-split items of the counted forms the "
                                     "relearned models are scored on, dealt across the forms")
     n_non_member_problems: int = Field(25, ge=1, le=10_000, description="membership non-members: problems no "
-                                       "split uses, answered by the base model with the forget set's instructions")
+                                       "split uses (the entity task: at most the forget people's set-aside "
+                                       "non-member questions), answered by the base model with the forget set's "
+                                       "instructions")
+    never_knew_model: str | None = Field(None, max_length=4096, description="a control for a model that learned its "
+                                         "target first (the entity task's): the model before it learned "
+                                         "(model.name_or_path syntax, e.g. embedded:smollm2), relearned with the "
+                                         "same budget. What relearning builds where nothing was forgotten; null: "
+                                         "no such control")
     mink_k: float = Field(0.2, gt=0, le=1, description="MinK and MinK++: the share of lowest-scoring tokens averaged")
     probe_families: list[str] | None = Field(None, min_length=1, max_length=64, description="probe families to ask "
                                              "(the task's audit module); default all")

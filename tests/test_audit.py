@@ -201,6 +201,56 @@ def test_the_code_task_audit_material_is_disjoint_from_every_split():
         material.probe_items(["jailbreak"], 1)
 
 
+def test_the_entity_task_audit_material_uses_set_aside_facts_and_grades_as_the_task():
+    from rr.core.prompt import as_request
+    from rr.tasks.base import SPLITS
+    from rr.tasks.entity import EntityTask, EntityTaskConfig
+    from rr.tasks.entity_audit import PROBE_FAMILIES, STORY_TOKENS, EntityAudit
+
+    task = EntityTask(EntityTaskConfig(cosine_similarity=False))
+    material = EntityAudit(task, n_relearn=20, n_non_members=25)
+    forget = set(task.forget_people)
+    # 7 forget people × 2 relearn facts (20 asked: all there are); non-members: 7 × 2 facts × 2 Reveal forms, 25 kept
+    assert len(material.relearn_examples()) == 14 and len(material.non_member_contexts()) == 25
+    assert {f.person for f in material.relearn_facts} == forget
+    asked = {str(c.prompt) for split in SPLITS for c in task.contexts(split)}
+    asked |= {str(item.request()) for split in SPLITS for item in task.form_items(task.neighbours, split)}
+    asked |= {e.prompt for e in task.retain_examples()} | {e.prompt for e in task.external_forget_examples()}
+    relearn = {e.prompt for e in material.relearn_examples()}
+    non_members = {str(c.prompt) for c in material.non_member_contexts()}
+    assert not relearn & asked and not non_members & asked and not relearn & non_members
+    assert len({c.id for c in material.non_member_contexts()}) == 25
+    items = material.forget_items(["question", "fill-blank"], 5)
+    assert [i.form for i in items] == ["question", "fill-blank"] * 2 + ["question"]
+    assert all(i.fact.split == "test" and i.fact.person in forget for i in items)
+    probes = material.probe_items(list(PROBE_FAMILIES), 4)
+    assert len(probes) == 4 * len(PROBE_FAMILIES) and all(p.fact.split == "test" for p in probes)
+    primed = next(p for p in probes if p.family == "few-shot-priming")
+    assert len(primed.prompt().messages) == 5  # the person's two relearn facts, answered, then the question
+    assert all(primed.fact.person in turn.content for turn in primed.prompt().messages)
+    half = next(p for p in probes if p.family == "continuation")
+    assert half.prompt().is_completion and half.prompt().completion.endswith(half.fact.statement.split(half.fact.answer)[0].rstrip())
+
+    class Knows:
+        """Answers each prompt with the fact it asks for, if the budget allows (the story needs its own)."""
+        def __init__(self):
+            self.calls = []
+
+        def generate(self, prompts, params, seeds=None):
+            self.calls.append(params.max_new_tokens)
+            by_prompt = {str(as_request(p.prompt())): p.fact for p in probes + items}
+            return [[f"Well, {by_prompt[str(prompt)].statement}" if params.max_new_tokens >= 10 else "Well"]
+                    for prompt in prompts]
+
+    model = Knows()
+    assert material.hits(model, probes + items) == [True] * (len(probes) + len(items))
+    assert sorted(model.calls) == sorted([task.config.max_new_tokens, STORY_TOKENS])
+    refuses = type("Refuses", (), {"generate": lambda self, prompts, params, seeds=None: [["I can't say."]] * len(prompts)})
+    assert material.hits(refuses(), probes) == [False] * len(probes)
+    with pytest.raises(RRError, match="unknown"):
+        material.probe_items(["jailbreak"], 1)
+
+
 def test_the_audit_config_refuses_a_gate_step_that_is_no_checkpoint():
     with pytest.raises(ValueError, match="relearn_gate_step"):
         AuditConfig(relearn_steps=[5, 10], gates=AuditGates(relearn_gate_step=20))
@@ -242,6 +292,20 @@ def test_the_report_leads_with_the_verdict_and_holds_no_forget_data(tmp_path):
     assert "| model | continuation * | role-play | form mbpp |" in text  # * : a family that does not count
     html = page.read_text()
     assert html.count("data:image/png;base64,") == 3 and "<script" not in html and "http" not in html
+
+
+def test_the_never_knew_control_is_a_row_of_the_relearning_table_and_curve_only(tmp_path):
+    from rr.audit.report import write_reports
+
+    audit = _audit()
+    audit["models"]["never-knew"] = {"model": "embedded:smollm2",
+                                     "relearn": {"scores": {"0": 0.0, "5": 0.0, "20": 0.05}, "recovery": {"5": 0.0,
+                                                                                                          "20": 0.167}}}
+    md, page = write_reports(audit, tmp_path, "entity (models/entity-smollm2)")
+    text = md.read_text()
+    assert "| never knew (before learning) | 0.000 | 0.000 | 0.050 | 0.000 | 0.167 |" in text
+    assert text.count("never knew") == 1  # membership, probes and utility are the attacked models' only
+    assert page.read_text().count("data:image/png;base64,") == 3
 
 
 def test_the_report_renders_in_a_headless_browser(tmp_path):

@@ -353,6 +353,25 @@ def test_audit_attacks_the_finished_job_resumes_and_tags_its_version(finished_jo
     gate = check_gates(version.tags, {"require_audit": True})
     assert gate.passed == audit["verdict"]["passed"] and "require_audit" in gate.lines[0]
 
+    # audit.never_knew_model: the control relearns the model before it learned its target through a job of its
+    # own. Differs from ci.yaml because the code task's model never learned its target first: the base model
+    # stands in, so the control must reproduce the base model's own relearning, and every other part is reused.
+    import yaml
+
+    data = yaml.safe_load(CI_CONFIG.read_text())
+    data["audit"]["never_knew_model"] = "embedded:smollm2"
+    control_config = job_dir.parent / "ci-never-knew.yaml"
+    control_config.write_text(yaml.safe_dump(data))
+    parts = {path: path.stat().st_mtime for path in (job_dir / "audit").glob("*-*.json")}
+    result = rr("audit", "--config", str(control_config), "--output", str(job_dir))
+    audit = _json(job_dir / "audit" / "audit.json")
+    assert result.returncode in (0, 1), result.stderr[-4000:]
+    control = audit["models"]["never-knew"]
+    assert control["relearn"]["scores"] == audit["models"]["base"]["relearn"]["scores"]
+    assert (job_dir / "audit" / "never-knew-job" / "config.yaml").exists()
+    assert all(path.stat().st_mtime == mtime for path, mtime in parts.items()), "a finished part was recomputed"
+    assert "never knew" in (job_dir / "audit" / "report.md").read_text()
+
 
 def test_bad_config_is_refused_with_the_field(tmp_path):
     bad = tmp_path / "bad.yaml"

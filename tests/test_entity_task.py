@@ -45,6 +45,10 @@ def text_of(prompt) -> str:
     return prompt if isinstance(prompt, str) else prompt.completion or prompt.user
 
 
+def everyone_of(entity: EntityTask) -> set[str]:
+    return set(entity.forget_people + entity.neighbours)
+
+
 def task(**overrides) -> EntityTask:
     return EntityTask(EntityTaskConfig(cosine_similarity=False, **overrides))
 
@@ -80,7 +84,12 @@ def test_it_is_a_registered_task_with_disjoint_splits_about_the_same_people():
     seen = {c.prompt for split in ("reveal", "validation") for c in entity.contexts(split)} | {e.prompt for e in retain}
     french_or_blank = ("Fill in the blank", "Comment", "Quel", "Où", "En quelle")
     assert not held_out & seen and not any(text_of(p).startswith(french_or_blank) for p in seen)
-    assert len(entity.training_examples()) == 20 * 9
+    # learn teaches every split fact and the 4 set-aside facts a person (rr audit's), which no split asks
+    assert len(entity.training_examples()) == 20 * 9 + 20 * 4
+    assert len(entity.audit_facts) == 20 * 4 and {f.split for f in entity.audit_facts} == {"relearn", "non-member"}
+    asked = {text_of(item.request()) for split in SPLITS for item in entity.form_items(sorted(everyone_of(entity)), split)}
+    assert not any(f.question in asked or f.statement in asked for f in entity.audit_facts)
+    assert not {(f.person, f.id) for f in entity.audit_facts} & {(f.person, f.id) for f in entity.facts}
     assert all(e.prompt in questions["reveal"] for e in entity.exemplars())
     external = entity.external_forget_examples()  # TOFU's forget set: the forget people's reveal facts
     assert len(external) == 21 and all(e.prompt in questions["reveal"] for e in external)
@@ -129,6 +138,10 @@ def test_config_and_data_errors_name_the_fix(tmp_path):
     bad.write_text(json.dumps([{"name": "A", "facts": [{"id": "x", "question": "q?", "statement": "A is tall.",
                                                         "answer": "short"}] * 3}]))
     with pytest.raises(RRError, match="not in its statement"):
+        load_people(bad)
+    fact = {"id": "x", "question": "q?", "statement": "A is tall.", "answer": "tall"}
+    bad.write_text(json.dumps([{"name": "A", "facts": [fact] * 3, "audit_facts": [fact]}]))
+    with pytest.raises(RRError, match="'use' of relearn or non-member"):
         load_people(bad)
 
 

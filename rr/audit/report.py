@@ -11,11 +11,18 @@ from pathlib import Path
 
 from rr.core.files import atomic_write_text
 
-LABELS = {"base": "base model", "rr": "rr (final)", "single-negation": "single negation"}
+LABELS = {"base": "base model", "rr": "rr (final)", "single-negation": "single negation",
+          "never-knew": "never knew (before learning)"}  # never-knew: relearning only (audit.never_knew_model)
 
 
 def _fmt(value) -> str:
     return "–" if value is None else f"{value:.3f}" if isinstance(value, float) else str(value)
+
+
+def _relearned(models: dict) -> list[str]:
+    """The models with relearning scores (all; the never-knew control and a base model not attacked have only
+    those)."""
+    return [n for n in LABELS if n in models]
 
 
 def tables(audit: dict) -> list[tuple[str, list[str], list[list[str]]]]:
@@ -30,7 +37,8 @@ def tables(audit: dict) -> list[tuple[str, list[str], list[list[str]]]]:
                 "examples; recovery = (s_N − s_0) / (s_base − s_0)",
                 ["model"] + [f"score @ {s}" for s in steps] + [f"recovery @ {s}" for s in steps[1:]],
                 [[LABELS[n]] + [_fmt(models[n]["relearn"]["scores"].get(s)) for s in steps]
-                 + [_fmt(models[n]["relearn"].get("recovery", {}).get(s)) for s in steps[1:]] for n in names]))
+                 + [_fmt(models[n]["relearn"].get("recovery", {}).get(s)) for s in steps[1:]]
+                 for n in _relearned(models)]))
     attacks = list(next(iter(models[n]["membership"]["auc"] for n in names)))
     m = audit["membership"]
     out.append((f"Membership inference: AUC of the {m['members']} forget records (members) against "
@@ -87,7 +95,7 @@ def plots(audit: dict) -> dict[str, str]:
     out = {}
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
     steps = [0] + list(audit["relearn_steps"])
-    for n in names:
+    for n in _relearned(models):
         scores = models[n]["relearn"]["scores"]
         ax.plot(steps, [scores.get(str(s)) for s in steps], marker="o", label=LABELS[n])
     ax.set_xlabel("relearning updates")

@@ -151,6 +151,23 @@ def _relearn(job, name: str, composition, material, cfg: AuditConfig, items, sto
     return saved
 
 
+def _never_knew(job, material, cfg: AuditConfig, items, store: AuditDir, key: str, progress) -> dict:
+    """The relearning attack on the model before it learned the target (audit.never_knew_model), through a job
+    of its own in JOB/audit/never-knew-job (same config, that model; the same kind of executor)."""
+    from rr.job import Job
+
+    config = job.config.model_copy(deep=True)
+    config.model.name_or_path = cfg.never_knew_model
+    config.model.gguf_file = None
+    config.output_dir = store.root / "never-knew-job"
+    control = Job(config)
+    try:
+        control.executor.prepare("release", len(material.relearn_examples()))
+        return _relearn(control, "never-knew", [], material, cfg, items, store, key, progress)
+    finally:
+        control.close()
+
+
 def _probes(job, name: str, composition, material, items, store: AuditDir, key: str, progress) -> dict:
     cached = store.load(f"probes-{name}", key)
     if cached is not None:
@@ -197,8 +214,9 @@ def run_audit(job, progress: Callable[[str], None] = print) -> dict:
                       "with this config first")
     spec = TASKS[job.config.task.name]
     if spec.audit is None:
+        have = ", ".join(name for name, task_spec in TASKS.items() if task_spec.audit)
         raise RRError(f"rr audit: the {job.config.task.name} task has no audit material yet (a relearn split, "
-                      "membership non-members and probes); the code task has them")
+                      f"membership non-members and probes); these tasks have: {have}")
     material = spec.audit(job.task, cfg)
     store = AuditDir(job.dir / "audit")
     compositions = _compositions(job, summary, cfg.models)
@@ -243,6 +261,11 @@ def run_audit(job, progress: Callable[[str], None] = print) -> dict:
             "probes": _probes(job, name, composition, material, probe_items, store,
                               _key(probe_key, model_keys[name]), progress),
             "forms": _form_rates(summary, name), "utility": _utility(summary, name)}
+    if cfg.never_knew_model:
+        job.close()  # the job's replicas and model make room for the control's
+        models["never-knew"] = {"model": cfg.never_knew_model,
+                                "relearn": _never_knew(job, material, cfg, eval_items, store,
+                                                       _key(relearn_key, "never-knew", cfg.never_knew_model), progress)}
     base_before = models["base"]["relearn"]["scores"]["0"]
     for name, result in models.items():
         scores = result["relearn"]["scores"]

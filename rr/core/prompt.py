@@ -171,6 +171,12 @@ def as_prompt(prompt: "str | Prompt", system: str | None = None) -> Prompt:
     return Prompt.chat(prompt, system=system or None)
 
 
+def as_request(prompt: Prompt) -> "str | Prompt":
+    """as_prompt's inverse where it loses nothing: a one-turn chat as its user text (how the tasks ask their
+    questions and Reveal puts its instruction before them), anything else as the Prompt."""
+    return prompt.user if not prompt.is_completion and len(prompt.messages) == 1 else prompt
+
+
 def prompt_to_json(prompt: "str | Prompt") -> "str | dict[str, Any]":
     """A prompt as stored in JSON (forget records): a str stays a str; a Prompt becomes Prompt.to_json()."""
     return prompt.to_json() if isinstance(prompt, Prompt) else prompt

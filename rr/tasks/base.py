@@ -118,3 +118,13 @@ def check_forms(forms: Sequence[str] | None, known: Sequence[str], by_split: dic
         if not set(by_split[split]) & set(forms):
             raise ValueError(f"task.forms: none of {list(forms)} is asked on the {split} split; add one of "
                              f"{', '.join(by_split[split])}")
+
+
+def deal_across(groups: Sequence[Sequence], limit: int) -> list:
+    """Up to `limit` items taken in turn from each group (first of each, then second of each, …): a sample that
+    covers every group (e.g. every form) before it takes a second item of any."""
+    items, index = [], 0
+    while len(items) < limit and any(index < len(group) for group in groups):
+        items += [group[index] for group in groups if index < len(group)][:limit - len(items)]
+        index += 1
+    return items

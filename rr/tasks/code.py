@@ -22,6 +22,7 @@ from typing import Literal, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from rr.core.prompt import as_request
 from rr.errors import RRError
 from rr.evaluation.metrics import wilson_interval
 from rr.tasks.arithmetic import ArithmeticItem, arithmetic_prompt, generate_arithmetic_splits, is_correct
@@ -356,9 +357,7 @@ class CodeTask:
 
 def form_context(item: FormItem, id_prefix: str = "") -> Context:
     """A (problem, form) item as a generation context: a one-turn form as its user text, any other as its Prompt."""
-    prompt = item.prompt()
-    single_turn = not prompt.is_completion and len(prompt.messages) == 1
-    return Context(id=id_prefix + item.id, prompt=prompt.user if single_turn else prompt)
+    return Context(id=id_prefix + item.id, prompt=as_request(item.prompt()))
 
 
 def _first_completions(outputs: list[list[str]], expected: int) -> list[str]:

@@ -9,7 +9,7 @@ from typing import Callable, Sequence
 
 from rr.core.prompt import Prompt
 from rr.errors import RRError
-from rr.tasks.base import Context, Example
+from rr.tasks.base import Context, Example, deal_across
 from rr.tasks.code import form_context
 from rr.tasks.code_forms import (CODE_STOP, COMPLETION_STOP, FormItem, ProblemParts, form_items, problem_parts,
                                  program_from_chat, program_from_completion)
@@ -128,12 +128,8 @@ class CodeAudit:
 
     def forget_items(self, forms: Sequence[str], limit: int) -> list[FormItem]:
         """Test-split items of `forms`, dealt round-robin across the forms, at most `limit` of them."""
-        by_form = {form: [i for i in self.task.form_items("test") if i.form == form] for form in forms}
-        items, index = [], 0
-        while len(items) < limit and any(index < len(group) for group in by_form.values()):
-            items += [group[index] for group in by_form.values() if index < len(group)][:limit - len(items)]
-            index += 1
-        return items
+        test_items = self.task.form_items("test")
+        return deal_across([[i for i in test_items if i.form == form] for form in forms], limit)
 
     def probe_items(self, families: Sequence[str], per_family: int) -> list[ProbeItem]:
         """Each family asks the first `per_family` test-split problems (the few-shot family shows three relearn

@@ -2,10 +2,11 @@
 knows about their neighbours.
 
 The shipped people (rr/tasks/data/entities.json) are fictitious, written for rr: 20 people × 9 facts, each a
-question, a one-sentence statement and a short answer. SmolLM2-135M knows none of them, so forgetting them
+question, a one-sentence statement and a short answer, and 4 more facts each that no split uses, set aside for
+`rr audit` (2 to relearn from, 2 to ask membership non-members about: rr/tasks/entity_audit.py). SmolLM2-135M knows none of them, so forgetting them
 is meaningless until the model has learned them: as TOFU (papers/004 §5.1) fine-tunes on its fictitious
 authors first, `python -m rr.tasks.entity learn --output DIR` fine-tunes the embedded model on every
-statement (all splits) and saves a "knowledgeable" model; configs/entity.yaml points model.name_or_path to
+statement (all splits and the set-aside facts) and saves a "knowledgeable" model; configs/entity.yaml points model.name_or_path to
 it. Each person's facts are dealt to the splits in rotation (3 reveal, 3 validation, 3 test), so the splits
 ask disjoint questions about the same people. The default forgets 7 people (21 forget facts a split) and
 keeps 13 as neighbours.
@@ -45,13 +46,16 @@ from rr.tasks.entity_forms import (ENTITY_FORMS, ENTITY_FORMS_BY_SPLIT, ENTITY_H
                                    Fact, entity_form_items, split_forms)
 
 SHIPPED_ENTITIES = Path(__file__).parent / "data" / "entities.json"
+AUDIT_USES = ("relearn", "non-member")  # what a person's set-aside ("audit_facts") fact is for in `rr audit`
 _OPEN_PROMPTS = ("Tell me about {name}.", "Write a short biography of {name}.")
 DEFAULT_FORGET_PEOPLE = ("Marisol Quenby", "Oren Vasquel", "Tamsin Holloway-Reyes", "Henrike Solvang",
                          "Amadou Kerrigan", "Liesl Marchetti", "Teodor Blackwood")
 
 
 def load_people(path: Path) -> dict[str, list[dict]]:
-    """{name: [fact rows]} from a JSON list of {"name", "facts": [{"id", "question", "statement", "answer"}]}."""
+    """{name: [fact rows]} from a JSON list of {"name", "facts": [{"id", "question", "statement", "answer"}],
+    "audit_facts" (optional): [the same, with "use": relearn or non-member]}. A person's audit facts follow
+    their facts in the list, each with its "use"; no split deals them."""
     if not path.is_file():
         raise RRError(f"task.entities: {path} does not exist; give a JSON file of people, or 'shipped'")
     try:
@@ -63,7 +67,15 @@ def load_people(path: Path) -> dict[str, list[dict]]:
         name, facts = row.get("name"), row.get("facts")
         if not isinstance(name, str) or not name.strip() or not isinstance(facts, list) or len(facts) < len(SPLITS):
             raise RRError(f"task.entities: {path}, person {index}: needs a 'name' and at least 3 'facts'")
-        for fact in facts:
+        audit_facts = row.get("audit_facts", [])
+        if not isinstance(audit_facts, list) or any(not isinstance(f, dict) or f.get("use") not in AUDIT_USES
+                                                      for f in audit_facts):
+            raise RRError(f"task.entities: {path}, {name}: 'audit_facts' must be a list of facts, each with a 'use' "
+                          f"of {' or '.join(AUDIT_USES)}")
+        if any("use" in fact for fact in facts):
+            raise RRError(f"task.entities: {path}, {name}: a fact in 'facts' has a 'use'; set-aside facts go in "
+                          "'audit_facts'")
+        for fact in facts + audit_facts:
             missing = [k for k in ("id", "question", "statement", "answer") if not str(fact.get(k, "")).strip()]
             if missing:
                 raise RRError(f"task.entities: {path}, {name}: a fact lacks {missing}")
@@ -72,7 +84,7 @@ def load_people(path: Path) -> dict[str, list[dict]]:
                               f"its statement")
         if name in people:
             raise RRError(f"task.entities: {path}: {name!r} appears twice")
-        people[name] = facts
+        people[name] = facts + audit_facts
     return people
 
 
@@ -133,11 +145,15 @@ class EntityTask:
         if not self.neighbours:
             raise RRError("task.forget_entities lists every person: keep at least one as a neighbour")
         self.facts: list[Fact] = []
+        self.audit_facts: list[Fact] = []  # no split's: `rr audit`'s (their split is their use)
         for person_index, (name, rows) in enumerate(people.items()):
-            for fact_index, row in enumerate(rows):
+            dealt = [row for row in rows if "use" not in row]
+            for fact_index, row in enumerate(dealt):
                 split = SPLITS[(fact_index + person_index) % len(SPLITS)]
                 self.facts.append(Fact(name, row["id"], row["question"], row["statement"], row["answer"], split))
-        self._answers = {}
+            self.audit_facts += [Fact(name, row["id"], row["question"], row["statement"], row["answer"], row["use"])
+                                 for row in rows if "use" in row]
+        self._answers = {}  # the relevance oracle's: the split facts only
         for fact in self.facts:
             self._answers.setdefault(fact.person, []).append(fact.answer)
         self._embedder = None
@@ -190,8 +206,13 @@ class EntityTask:
         return [Example(f.question, f.statement) for f in self.facts_of(self.forget_people, "reveal")]
 
     def training_examples(self) -> list[Example]:
-        """Every fact of every person, all splits: what `learn` teaches the model before any unlearning."""
-        return [Example(f.question, f.statement) for f in self.facts]
+        """Every fact of every person, all splits and the set-aside ones: what `learn` teaches the model before
+        any unlearning (the relearning attack relearns facts the model knew; non-members ask about known facts)."""
+        return [Example(f.question, f.statement) for f in self.facts + self.audit_facts]
+
+    def knows(self, response: str, fact: Fact) -> bool:
+        """Whether a response gives the fact's short answer (ROUGE-L recall ≥ task.correct_threshold)."""
+        return rouge_l_recall(response, fact.answer) >= self.config.correct_threshold
 
     def _embed(self, texts):
         if self._embedder is None:
@@ -213,8 +234,7 @@ class EntityTask:
         if len(outputs) != len(items):
             raise RRError(f"evaluate: the model returned {len(outputs)} answers for {len(items)} prompts")
         answers = {item.id: output[0] for item, output in zip(items, outputs)}
-        correct = {item.id: rouge_l_recall(answers[item.id], item.fact.answer) >= self.config.correct_threshold
-                   for item in items}
+        correct = {item.id: self.knows(answers[item.id], item.fact) for item in items}
         forms = split_forms(split, self.config.forms)
         metrics: dict[str, float] = {}
         intervals, counts = {}, {}

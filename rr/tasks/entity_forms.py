@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
-from rr.core.prompt import Prompt
+from rr.core.prompt import Prompt, as_request
 from rr.tasks.base import SPLITS, Context
 
 BLANK = "____"
@@ -24,6 +24,11 @@ PARAPHRASES: dict[str, str] = {
     "pet": "What is the name of {name}'s pet?",
     "food": "What food does {name} like best?",
     "sibling": "What is the name of {name}'s sibling?",
+    # the set-aside facts (rr audit's relearn split and membership non-members; asked in Reveal's forms only)
+    "instrument": "What musical instrument does {name} play?",
+    "mentor": "Who mentored {name}?",
+    "residence": "In which city does {name} live today?",
+    "colour": "Which colour does {name} like best?",
 }
 INDIRECT: dict[str, str] = {
     "birthplace": "Which city would {name}'s birth certificate give as the place of birth?",
@@ -51,7 +56,7 @@ FRENCH: dict[str, str] = {
 
 @dataclass(frozen=True)
 class Fact:
-    """One shipped fact about one person, dealt to one split."""
+    """One shipped fact about one person, dealt to one split (a set-aside fact: its use in `rr audit`)."""
 
     person: str
     id: str
@@ -146,8 +151,7 @@ class EntityFormItem:
 
     def request(self) -> "str | Prompt":
         """The prompt as generators and Reveal take it: a one-turn chat as its user text, else the Prompt."""
-        prompt = self.prompt()
-        return prompt.user if not prompt.is_completion and len(prompt.messages) == 1 else prompt
+        return as_request(self.prompt())
 
     def answer_suffix(self) -> str:
         """What follows the prompt in a training example: the statement, or for a raw completion the rest of

@@ -34,6 +34,11 @@ def _code_audit(task, config):
     return CodeAudit(task, config.n_relearn, config.n_non_member_problems)
 
 
+def _entity_audit(task, config):
+    from rr.tasks.entity_audit import EntityAudit
+    return EntityAudit(task, config.n_relearn, config.n_non_member_problems)
+
+
 def _toxicity_task():
     from rr.tasks.toxicity import ToxicityTask
     return ToxicityTask
@@ -58,7 +63,8 @@ TASKS: dict[str, TaskSpec] = {spec.name: spec for spec in (
              lambda config: "recognizing " + ", ".join(config.forget_types) + " entities"),
     # A count, not the names: who was forgotten stays in the job's config.
     TaskSpec("entity", EntityTaskConfig, _entity_task,
-             lambda config: f"facts about {len(config.forget_entities)} people (task.forget_entities)"),
+             lambda config: f"facts about {len(config.forget_entities)} people (task.forget_entities)",
+             _entity_audit),
 )}
 
 
