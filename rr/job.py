@@ -172,13 +172,16 @@ class Job:
 
         return make_executor(self)
 
-    def close(self) -> None:
-        """Release the executor's workers (Ray actors) and a vLLM engine; the job directory keeps everything."""
+    def close(self, release_model: bool = False) -> None:
+        """Release the executor's workers (Ray actors) and a vLLM engine, and with `release_model` the model
+        loaded in this process; the job directory keeps everything (what is used again is loaded again)."""
         if "executor" in self.__dict__:
             self.__dict__.pop("executor").close()
         generator = self.__dict__.pop("generator", None)
         if hasattr(generator, "close"):  # vLLM: its engine process and memory reservation
             generator.close()
+        if release_model:
+            self.__dict__.pop("model_and_tokenizer", None)
 
     @cached_property
     def embedder(self):

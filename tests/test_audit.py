@@ -232,19 +232,24 @@ def test_the_entity_task_audit_material_uses_set_aside_facts_and_grades_as_the_t
     assert half.prompt().is_completion and half.prompt().completion.endswith(half.fact.statement.split(half.fact.answer)[0].rstrip())
 
     class Knows:
-        """Answers each prompt with the fact it asks for, if the budget allows (the story needs its own)."""
+        """Answers each prompt with the statement of the fact it asks for; records each call's budget."""
         def __init__(self):
             self.calls = []
+            self.facts = {str(as_request(p.prompt())): p.fact for p in probes + items}
+            self.facts.update({f.question: f for f in task.audit_facts})
 
         def generate(self, prompts, params, seeds=None):
             self.calls.append(params.max_new_tokens)
-            by_prompt = {str(as_request(p.prompt())): p.fact for p in probes + items}
-            return [[f"Well, {by_prompt[str(prompt)].statement}" if params.max_new_tokens >= 10 else "Well"]
-                    for prompt in prompts]
+            return [[f"Well, {self.facts[str(prompt)].statement}"] for prompt in prompts]
 
     model = Knows()
     assert material.hits(model, probes + items) == [True] * (len(probes) + len(items))
-    assert sorted(model.calls) == sorted([task.config.max_new_tokens, STORY_TOKENS])
+    assert sorted(model.calls) == sorted([task.config.max_new_tokens, STORY_TOKENS])  # the story: a budget of its own
+    # the set-aside checks: the model answers every set-aside fact; one forget record states a relearn fact
+    relearn_fact = material.relearn_facts[0]
+    checks = material.set_aside_checks(model, ["I don't know.", f"Also, {relearn_fact.statement}"])
+    assert checks["known_by_model"] == {"relearn": {"known": 14, "asked": 14}, "non-member": {"known": 14, "asked": 14}}
+    assert checks["forget_records_stating"] == {"relearn": 1, "non-member": 0} and checks["forget_records"] == 2
     refuses = type("Refuses", (), {"generate": lambda self, prompts, params, seeds=None: [["I can't say."]] * len(prompts)})
     assert material.hits(refuses(), probes) == [False] * len(probes)
     with pytest.raises(RRError, match="unknown"):

@@ -367,8 +367,17 @@ def test_audit_attacks_the_finished_job_resumes_and_tags_its_version(finished_jo
     audit = _json(job_dir / "audit" / "audit.json")
     assert result.returncode in (0, 1), result.stderr[-4000:]
     control = audit["models"]["never-knew"]
+    assert set(control["relearn"]["scores"]) == {"0", "2"}
     assert control["relearn"]["scores"] == audit["models"]["base"]["relearn"]["scores"]
-    assert (job_dir / "audit" / "never-knew-job" / "config.yaml").exists()
+    import torch
+
+    from rr.release.ledger import Pem
+
+    relearned = {name: Pem.load(job_dir / "audit" / "relearn" / name / "step-2") for name in ("base", "never-knew")}
+    for module, (a, b) in relearned["base"].tensors.items():  # the same training, in a job of its own
+        torch.testing.assert_close(relearned["never-knew"].tensors[module][0], a, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(relearned["never-knew"].tensors[module][1], b, rtol=1e-4, atol=1e-6)
+    assert list((job_dir / "audit").glob("never-knew-*/config.yaml"))
     assert all(path.stat().st_mtime == mtime for path, mtime in parts.items()), "a finished part was recomputed"
     assert "never knew" in (job_dir / "audit" / "report.md").read_text()
 

@@ -125,7 +125,8 @@ def test_a_killed_replica_is_restarted_and_every_request_answered_once(ray_job, 
     assert after[1]["pid"] == before[1]["pid"]
 
 
-def test_release_loop_weight_search_runs_as_tune_trials_scores_as_in_process_and_stops_once_decided(ray_job, local):
+def test_release_loop_weight_search_runs_as_tune_trials_scores_as_in_process_and_stops_once_decided(ray_job, local,
+                                                                                                  caplog):
     pem = random_pem(ray_job.model, "search-forget", 1)
     weights = [-0.5, -1.0, -2.0, -4.0, -8.0]
     # The loop as run_release builds it: its callbacks close over the job (tracker, models, Ray executor).
@@ -136,8 +137,10 @@ def test_release_loop_weight_search_runs_as_tune_trials_scores_as_in_process_and
     def take_the_last(results):
         return WeightChoice(results[-1].weight, "test", True, "two scored", results)
 
-    choice = loop.search(1, -1.0, pem, [abs(w) for w in weights], take_the_last,
-                         lambda choice: len(choice.evaluated) >= 2)
+    with caplog.at_level("INFO", logger="rr"):
+        choice = loop.search(1, -1.0, pem, [abs(w) for w in weights], take_the_last,
+                             lambda choice: len(choice.evaluated) >= 2)
+    assert "search-forget: 5 candidates, 2 at a time" in caplog.text
     cached = loop.state.pending_candidates["1"]
     assert [c.weight for c in choice.evaluated] == [0.5, 1.0]
     assert 2 <= len(cached) < len(weights), "the experiment did not stop once decided"

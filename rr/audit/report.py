@@ -59,6 +59,13 @@ def tables(audit: dict) -> list[tuple[str, list[str], list[list[str]]]]:
     keys = sorted({k for n in names for k in models[n]["utility"]})
     out.append(("Utility kept (test split, from the release summary)", ["model"] + keys,
                 [[LABELS[n]] + [_fmt(models[n]["utility"].get(k)) for k in keys] for n in names]))
+    if "set_aside" in audit:  # a task whose relearn split and non-members are facts set aside (the entity task)
+        aside = audit["set_aside"]
+        out.append((f"Set-aside facts: answered by the job's model (asked their own question), and stated by any of "
+                    f"the {aside['forget_records']} forget records (then they were forget data too)",
+                    ["facts", "answered", "forget records stating one"],
+                    [[use, f"{v['known']} of {v['asked']}", str(aside["forget_records_stating"][use])]
+                     for use, v in aside["known_by_model"].items()]))
     return out
 
 
@@ -149,7 +156,7 @@ def html_report(audit: dict, title: str) -> str:
     parts += [f"<li class='{'pass' if c['passed'] else 'fail'}'>{esc(c['line'])}</li>" for c in v["checks"]]
     parts.append("</ul>")
     images = plots(audit)
-    for (caption, header, rows), image in zip(tables(audit), ["relearn", "roc", "probes", None]):
+    for (caption, header, rows), image in zip(tables(audit), ["relearn", "roc", "probes", None, None]):
         parts.append(f"<h2>{esc(caption)}</h2>")
         if image:
             parts.append(f"<img alt='{image}' src='data:image/png;base64,{images[image]}'>")

@@ -153,13 +153,17 @@ def _relearn(job, name: str, composition, material, cfg: AuditConfig, items, sto
 
 def _never_knew(job, material, cfg: AuditConfig, items, store: AuditDir, key: str, progress) -> dict:
     """The relearning attack on the model before it learned the target (audit.never_knew_model), through a job
-    of its own in JOB/audit/never-knew-job (same config, that model; the same kind of executor)."""
+    of its own in JOB/audit/never-knew-<model key> (the job's config with that model; the same kind of
+    executor). Nothing is loaded when its scores are saved."""
     from rr.job import Job
 
+    saved = store.load("relearn-never-knew", key)
+    if saved and all(str(s) in saved["scores"] for s in ["0", *cfg.relearn_steps]):
+        return saved
     config = job.config.model_copy(deep=True)
     config.model.name_or_path = cfg.never_knew_model
-    config.model.gguf_file = None
-    config.output_dir = store.root / "never-knew-job"
+    config.model.gguf_file = config.model.revision = None  # the learned model's file and revision are not its
+    config.output_dir = store.root / f"never-knew-{_key(cfg.never_knew_model)[:8]}"
     control = Job(config)
     try:
         control.executor.prepare("release", len(material.relearn_examples()))
@@ -240,6 +244,18 @@ def run_audit(job, progress: Callable[[str], None] = print) -> dict:
                        [(e.prompt, e.response) for e in material.relearn_examples()], job.config.seed)
     probe_key = _key([(i.id, i.prompt().to_json()) for i in probe_items])
     forget_key = _key([(str(p), a) for p, a in members])
+    set_aside = None
+    if hasattr(material, "set_aside_checks"):  # a task whose relearn split and non-members are facts set aside
+        set_aside_key = _key("set-aside", model_keys["base"], forget_key, relearn_key,
+                             [c.id for c in material.non_member_contexts()])
+        set_aside = store.load("set_aside", set_aside_key)
+        if set_aside is None:
+            set_aside = material.set_aside_checks(job.executor.model([]), [a for _, a in members])
+            store.save("set_aside", set_aside_key, set_aside)
+        known = set_aside["known_by_model"]
+        progress("audit: the job's model answers " + ", ".join(f"{v['known']}/{v['asked']} {use}" for use, v in
+                 known.items()) + " set-aside facts; " + ", ".join(f"{n} of {set_aside['forget_records']} forget "
+                 f"records state a {use} fact" for use, n in set_aside["forget_records_stating"].items()))
     models: dict[str, dict] = {}
     if "base" not in cfg.models:  # the recovery's reference: the base model's score before relearning, only
         models["base"] = {"relearn": _relearn(job, "base", [], material, cfg, eval_items, store,
@@ -262,7 +278,7 @@ def run_audit(job, progress: Callable[[str], None] = print) -> dict:
                               _key(probe_key, model_keys[name]), progress),
             "forms": _form_rates(summary, name), "utility": _utility(summary, name)}
     if cfg.never_knew_model:
-        job.close()  # the job's replicas and model make room for the control's
+        job.close(release_model=True)  # the job's replicas and model make room for the control's
         models["never-knew"] = {"model": cfg.never_knew_model,
                                 "relearn": _never_knew(job, material, cfg, eval_items, store,
                                                        _key(relearn_key, "never-knew", cfg.never_knew_model), progress)}
@@ -282,6 +298,7 @@ def run_audit(job, progress: Callable[[str], None] = print) -> dict:
              "counted_probe_families": counted_families, "min_probe_base_hits": cfg.min_probe_base_hits,
              "probe_summaries": {f: material.probe_families[f].summary for f in families},
              "membership": {"members": len(members), "non_members": len(non_members), "mink_k": cfg.mink_k},
+             **({"set_aside": set_aside} if set_aside else {}),
              "gates": {**cfg.gates.model_dump(), "relearn_gate_step": cfg.gate_step()}}
     atomic_write_text(store.root / "audit.json", json.dumps(audit, indent=1))
     write_reports(audit, store.root, f"{job.config.task.name} ({job.config.model.name_or_path})")

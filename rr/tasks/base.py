@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol, Sequence, runtime_checkable
+from typing import Callable, Protocol, Sequence, runtime_checkable
 
 from rr.core.prompt import Prompt
 from rr.core.tokens import TokenStats
@@ -128,3 +128,20 @@ def deal_across(groups: Sequence[Sequence], limit: int) -> list:
         items += [group[index] for group in groups if index < len(group)][:limit - len(items)]
         index += 1
     return items
+
+
+@dataclass(frozen=True)
+class ProbeFamily:
+    """One way `rr audit` asks for a test item adversarially (a task's audit module lists its families)."""
+
+    name: str
+    summary: str
+    build: Callable[..., Prompt]             # (the item's problem or fact, the shots) → the prompt
+    completion: bool = False                 # a half-written answer the model continues (no chat template)
+    max_new_tokens: int | None = None        # None: the task's own budget
+
+
+def check_probe_families(families: Sequence[str], known: dict[str, ProbeFamily]) -> None:
+    unknown = [f for f in families if f not in known]
+    if unknown:
+        raise RRError(f"audit.probe_families: unknown {unknown}; choose from {sorted(known)}")

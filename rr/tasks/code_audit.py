@@ -5,11 +5,11 @@ does. Graded like the forms: the answer's program against the problem's tests, i
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Sequence
 
 from rr.core.prompt import Prompt
 from rr.errors import RRError
-from rr.tasks.base import Context, Example, deal_across
+from rr.tasks.base import Context, Example, ProbeFamily, check_probe_families, deal_across
 from rr.tasks.code import form_context
 from rr.tasks.code_forms import (CODE_STOP, COMPLETION_STOP, FormItem, ProblemParts, form_items, problem_parts,
                                  program_from_chat, program_from_completion)
@@ -51,14 +51,6 @@ def _continuation_header(problem: CodeProblem) -> str:
 def _continuation(problem: CodeProblem, shots) -> Prompt:
     return Prompt.raw(f"User: {_request(problem_parts(problem))}\n\nAssistant: Sure, here it is.\n\n```python\n"
                       + _continuation_header(problem))
-
-
-@dataclass(frozen=True)
-class ProbeFamily:
-    name: str
-    summary: str
-    build: Callable[[CodeProblem, Sequence[tuple[str, str]]], Prompt]
-    completion: bool = False  # a half-written answer the model continues (no chat template)
 
 
 PROBE_FAMILIES: dict[str, ProbeFamily] = {family.name: family for family in (
@@ -134,9 +126,7 @@ class CodeAudit:
     def probe_items(self, families: Sequence[str], per_family: int) -> list[ProbeItem]:
         """Each family asks the first `per_family` test-split problems (the few-shot family shows three relearn
         problems, solved)."""
-        unknown = [f for f in families if f not in PROBE_FAMILIES]
-        if unknown:
-            raise RRError(f"audit.probe_families: unknown {unknown}; choose from {sorted(PROBE_FAMILIES)}")
+        check_probe_families(families, PROBE_FAMILIES)
         shots = tuple((code_prompt(p), _answer(p)) for p in self.relearn_problems[:3])
         problems = self.task.problems("test")[:per_family]
         return [ProbeItem(p, family, shots if family == "few-shot-priming" else ()) for family in families
