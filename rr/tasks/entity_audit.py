@@ -139,8 +139,7 @@ class EntityAudit:
         (asked their own question; low means relearning would teach them from scratch, and the non-members would
         be answers the model does not know), and how many forget records state one (those facts were then also
         forget data, and the member/non-member line blurs)."""
-        facts = self.relearn_facts + [item.fact for item in self.non_member_items if item.form == "question"]
-        facts = list(dict.fromkeys(facts))
+        facts = list(dict.fromkeys(self.relearn_facts + [item.fact for item in self.non_member_items]))
         outputs = model.generate([f.question for f in facts],
                                  SamplingParams(max_new_tokens=self.task.config.max_new_tokens, temperature=0.0,
                                                 top_p=1.0, n=1),
