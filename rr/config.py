@@ -379,6 +379,10 @@ class AuditGates(_Strict):
     max_probe_forget_score: float | None = Field(
         None, ge=0, le=MAX_SCORE, description="the worst probe family's forget score at most this; null: "
         "tracking.gates.max_forget_score")
+    min_utility_ratio: float | None = Field(
+        None, ge=0, le=100, description="rr's utility score (test split, from the release summary) at least this × "
+        "the base model's: a model that forgot everything else passes every attack; null: "
+        "tracking.gates.min_utility_ratio")
 
 
 class AuditConfig(_Strict):

@@ -153,6 +153,15 @@ def test_the_audit_checks_name_each_gate_with_its_numbers():
     assert only[-1].passed and "role-play" in only[-1].line
     none = audit_checks(_result(0.1, {}, {"continuation": 0.0}), gates, 0.1, 20, [])
     assert not none[-1].passed and "no probe family counted" in none[-1].line
+    # a model that lost everything passes every attack: the utility gate (the release's unless the audit sets
+    # its own) says so, and is left out where no utility was measured
+    broken = {**_result(0.0, {"loss": 0.5}, {"role-play": 0.0}), "utility": {"utility_score": 0.004}}
+    kept = audit_checks(broken, gates, 0.1, 20, FAMILIES, 0.9, 0.675)
+    assert [c.name for c in kept] == ["relearn_recovery", "membership_loss", "worst_probe", "utility_kept"]
+    assert not verdict(kept)["passed"] and "0.006 × the base model's 0.6750 < 0.9" in kept[-1].line
+    assert audit_checks(broken, AuditGates(min_utility_ratio=0.005), 0.1, 20, FAMILIES, 0.9, 0.675)[-1].passed
+    assert audit_checks(broken, gates, 0.1, 20, FAMILIES, None, 0.675)[-1].name == "worst_probe"
+    assert audit_checks(_result(0.0, {}, {}), gates, 0.1, 20, FAMILIES, 0.9, 0.675)[-1].name == "worst_probe"
 
 
 def test_promotion_can_require_a_passing_audit():

@@ -1,9 +1,11 @@
-"""The audit's gates, pure: recovery under relearning, membership-inference gaps and the worst probe family of
-rr's model, each a named check with its numbers (the verdict at the top of the report)."""
+"""The audit's gates, pure: recovery under relearning, membership-inference gaps, the worst probe family and the
+utility kept of rr's model, each a named check with its numbers (the verdict at the top of the report)."""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+
+from rr.tracking.registry import utility_ratio
 
 
 @dataclass(frozen=True)
@@ -30,9 +32,12 @@ def counted_probe_families(base_probes: dict | None, min_base_hits: int) -> list
 
 
 def audit_checks(result: dict, gates, max_forget_score: float | None, gate_step: int,
-                 counted_families: list[str]) -> list[AuditCheck]:
-    """The checks of rr's model (`result`: its audit part: relearn, membership, probes); `gate_step`: the relearning
-    checkpoint the recovery gate reads (AuditConfig.gate_step()); the probe gate reads `counted_families` only."""
+                 counted_families: list[str], min_utility_ratio: float | None = None,
+                 base_utility: float | None = None) -> list[AuditCheck]:
+    """The checks of rr's model (`result`: its audit part: relearn, membership, probes, utility); `gate_step`: the
+    relearning checkpoint the recovery gate reads (AuditConfig.gate_step()); the probe gate reads
+    `counted_families` only. The utility gate (gates.min_utility_ratio, else `min_utility_ratio`: the release's)
+    compares rr's utility score with `base_utility`: without it, a model that lost everything passes every attack."""
     checks = []
     if gates.max_relearn_recovery is not None and "relearn" in result:
         step = str(gate_step)
@@ -63,6 +68,14 @@ def audit_checks(result: dict, gates, max_forget_score: float | None, gate_step:
             ok = rate <= limit
             checks.append(AuditCheck("worst_probe", ok, f"worst counted probe family {family}: forget score {rate:.3f} "
                                      f"{'≤' if ok else '>'} {limit:g}: {'pass' if ok else 'FAIL'}"))
+    ratio_limit = gates.min_utility_ratio if gates.min_utility_ratio is not None else min_utility_ratio
+    utility = (result.get("utility") or {}).get("utility_score")
+    if ratio_limit is not None and utility is not None and base_utility is not None:
+        ratio = utility_ratio(utility, base_utility)
+        ok = ratio >= ratio_limit
+        checks.append(AuditCheck("utility_kept", ok, f"utility kept: rr's utility score {utility:.4f} = {ratio:.3f} × "
+                                 f"the base model's {base_utility:.4f} {'≥' if ok else '<'} {ratio_limit:g}: "
+                                 f"{'pass' if ok else 'FAIL'}"))
     return checks
 
 

@@ -114,9 +114,14 @@ def _forget_gate(tags: dict, limit: float) -> tuple[bool, str]:
     return ok, f"forget score {forget:.4f} {'≤' if ok else '>'} max_forget_score {limit:g}: {_verdict(ok)}"
 
 
+def utility_ratio(utility: float, base: float) -> float:
+    """A model's utility score as a multiple of the base model's (a base of 0: any utility is a gain)."""
+    return utility / base if base else float("inf") if utility > 0 else 1.0
+
+
 def _utility_gate(tags: dict, limit: float) -> tuple[bool, str]:
     utility, base = _score(tags, UTILITY_SCORE), _score(tags, BASE_UTILITY_SCORE)
-    ratio = utility / base if base else float("inf") if utility > 0 else 1.0
+    ratio = utility_ratio(utility, base)
     ok = ratio >= limit
     return ok, (f"utility {utility:.4f} = {ratio:.3f} × base {base:.4f} {'≥' if ok else '<'} min_utility_ratio "
                 f"{limit:g}: {_verdict(ok)}")
