@@ -108,7 +108,7 @@ def plots(audit: dict) -> dict[str, str]:
     ax.set_xlabel("relearning updates")
     ax.set_ylabel("forget score (test, counted forms)")
     ax.set_title("Relearning attack")
-    ax.legend()
+    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1))  # beside the plot: inside, it covered a curve
     out["relearn"] = _png(fig)
     plt.close(fig)
     attacks = list(models[names[0]]["membership"]["roc"])
