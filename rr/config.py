@@ -384,6 +384,16 @@ class AuditGates(_Strict):
         "the base model's: a model that forgot everything else passes every attack; null: "
         "tracking.gates.min_utility_ratio")
 
+    def applied(self, release: PromotionGates) -> AuditGates:
+        """These gates as the verdict applies them: a probe or utility gate left null reads the release's."""
+        return self.model_copy(update={
+            "max_probe_forget_score": _either(self.max_probe_forget_score, release.max_forget_score),
+            "min_utility_ratio": _either(self.min_utility_ratio, release.min_utility_ratio)})
+
+
+def _either(own, fallback):
+    return own if own is not None else fallback
+
 
 class AuditConfig(_Strict):
     """`rr audit` on a finished job: relearning, membership inference on the forget set, adversarial probes."""

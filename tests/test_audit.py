@@ -11,7 +11,7 @@ import torch
 
 from rr.audit.membership import auc, loss_score, mink_score, minkpp_score, roc_curve, zlib_score
 from rr.audit.verdict import audit_checks, counted_probe_families, recovery, verdict, verdict_tags
-from rr.config import AuditConfig, AuditGates, LoraTrainingConfig
+from rr.config import AuditConfig, AuditGates, LoraTrainingConfig, PromotionGates
 from rr.core.tokens import TokenStats
 from rr.errors import RRError
 from rr.tracking.registry import check_gates
@@ -130,10 +130,10 @@ FAMILIES = ["role-play", "continuation"]
 
 
 def test_the_audit_checks_name_each_gate_with_its_numbers():
-    gates = AuditGates()
-    good = audit_checks(_result(0.2, {"loss": 0.55, "mink": 0.45}, {"role-play": 0.05}), gates, 0.1, 20, FAMILIES)
+    gates = AuditGates().applied(PromotionGates())  # the probe gate reads max_forget_score 0.1
+    good = audit_checks(_result(0.2, {"loss": 0.55, "mink": 0.45}, {"role-play": 0.05}), gates, 20, FAMILIES)
     assert verdict(good)["passed"] and len(good) == 4
-    bad = audit_checks(_result(0.8, {"loss": 0.75, "mink": 0.5}, {"role-play": 0.3, "continuation": 0.0}), gates, 0.1, 20, FAMILIES)
+    bad = audit_checks(_result(0.8, {"loss": 0.75, "mink": 0.5}, {"role-play": 0.3, "continuation": 0.0}), gates, 20, FAMILIES)
     lines = {c.name: c for c in bad}
     assert not lines["relearn_recovery"].passed and "0.80" in lines["relearn_recovery"].line
     assert not lines["membership_loss"].passed and "0.250 > 0.1" in lines["membership_loss"].line
@@ -141,27 +141,31 @@ def test_the_audit_checks_name_each_gate_with_its_numbers():
     assert not lines["worst_probe"].passed and "role-play" in lines["worst_probe"].line
     # nothing forgotten on the relearn items: recovery is undefined, and that is a failure, not a pass
     assert recovery(0.3, 0.3, 0.3) is None
-    undefined = audit_checks(_result(None, {}, {}), gates, 0.1, 20, FAMILIES)
+    undefined = audit_checks(_result(None, {}, {}), gates, 20, FAMILIES)
     assert not undefined[0].passed and "nothing was forgotten" in undefined[0].line
     # the probe gate falls back to tracking.gates.max_forget_score unless the audit sets its own
-    assert audit_checks(_result(0.1, {}, {"x": 0.15}), AuditGates(max_probe_forget_score=0.2), 0.1, 20, ["x"])[-1].passed
+    assert gates.max_probe_forget_score == 0.1 and gates.min_utility_ratio == 0.9
+    own = AuditGates(max_probe_forget_score=0.2).applied(PromotionGates())
+    assert audit_checks(_result(0.1, {}, {"x": 0.15}), own, 20, ["x"])[-1].passed
     assert not verdict([])["passed"]  # no check ran: no passing verdict
     # only families where the base model shows the skill count: there a low score can mean forgetting
     base = {"hits": {"role-play": 4, "continuation": 0}}
     assert counted_probe_families(base, 3) == ["role-play"]
-    only = audit_checks(_result(0.1, {}, {"role-play": 0.0, "continuation": 0.5}), gates, 0.1, 20, ["role-play"])
+    only = audit_checks(_result(0.1, {}, {"role-play": 0.0, "continuation": 0.5}), gates, 20, ["role-play"])
     assert only[-1].passed and "role-play" in only[-1].line
-    none = audit_checks(_result(0.1, {}, {"continuation": 0.0}), gates, 0.1, 20, [])
+    none = audit_checks(_result(0.1, {}, {"continuation": 0.0}), gates, 20, [])
     assert not none[-1].passed and "no probe family counted" in none[-1].line
     # a model that lost everything passes every attack: the utility gate (the release's unless the audit sets
     # its own) says so, and is left out where no utility was measured
     broken = {**_result(0.0, {"loss": 0.5}, {"role-play": 0.0}), "utility": {"utility_score": 0.004}}
-    kept = audit_checks(broken, gates, 0.1, 20, FAMILIES, 0.9, 0.675)
+    kept = audit_checks(broken, gates, 20, FAMILIES, 0.675)
     assert [c.name for c in kept] == ["relearn_recovery", "membership_loss", "worst_probe", "utility_kept"]
     assert not verdict(kept)["passed"] and "0.006 × the base model's 0.6750 < 0.9" in kept[-1].line
-    assert audit_checks(broken, AuditGates(min_utility_ratio=0.005), 0.1, 20, FAMILIES, 0.9, 0.675)[-1].passed
-    assert audit_checks(broken, gates, 0.1, 20, FAMILIES, None, 0.675)[-1].name == "worst_probe"
-    assert audit_checks(_result(0.0, {}, {}), gates, 0.1, 20, FAMILIES, 0.9, 0.675)[-1].name == "worst_probe"
+    assert audit_checks(broken, AuditGates(min_utility_ratio=0.005).applied(PromotionGates()), 20, FAMILIES,
+                        0.675)[-1].passed
+    unchecked = AuditGates().applied(PromotionGates(min_utility_ratio=None))
+    assert audit_checks(broken, unchecked, 20, FAMILIES, 0.675)[-1].name == "worst_probe"
+    assert audit_checks(_result(0.0, {}, {}), gates, 20, FAMILIES, 0.675)[-1].name == "worst_probe"
 
 
 def test_promotion_can_require_a_passing_audit():

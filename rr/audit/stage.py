@@ -206,10 +206,6 @@ def _form_rates(summary: dict, name: str) -> dict:
     return {row["form"]: row[model]["rate"] for row in forms.get("rows", []) if row.get("counted") and model in row}
 
 
-def _either(own, fallback):
-    return own if own is not None else fallback
-
-
 def run_audit(job, progress: Callable[[str], None] = print) -> dict:
     """The audit of a finished job; returns audit.json's content."""
     from rr.audit.report import write_reports
@@ -293,14 +289,9 @@ def run_audit(job, progress: Callable[[str], None] = print) -> dict:
                                          for s in cfg.relearn_steps if name != "base" and str(s) in scores}
     counted_families = counted_probe_families(models.get("base", {}).get("probes"), cfg.min_probe_base_hits) \
         if "base" in cfg.models else families
-    release_gates = job.config.tracking.gates
-    checks = audit_checks(models["rr"], cfg.gates, release_gates.max_forget_score, cfg.gate_step(), counted_families,
-                          release_gates.min_utility_ratio, _utility(summary, "base").get("utility_score")) \
-        if "rr" in models else []
-    gates = cfg.gates.model_dump()  # as applied: an audit gate left null reads the release's
-    gates.update(relearn_gate_step=cfg.gate_step(),
-                 max_probe_forget_score=_either(cfg.gates.max_probe_forget_score, release_gates.max_forget_score),
-                 min_utility_ratio=_either(cfg.gates.min_utility_ratio, release_gates.min_utility_ratio))
+    gates = cfg.gates.applied(job.config.tracking.gates)
+    checks = audit_checks(models["rr"], gates, cfg.gate_step(), counted_families,
+                          _utility(summary, "base").get("utility_score")) if "rr" in models else []
     audit = {"task": job.config.task.name, "models": models, "verdict": verdict(checks),
              "relearn_steps": cfg.relearn_steps, "relearn_eval_items": len(eval_items), "counted_forms": counted,
              "relearn_forms": relearn_forms,
@@ -309,7 +300,7 @@ def run_audit(job, progress: Callable[[str], None] = print) -> dict:
              "probe_summaries": {f: material.probe_families[f].summary for f in families},
              "membership": {"members": len(members), "non_members": len(non_members), "mink_k": cfg.mink_k},
              **({"set_aside": set_aside} if set_aside else {}),
-             "gates": gates}
+             "gates": {**gates.model_dump(), "relearn_gate_step": cfg.gate_step()}}
     atomic_write_text(store.root / "audit.json", json.dumps(audit, indent=1))
     write_reports(audit, store.root, f"{job.config.task.name} ({job.config.model.name_or_path})")
     job.tracker.audit_finished(audit, verdict_tags(audit))

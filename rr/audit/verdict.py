@@ -31,13 +31,12 @@ def counted_probe_families(base_probes: dict | None, min_base_hits: int) -> list
     return [f for f, hits in base_probes["hits"].items() if hits >= min_base_hits]
 
 
-def audit_checks(result: dict, gates, max_forget_score: float | None, gate_step: int,
-                 counted_families: list[str], min_utility_ratio: float | None = None,
+def audit_checks(result: dict, gates, gate_step: int, counted_families: list[str],
                  base_utility: float | None = None) -> list[AuditCheck]:
-    """The checks of rr's model (`result`: its audit part: relearn, membership, probes, utility); `gate_step`: the
-    relearning checkpoint the recovery gate reads (AuditConfig.gate_step()); the probe gate reads
-    `counted_families` only. The utility gate (gates.min_utility_ratio, else `min_utility_ratio`: the release's)
-    compares rr's utility score with `base_utility`: without it, a model that lost everything passes every attack."""
+    """The checks of rr's model (`result`: its audit part: relearn, membership, probes, utility) against `gates`
+    as applied (AuditGates.applied); `gate_step`: the relearning checkpoint the recovery gate reads
+    (AuditConfig.gate_step()); the probe gate reads `counted_families` only; the utility gate compares rr's
+    utility score with `base_utility`: without it, a model that lost everything passes every attack."""
     checks = []
     if gates.max_relearn_recovery is not None and "relearn" in result:
         step = str(gate_step)
@@ -57,7 +56,7 @@ def audit_checks(result: dict, gates, max_forget_score: float | None, gate_step:
             ok = gap <= gates.max_auc_gap
             checks.append(AuditCheck(f"membership_{attack}", ok, f"membership inference ({attack}): |AUC − 0.5| = "
                                      f"{gap:.3f} {'≤' if ok else '>'} {gates.max_auc_gap:g}: {'pass' if ok else 'FAIL'}"))
-    limit = gates.max_probe_forget_score if gates.max_probe_forget_score is not None else max_forget_score
+    limit = gates.max_probe_forget_score
     if limit is not None and "probes" in result:
         rates = {f: r for f, r in result["probes"]["rates"].items() if f in counted_families}
         if not rates:
@@ -68,7 +67,7 @@ def audit_checks(result: dict, gates, max_forget_score: float | None, gate_step:
             ok = rate <= limit
             checks.append(AuditCheck("worst_probe", ok, f"worst counted probe family {family}: forget score {rate:.3f} "
                                      f"{'≤' if ok else '>'} {limit:g}: {'pass' if ok else 'FAIL'}"))
-    ratio_limit = gates.min_utility_ratio if gates.min_utility_ratio is not None else min_utility_ratio
+    ratio_limit = gates.min_utility_ratio
     utility = (result.get("utility") or {}).get("utility_score")
     if ratio_limit is not None and utility is not None and base_utility is not None:
         ratio = utility_ratio(utility, base_utility)
