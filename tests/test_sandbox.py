@@ -177,8 +177,8 @@ def test_seccomp_program_jumps_stay_inside_and_end_in_allow(arch):
 def test_test_shapes_become_calls_and_trusted_expected_values():
     plan = plan_tests("import math\nassert f(1) == [1, 2]\nassert set(g()) == set((4, 5)) and not h()\n"
                       "assert math.isclose(area(2), 12.5, rel_tol=0.001)\nassert sorted(k()) == [1, 2]\n"
-                      "assert -1 == f(0)\nassert ok(3)")
-    assert plan.setup == "import math"
+                      "x = 2\nassert -1 == f(0)\nassert ok(3)")
+    assert plan.steps == ("import math", 0, 1, 2, 3, 4, "x = 2", 5, 6)  # in the written order
     assert [(c.expression, c.mode, c.expected, c.wrappers) for c in plan.checks] == [
         ("f(1)", "equal", [1, 2], ()), ("g()", "equal", {4, 5}, ("set",)), ("h()", "falsy", None, ()),
         ("area(2)", "isclose", 12.5, ()), ("k()", "equal", [1, 2], ("sorted",)), ("f(0)", "equal", -1, ()),
@@ -229,7 +229,9 @@ def test_answers_are_exact_built_in_values_both_ways():
     b'["value", "a", ["B", 2]]\n',  # a bool that is not 0/1
     b'["value", "a", ["i", "0x3"]]\n',  # not hex digits
     b'["value", "a", ["S", [["l", []]]]]\n',  # a set holding a list
-    b'["value", "a", ["q", 1]]\n',  # an unknown tag
+    b'["value", "a", ["?", 1]]\n',  # an unknown tag
+    b'["value", "a", ["Q", ["1", "0"]]]\n',  # a fraction over zero
+    b'["value", "a", ["D", "1 "]]\n',  # a decimal Decimal.__str__ never writes
     b'["value", "a", NaN]\n',  # a bare JSON constant
     b'{"status": "passed"}\n',  # not a record
     b'["value", "a", ' + b'["l", [' * 150 + b'["N"]' + b']]' * 150 + b']\n',  # too deep

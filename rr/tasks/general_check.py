@@ -23,7 +23,7 @@ from rr.tasks.base import SamplingParams
 
 INSTRUCTIONS = {"test": Path(__file__).parent / "data" / "general_check.jsonl",
                 "validation": Path(__file__).parent / "data" / "general_check_validation.jsonl"}
-RULE_KEYS = {"any", "case", "word", "min_lines", "regex"}
+RULE_KEYS = {"any", "none", "case", "word", "min_lines", "regex"}
 TUTOR_SYSTEM = "You are a patient maths tutor. Work through the problem briefly and state the result."
 
 
@@ -39,14 +39,19 @@ class CheckItem:
 
 def _rule_judge(rule: dict) -> Callable[[str], bool]:
     """An answer passes when it meets every key of the rule: `any` (one of these strings, as a substring or
-    with `word` as a whole word; case-insensitive unless `case`), `min_lines` (non-empty lines), `regex`."""
+    with `word` as a whole word; case-insensitive unless `case`), `none` (none of these words, each as a whole
+    word: the wrong option of "red or blue? one word", so an answer that names both options hedges and
+    fails), `min_lines` (non-empty lines), `regex`."""
     words = rule.get("any", [])
     flags = 0 if rule.get("case") else re.IGNORECASE
     patterns = [re.compile(rf"\b{re.escape(w)}\b" if rule.get("word") else re.escape(w), flags) for w in words]
+    excluded = [re.compile(rf"\b{re.escape(w)}\b", flags) for w in rule.get("none", [])]
     pattern = re.compile(rule["regex"]) if "regex" in rule else None
 
     def judge(answer: str) -> bool:
         if patterns and not any(p.search(answer) for p in patterns):
+            return False
+        if any(p.search(answer) for p in excluded):
             return False
         if "min_lines" in rule and len([line for line in answer.splitlines() if line.strip()]) < rule["min_lines"]:
             return False

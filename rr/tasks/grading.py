@@ -1,9 +1,11 @@
 """The trusted half of code grading: tests parsed into calls and expected values, the sandbox's answers
 decoded strictly, and the verdict decided here, in a process the graded code never ran in (Invariant 7).
 
-A test program is split with `ast` into setup code (every top-level statement that is not an assert; it
-runs inside the sandbox) and checks. Supported assert shapes, each applied to a CALL (any expression
-that is not a literal; it is evaluated inside the sandbox):
+A test program is split with `ast` into steps kept in their written order: setup code (every top-level
+statement that is not an assert; it runs inside the sandbox) and checks, so a stateful test
+(`c = Counter(); assert c.get() == 0; c.inc(); assert c.get() == 1`) is asked as it was written. Supported
+assert shapes, each applied to a CALL (any expression that is not a literal; it is evaluated inside the
+sandbox):
 
     assert CALL == EXPR              (or EXPR == CALL)   EXPR: a literal, or set/sorted/frozenset of one
     assert A and B and ...           each operand one of these shapes
@@ -12,10 +14,17 @@ that is not a literal; it is evaluated inside the sandbox):
     assert math.isclose(CALL, EXPR, rel_tol=..., abs_tol=...)   (or isclose(...))
 
 Expected values are evaluated here with `ast.literal_eval` and never enter the sandbox. The sandbox
-answers each call (by an id this side chose) with a type-tagged encoding of exact built-in values; a
-value of any other type, or of a subclass, cannot be encoded, so an object whose `__eq__` always says
-True never reaches a comparison. Anything else in the answers (a missing, extra, repeated, unrequested
-or malformed record, too deep, too large) fails the run.
+answers each call (by an id this side chose) with a type-tagged encoding of exact built-in values and of
+the standard library's values a test compares with literals (Counter, OrderedDict and defaultdict as dict,
+namedtuples as tuple, IntEnum/IntFlag as int, deque, Decimal, Fraction; rr.tasks.sandbox.encode_value);
+they are rebuilt here as trusted values and compared as Python compares those types. An instance of a class
+the solution defined cannot be encoded, so an object whose `__eq__` always says True never reaches a
+comparison: it is graded "error", unsupported result type. Anything else in the answers (a missing,
+extra, repeated, unrequested or malformed record, too deep, too large) fails the run.
+
+The runner cannot know that a check failed (it never sees the expected value), so it goes on; the verdict
+walks the answers in the written order and stops at the first check that fails or raised, as the test
+program would have stopped there: what ran after it (a timeout, a crash) does not change a "failed".
 """
 
 from __future__ import annotations
@@ -23,7 +32,11 @@ from __future__ import annotations
 import ast
 import json
 import math
+import re
+from collections import deque
 from dataclasses import dataclass, field
+from decimal import Decimal
+from fractions import Fraction
 from typing import Any, Sequence
 
 from rr.errors import RRError
@@ -61,9 +74,10 @@ class Check:
 
 @dataclass(frozen=True)
 class TestPlan:
-    """What a test program asks: setup code to run in the sandbox, then checks."""
+    """What a test program asks, in its written order: `steps` holds setup code to run in the sandbox (a
+    str) and checks (an int, the index into `checks`)."""
 
-    setup: str
+    steps: tuple[str | int, ...]
     checks: tuple[Check, ...]
 
 
@@ -88,18 +102,25 @@ def plan_tests(test_source: str) -> TestPlan:
         tree = ast.parse(test_source)
     except (SyntaxError, ValueError) as exc:
         raise UnsupportedTest(f"the tests do not parse: {exc}") from None
-    setup, checks = [], []
+    steps: list[str | int] = []
+    checks: list[Check] = []
     for statement in tree.body:
         if isinstance(statement, ast.Assert):
-            checks.extend(_checks_of(statement.test, test_source))
+            for check in _checks_of(statement.test, test_source):
+                steps.append(len(checks))
+                checks.append(check)
             continue
         nested = next((node for node in ast.walk(statement) if isinstance(node, ast.Assert)), None)
         if nested is not None:
             raise UnsupportedTest(f"test line {nested.lineno}: an assert inside a {type(statement).__name__} "
                                   f"statement is not supported (only top-level asserts are checked): "
                                   f"{_quote(ast.get_source_segment(test_source, nested))}")
-        setup.append(ast.get_source_segment(test_source, statement) or ast.unparse(statement))
-    return TestPlan(setup="\n".join(setup), checks=tuple(checks))
+        source = ast.get_source_segment(test_source, statement) or ast.unparse(statement)
+        if steps and isinstance(steps[-1], str):
+            steps[-1] += "\n" + source  # consecutive statements run as one block
+        else:
+            steps.append(source)
+    return TestPlan(steps=tuple(steps), checks=tuple(checks))
 
 
 def _checks_of(test: ast.expr, source: str) -> list[Check]:
@@ -279,8 +300,9 @@ def decode_answers(raw: bytes, requested: Sequence[str]) -> Answers:
 
 def decode_value(node: Any, budget: list[int] | None = None, depth: int = 0) -> Any:
     """One type-tagged value → the exact built-in value it names; _Malformed (a ValueError's cousin)
-    for anything else. Tags: N None, B bool (0/1), i int (hex), f float (float.hex, inf, nan), s str,
-    y bytes (hex), l list, t tuple, S set, F frozenset, d dict (list of [key, value])."""
+    for anything else. Tags: N None, B bool (0/1), i int (hex), f float (float.hex, inf, nan),
+    c complex ([real, imag] as f), s str, y bytes (hex), l list, t tuple, S set, F frozenset, q deque,
+    d dict (list of [key, value]), D Decimal (its str), Q Fraction ([numerator, denominator] as i)."""
     if budget is None:
         budget = [MAX_NODES]
     budget[0] -= 1
@@ -298,21 +320,27 @@ def decode_value(node: Any, budget: list[int] | None = None, depth: int = 0) -> 
     payload = args[0]
     if tag == "B" and type(payload) is int and payload in (0, 1):
         return payload == 1
-    if tag == "i" and type(payload) is str and 0 < len(payload) <= MAX_INT_HEX_DIGITS:
-        digits = payload[1:] if payload.startswith("-") else payload
-        if digits and all(c in "0123456789abcdef" for c in digits):
-            return int(payload, 16)
-    if tag == "f" and type(payload) is str and len(payload) <= 40:
-        return float.fromhex(payload)  # ValueError on junk; accepts inf, -inf, nan
+    if tag == "i":
+        return _hex_int(payload)
+    if tag == "f":
+        return _hex_float(payload)
+    if tag == "c" and type(payload) is list and len(payload) == 2:
+        return complex(_hex_float(payload[0]), _hex_float(payload[1]))
+    if tag == "D" and type(payload) is str and len(payload) <= _DECIMAL_CHARS and _DECIMAL.fullmatch(payload):
+        return Decimal(payload)
+    if tag == "Q" and type(payload) is list and len(payload) == 2:
+        numerator, denominator = _hex_int(payload[0]), _hex_int(payload[1])
+        if denominator > 0:
+            return Fraction(numerator, denominator)
     if tag == "s" and type(payload) is str:
         return payload
     if tag == "y" and type(payload) is str:
         return bytes.fromhex(payload)
-    if tag in ("l", "t", "S", "F") and type(payload) is list:
+    if tag in _SEQUENCES and type(payload) is list:
         items = [decode_value(item, budget, depth + 1) for item in payload]
         if tag in ("S", "F"):
             _check_hash_collisions(items)
-        return {"l": list, "t": tuple, "S": set, "F": frozenset}[tag](items)  # TypeError: unhashable
+        return _SEQUENCES[tag](items)  # TypeError: unhashable
     if tag == "d" and type(payload) is list:
         pairs = []
         for pair in payload:
@@ -322,6 +350,25 @@ def decode_value(node: Any, budget: list[int] | None = None, depth: int = 0) -> 
         _check_hash_collisions([key for key, _ in pairs])
         return dict(pairs)
     raise _Malformed(f"an invalid value tagged {tag[:5]!r}")
+
+
+_SEQUENCES = {"l": list, "t": tuple, "S": set, "F": frozenset, "q": deque}
+_DECIMAL = re.compile(r"-?(\d+(\.\d*)?|\.\d+)(E[+-]?\d+)?|-?(Infinity|s?NaN\d*)")  # Decimal.__str__'s forms
+_DECIMAL_CHARS = 10_000
+
+
+def _hex_int(payload: Any) -> int:
+    if type(payload) is str and 0 < len(payload) <= MAX_INT_HEX_DIGITS:
+        digits = payload[1:] if payload.startswith("-") else payload
+        if digits and all(c in "0123456789abcdef" for c in digits):
+            return int(payload, 16)
+    raise _Malformed("an invalid int")
+
+
+def _hex_float(payload: Any) -> float:
+    if type(payload) is str and len(payload) <= 40:
+        return float.fromhex(payload)  # ValueError on junk; accepts inf, -inf, nan
+    raise _Malformed("an invalid float")
 
 
 def _check_hash_collisions(items: Sequence[Any]) -> None:
@@ -341,22 +388,38 @@ def _check_hash_collisions(items: Sequence[Any]) -> None:
 # ---------------------------------------------------------------------------------------------
 
 def check_holds(check: Check, value: Any) -> bool:
-    """Whether a decoded (trusted, exact-type) value satisfies the check; a wrapper or comparison that
-    cannot apply to it (sorted of mixed types, set of lists) is a failure, not an error of rr."""
+    """Whether a decoded (trusted) value satisfies the check; a wrapper or comparison that cannot apply to it
+    (sorted of mixed types, set of lists, a signalling NaN) is a failure, not an error of rr. A deque is
+    compared as a list where the expected value has a list in its place."""
     try:
         if check.mode == "truthy":
             return bool(value)
         if check.mode == "falsy":
             return not value
         if check.mode == "isclose":
-            return type(value) in (int, float) and math.isclose(value, check.expected, **dict(check.tolerances))
+            return type(value) in (int, float, Fraction, Decimal) \
+                and math.isclose(value, check.expected, **dict(check.tolerances))
         for wrapper in check.wrappers:
             if wrapper in ("set", "frozenset"):
                 _check_hash_collisions(list(value))
             value = _WRAPPERS[wrapper](value)
-        return bool(value == check.expected)
-    except (TypeError, ValueError, OverflowError, RecursionError, _Malformed):
+        return bool(_shaped_like(value, check.expected) == check.expected)
+    except (TypeError, ValueError, OverflowError, RecursionError, ArithmeticError, _Malformed):
         return False
+
+
+def _shaped_like(value: Any, expected: Any, depth: int = 0) -> Any:
+    """`value` with each deque that stands where `expected` has a list turned into that list (a test writes
+    `assert window(...) == [1, 2]` of a function that returns a deque)."""
+    if depth > MAX_DEPTH:
+        return value
+    if type(value) is deque and type(expected) is list:
+        value = list(value)
+    if type(value) in (list, tuple) and type(value) is type(expected) and len(value) == len(expected):
+        return type(value)(_shaped_like(v, e, depth + 1) for v, e in zip(value, expected))
+    if type(value) is dict and type(expected) is dict:
+        return {k: _shaped_like(v, expected[k], depth + 1) if k in expected else v for k, v in value.items()}
+    return value
 
 
 def describe(value: Any) -> str:
@@ -371,42 +434,49 @@ def describe(value: Any) -> str:
 def decide(plan: TestPlan, ids: Sequence[str], raw: bytes, report: dict) -> tuple[str, str, tuple[str, ...]]:
     """The verdict (status, detail, layers) from the answers and the supervisor's observation of the
     runner (`outcome`: exited, timeout or oversized; `exit_code`, `signal`, `elapsed_s`, `timeout_s`,
-    `stderr_tail`). passed needs every check answered with a value that holds and a clean exit."""
-    answers = decode_answers(raw, ids)
-    layers = answers.layers
+    `stderr_tail`). The checks are walked in their written order: the first that fails or raised decides,
+    whatever happened after it. passed needs every check answered with a value that holds and a clean exit."""
     outcome = report.get("outcome")
-    if outcome == "timeout":
-        return "timeout", f"wall-clock limit of {report.get('timeout_s', 0):g} s exceeded", layers
     if outcome == "oversized":
         layers = decode_answers(raw[:4096].split(b"\n", 1)[0] + b"\n", ()).layers
         return "error", f"the sandbox wrote more than {MAX_ANSWER_BYTES} bytes of answers; it was stopped", layers
     if outcome != "exited":
+        raw = raw[:raw.rfind(b"\n") + 1]  # a record cut off by the kill is not an answer
+    answers = decode_answers(raw, ids)
+    layers = answers.layers
+    if outcome not in ("exited", "timeout"):
         return "error", f"the sandbox supervisor reported an unknown outcome {str(outcome)[:40]!r}", layers
-    if report.get("signal") == "SIGXCPU":
-        return "timeout", f"CPU-time limit exceeded after {report.get('elapsed_s', 0)} s", layers
     if answers.problem:
         return "error", answers.problem, layers
-    for stage, kind, message in answers.errors:
-        status = "memory" if kind == "MemoryError" else "error"
-        where = {"solution": "the solution", "setup": "the test setup"}.get(stage, stage)
-        return status, f"{kind} in {where}: {message}", layers
+    unanswered = 0
     for check, answer_id in zip(plan.checks, ids):
         if answer_id in answers.raised:
             kind, message = answers.raised[answer_id]
             status = "memory" if kind == "MemoryError" else "error"
+            if kind == "UnsupportedResultType":
+                return status, f"{message} [returned by {_quote(check.expression)} in: {_quote(check.source)}]", layers
             return status, f"{_quote(check.expression)} raised {kind}: {message} [in: {_quote(check.source)}]", layers
-    missing = [check for check, answer_id in zip(plan.checks, ids) if answer_id not in answers.values]
-    if missing or report.get("signal") or report.get("exit_code") != 0:
+        if answer_id not in answers.values:
+            unanswered = len(plan.checks) - list(ids).index(answer_id)
+            break
+        value = answers.values[answer_id]
+        if not check_holds(check, value):
+            return "failed", f"assertion failed: {check.source} (got {describe(value)})", layers
+    if outcome == "timeout":
+        return "timeout", f"wall-clock limit of {report.get('timeout_s', 0):g} s exceeded", layers
+    if report.get("signal") == "SIGXCPU":
+        return "timeout", f"CPU-time limit exceeded after {report.get('elapsed_s', 0)} s", layers
+    for stage, kind, message in answers.errors:
+        status = "memory" if kind == "MemoryError" else "error"
+        where = {"solution": "the solution", "setup": "the test setup"}.get(stage, stage)
+        return status, f"{kind} in {where}: {message}", layers
+    if unanswered or report.get("signal") or report.get("exit_code") != 0:
         how = (f"killed by {report['signal']}" + (" (a file or the output exceeded the size limit)"
                                                   if report["signal"] == "SIGXFSZ" else "")
                if report.get("signal") else f"exited with code {report.get('exit_code')}")
-        what = f"{len(missing)} of {len(plan.checks)} checks unanswered" if missing else "all checks answered"
+        what = f"{unanswered} of {len(plan.checks)} checks unanswered" if unanswered else "all checks answered"
         tail = str(report.get("stderr_tail", ""))[-1000:]
         return "error", f"the sandboxed process {how}, {what}: {tail}", layers
     if not plan.checks:
         return "error", "the tests hold no checks: nothing shows the solution works", layers
-    for check, answer_id in zip(plan.checks, ids):
-        value = answers.values[answer_id]
-        if not check_holds(check, value):
-            return "failed", f"assertion failed: {check.source} (got {describe(value)})", layers
     return "passed", f"all {len(plan.checks)} checks passed", layers

@@ -92,8 +92,10 @@ def run_in_sandbox(code: str, test_code: str, timeout_s: float = 5.0, memory_mb:
 
 def run_plan(code: str, plan, timeout_s: float = 5.0, memory_mb: int = 512,
              *, allow_site_packages: bool = False) -> SandboxResult:
-    """Run `code` and `plan.setup` in the sandbox, ask it for each check's call by an id chosen here,
-    and decide the verdict from the decoded answers (rr.tasks.grading.TestPlan)."""
+    """Run `code`, then the plan's steps in their written order (setup code, and each check's call asked by
+    an id chosen here), in the sandbox, and decide the verdict from the decoded answers
+    (rr.tasks.grading.TestPlan). The run's directory is removed afterwards; what the solution left there that
+    cannot be removed makes its grade "error", never the batch's."""
     if not timeout_s > 0:
         raise _rr_error(f"run_in_sandbox: timeout_s must be > 0 seconds, got {timeout_s!r}")
     if int(memory_mb) < 64:
@@ -101,53 +103,65 @@ def run_plan(code: str, plan, timeout_s: float = 5.0, memory_mb: int = 512,
     if os.name != "posix":
         raise _rr_error("run_in_sandbox: the code sandbox needs a POSIX system (Linux for full isolation)")
 
+    from rr.tasks.sandbox_cleanup import make_sandbox_dir, remove_tree
+
+    base = make_sandbox_dir()
+    try:
+        result = _supervised_run(code, plan, base, timeout_s, memory_mb, allow_site_packages)
+    finally:
+        leftover = remove_tree(base)
+    if leftover is not None:  # this solution's own grade; the batch's other grades stand
+        return SandboxResult(False, "error", f"the solution left files the grader could not remove "
+                                             f"({leftover})"[:_DETAIL_CHARS], result.layers)
+    return result
+
+
+def _supervised_run(code: str, plan, base: str, timeout_s: float, memory_mb: int,
+                    allow_site_packages: bool) -> SandboxResult:
+    """One run in the directory `base`: the supervisor started, the plan's steps sent (the checks' calls by ids
+    chosen here), the report read and the verdict decided."""
     import base64
     import subprocess
-    import tempfile
 
     from rr.tasks.grading import decide
 
     ids = [secrets.token_hex(8) for _ in plan.checks]
-    base = tempfile.mkdtemp(prefix="rr-sandbox-")
+    work = os.path.join(base, "work")
+    os.mkdir(work, 0o700)
+    request = {
+        "code": code,
+        "steps": [["exec", step] if isinstance(step, str) else ["call", ids[step], plan.checks[step].expression]
+                  for step in plan.steps],
+        "work": work,
+        "base": base,
+        "timeout_s": float(timeout_s),
+        "memory_mb": int(memory_mb),
+        "site_packages": bool(allow_site_packages),
+        "python": sys.executable,
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-I", "-S", os.path.abspath(__file__), "supervise"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        cwd=base, env=_clean_env(False), start_new_session=True, close_fds=True,
+    )
     try:
-        work = os.path.join(base, "work")
-        os.mkdir(work, 0o700)
-        request = {
-            "code": code,
-            "setup": plan.setup,
-            "calls": [[answer_id, check.expression] for answer_id, check in zip(ids, plan.checks)],
-            "work": work,
-            "base": base,
-            "timeout_s": float(timeout_s),
-            "memory_mb": int(memory_mb),
-            "site_packages": bool(allow_site_packages),
-            "python": sys.executable,
-        }
-        proc = subprocess.Popen(
-            [sys.executable, "-I", "-S", os.path.abspath(__file__), "supervise"],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            cwd=base, env=_clean_env(False), start_new_session=True, close_fds=True,
-        )
-        try:
-            out, err = proc.communicate(json.dumps(request).encode(), timeout=timeout_s + _SUPERVISOR_GRACE_S)
-        except subprocess.TimeoutExpired:
-            _kill_group(proc.pid)
-            proc.communicate()
-            return SandboxResult(False, "error", "the sandbox supervisor did not finish; it was killed")
-        try:
-            # The supervisor's report is one JSON object; even if the sandboxed code managed to write
-            # here, all it could add is answers, and those are validated as strictly as any.
-            report = json.loads(out[:_REPORT_BYTES].decode("utf-8", "replace").strip().splitlines()[-1])
-            raw = base64.b64decode(report.pop("answers"), validate=True)
-            if not isinstance(report, dict):
-                raise ValueError("not an object")
-        except (IndexError, ValueError, KeyError, AttributeError, TypeError):
-            tail = err.decode("utf-8", "replace")[-_OUTPUT_TAIL_CHARS:]
-            return SandboxResult(False, "error", f"the sandbox supervisor failed (exit {proc.returncode}): {tail}")
-        status, detail, layers = decide(plan, ids, raw, report)
-        return SandboxResult(status == "passed", status, detail[:_DETAIL_CHARS], layers)
-    finally:
-        _remove_tree(base)
+        out, err = proc.communicate(json.dumps(request).encode(), timeout=timeout_s + _SUPERVISOR_GRACE_S)
+    except subprocess.TimeoutExpired:
+        _kill_group(proc.pid)
+        proc.communicate()
+        return SandboxResult(False, "error", "the sandbox supervisor did not finish; it was killed")
+    try:
+        # The supervisor's report is one JSON object; even if the sandboxed code managed to write
+        # here, all it could add is answers, and those are validated as strictly as any.
+        report = json.loads(out[:_REPORT_BYTES].decode("utf-8", "replace").strip().splitlines()[-1])
+        raw = base64.b64decode(report.pop("answers"), validate=True)
+        if not isinstance(report, dict):
+            raise ValueError("not an object")
+    except (IndexError, ValueError, KeyError, AttributeError, TypeError):
+        tail = err.decode("utf-8", "replace")[-_OUTPUT_TAIL_CHARS:]
+        return SandboxResult(False, "error", f"the sandbox supervisor failed (exit {proc.returncode}): {tail}")
+    status, detail, layers = decide(plan, ids, raw, report)
+    return SandboxResult(status == "passed", status, detail[:_DETAIL_CHARS], layers)
 
 
 def run_many(items: Sequence[tuple[str, str]], max_workers: int = 2, timeout_s: float = 5.0,
@@ -185,26 +199,6 @@ def _kill_group(pgid: int) -> None:
         os.killpg(pgid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass
-
-
-def _remove_tree(path: str) -> None:
-    """rmtree that also removes what the sandboxed code made unreadable (chmod 000 dirs)."""
-    import shutil
-    import stat
-
-    def make_writable_and_retry(func, failed_path, _exc):
-        try:
-            os.chmod(os.path.dirname(failed_path), stat.S_IRWXU)
-            if os.path.isdir(failed_path) and not os.path.islink(failed_path):
-                os.chmod(failed_path, stat.S_IRWXU)
-            func(failed_path)
-        except OSError:
-            pass
-
-    if sys.version_info >= (3, 12):
-        shutil.rmtree(path, onexc=make_writable_and_retry)
-    else:
-        shutil.rmtree(path, onerror=make_writable_and_retry)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -273,9 +267,8 @@ def _supervise() -> None:
     os.close(err_fd)
     started = time.monotonic()
     try:
-        # Only the code, the setup and the calls: expected values never leave the caller.
-        os.write(payload_w, json.dumps({"code": request["code"], "setup": request["setup"],
-                                        "calls": request["calls"]}).encode())
+        # Only the code and the steps (setup code, calls): expected values never leave the caller.
+        os.write(payload_w, json.dumps({"code": request["code"], "steps": request["steps"]}).encode())
     except BrokenPipeError:
         pass
     finally:
@@ -469,25 +462,42 @@ def _run(pre_exec_layers: str) -> None:
     emit = _emitter(json.dumps, os.write)
     emit(["layers", layers])  # written before any untrusted code has run
 
-    # __name__ is not "__main__": demo blocks (`if __name__ == "__main__": ...`) do not run.
-    namespace = {"__name__": "__solution__", "__builtins__": builtins}
-    for stage, source in (("solution", payload["code"]), ("setup", payload["setup"])):
-        try:
-            exec(compile(source, f"<{stage}>", "exec"), namespace)
-        except BaseException as exc:  # noqa: BLE001 - SystemExit/KeyboardInterrupt are failures too
-            emit(["error", stage, type(exc).__name__, _message(exc)])
-            _finish()
-    for answer_id, expression in payload["calls"]:
+    # __name__ is not "__main__": demo blocks (`if __name__ == "__main__": ...`) do not run. The namespace is
+    # a registered module's, as a script's is: @dataclass and typing look their class's module up there.
+    module = type(sys)("__solution__")
+    module.__builtins__ = builtins
+    sys.modules["__solution__"] = module
+    namespace = module.__dict__
+    try:
+        exec(compile(payload["code"], "<solution>", "exec"), namespace)
+    except BaseException as exc:  # noqa: BLE001 - SystemExit/KeyboardInterrupt are failures too
+        emit(["error", "solution", type(exc).__name__, _message(exc)])
+        _finish()
+    # The tests' statements in their written order, as the test program would run them. An exception stops
+    # the sequence as it would stop the program; a check whose value is wrong cannot be seen here (its
+    # expected value never enters the sandbox), so the caller ignores whatever came after it.
+    for step in payload["steps"]:
+        if step[0] == "exec":
+            try:
+                exec(compile(step[1], "<setup>", "exec"), namespace)
+            except BaseException as exc:  # noqa: BLE001
+                emit(["error", "setup", type(exc).__name__, _message(exc)])
+                _finish()
+            continue
+        answer_id, expression = step[1], step[2]
         try:
             value = eval(compile(expression, "<check>", "eval"), namespace)
         except BaseException as exc:  # noqa: BLE001
             emit(["raised", answer_id, type(exc).__name__, _message(exc)])
-            continue
+            _finish()
         try:
             encoded = encode_value(value)
+        except UnsupportedResultType as exc:
+            emit(["raised", answer_id, "UnsupportedResultType", _message(exc)])
+            _finish()
         except (TypeError, ValueError, RecursionError, MemoryError) as exc:
             emit(["raised", answer_id, "UnencodableValue", _message(exc)])
-            continue
+            _finish()
         emit(["value", answer_id, encoded])
     _finish()
 
@@ -525,11 +535,28 @@ def _finish() -> None:
 
 
 _ENCODE_DEPTH = 100  # = rr.tasks.grading.MAX_DEPTH
+_TAGS = {list: "l", tuple: "t", set: "S", frozenset: "F"}
+_type_mro = type.__dict__["__mro__"].__get__  # the real MRO and class dicts, whatever a metaclass defines
+_type_dict = type.__dict__["__dict__"].__get__
+
+
+class UnsupportedResultType(TypeError):
+    """A checked call returned a value the grader does not rebuild: an instance of a class the solution
+    defined (a dataclass, a plain enum, a subclass of a built-in that changes its equality)."""
 
 
 def encode_value(value, depth: int = 0):
-    """A value of an exact built-in type as the tagged form rr.tasks.grading.decode_value reads; a
-    value of any other type (or a subclass) raises TypeError without calling any of its methods."""
+    """A value as the tagged form rr.tasks.grading.decode_value reads, without calling any method the
+    solution defines (only the built-in types' own functions, by exact type).
+
+    Exact built-ins (None, bool, int, float, complex, str, bytes, list, tuple, set, frozenset, dict) are sent
+    as themselves, and so are the standard library's values that a test compares with literals:
+    `collections.Counter`, `OrderedDict` and `defaultdict` as a dict, a namedtuple (collections or typing)
+    as a tuple, an `IntEnum`/`IntFlag` member as its int, `Decimal` and `Fraction` as themselves, and a
+    `deque` as a deque (compared as a list where the expected value is one). A standard-library class is
+    recognised by identity with its module's class (`sys.modules`: a value of one exists only once its
+    module was imported); a namedtuple or int enum counts only if no class of the solution's in its MRO
+    redefines equality. Anything else raises UnsupportedResultType naming the type."""
     if depth > _ENCODE_DEPTH:
         raise ValueError(f"the value is nested deeper than {_ENCODE_DEPTH} levels")
     kind = type(value)
@@ -541,17 +568,48 @@ def encode_value(value, depth: int = 0):
         return ["i", int.__format__(value, "x")]
     if kind is float:
         return ["f", float.hex(value)]
+    if kind is complex:
+        return ["c", [float.hex(complex.real.__get__(value)), float.hex(complex.imag.__get__(value))]]
     if kind is str:
         return ["s", value]
     if kind is bytes:
         return ["y", bytes.hex(value)]
-    tags = {list: "l", tuple: "t", set: "S", frozenset: "F"}
-    if kind in tags:
-        return [tags[kind], [encode_value(item, depth + 1) for item in value]]
-    if kind is dict:
+    if kind in _TAGS:
+        return [_TAGS[kind], [encode_value(item, depth + 1) for item in kind.__iter__(value)]]
+    collections = sys.modules.get("collections")
+    if kind is dict or (collections is not None
+                        and kind in (collections.Counter, collections.OrderedDict, collections.defaultdict)):
         return ["d", [[encode_value(k, depth + 1), encode_value(v, depth + 1)] for k, v in dict.items(value)]]
-    raise TypeError(f"the call returned a {kind.__module__}.{kind.__qualname__}, not a plain built-in value "
-                    "(int, float, str, bytes, bool, None, list, tuple, dict, set, frozenset)")
+    if collections is not None and kind is collections.deque:
+        return ["q", [encode_value(item, depth + 1) for item in collections.deque.__iter__(value)]]
+    decimal = sys.modules.get("decimal")
+    if decimal is not None and kind is decimal.Decimal:
+        return ["D", decimal.Decimal.__str__(value)]
+    fractions = sys.modules.get("fractions")
+    if fractions is not None and kind is fractions.Fraction:
+        return ["Q", [int.__format__(value.numerator, "x"), int.__format__(value.denominator, "x")]]
+    mro = _type_mro(kind)
+    enum = sys.modules.get("enum")
+    if int in mro and enum is not None and (enum.IntEnum in mro or enum.IntFlag in mro) \
+            and _keeps_equality_of(mro, int):
+        return ["i", int.__format__(value, "x")]
+    if tuple in mro and _keeps_equality_of(mro, tuple) \
+            and any("_fields" in _type_dict(cls) for cls in mro[:mro.index(tuple)]):
+        return ["t", [encode_value(item, depth + 1) for item in tuple.__iter__(value)]]
+    raise UnsupportedResultType(f"unsupported result type {_type_name(kind)} (the grader rebuilds built-in "
+                                "values and the standard library's that tests compare with literals)")
+
+
+def _keeps_equality_of(mro, base) -> bool:
+    """No class before `base` in the MRO defines __eq__ or __ne__: instances compare as `base` does."""
+    return not any("__eq__" in _type_dict(cls) or "__ne__" in _type_dict(cls) for cls in mro[:mro.index(base)])
+
+
+def _type_name(kind) -> str:
+    try:
+        return f"{type.__dict__['__module__'].__get__(kind)}.{type.__dict__['__qualname__'].__get__(kind)}"[:80]
+    except Exception:  # noqa: BLE001 - a name is only for the message
+        return "?"
 
 
 def _patch_socket() -> None:
