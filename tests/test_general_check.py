@@ -59,14 +59,13 @@ def test_rules_judge_answers_as_written(prompt_start, good, bad):
 @pytest.mark.parametrize("path, prompt_start, correct_sentence, both", [
     (INSTRUCTIONS["test"], "Is a tomato usually red or blue", "A ripe tomato is usually red.", "Red or blue."),
     (INSTRUCTIONS["test"], "Which is bigger, an elephant", "The elephant is the bigger one.", "Elephant, mouse"),
-    (INSTRUCTIONS["test"], "Which is heavier, a kilogram", "The kilogram of iron.", "Both weigh a gram."),
     (INSTRUCTIONS["validation"], "Does a lemon taste sweet or sour", "A lemon tastes sour.", "Sweet and sour."),
     (INSTRUCTIONS["validation"], "Which is faster, a cheetah", "The cheetah is faster.", "A cheetah or a snail."),
-    (INSTRUCTIONS["validation"], "Which is longer, a metre", "A metre is longer.", "1 metre = 100 cm"),
 ])
 def test_comparison_instructions_fail_an_answer_that_names_both_options(path, prompt_start, correct_sentence, both):
     """"Red or blue? One word": naming both options hedges, whatever order they come in; the right option in a
-    full sentence is still an answer."""
+    full sentence is still an answer. (The "a few words" comparisons keep no such rule: "a kilogram of iron is
+    heavier than a gram of feathers" names both and is right.)"""
     item = next(i for i in load_instruction_items(path) if i.prompt.user.startswith(prompt_start))
     assert item.judge(correct_sentence) and not item.judge(both)
 

@@ -11,7 +11,7 @@ import time
 import pytest
 
 from rr.errors import RRError
-from rr.tasks.grading import UnsupportedTest, check_holds, decode_answers, decode_value, plan_tests
+from rr.tasks.grading import UnsupportedTest, check_holds, decide, decode_answers, decode_value, plan_tests
 from rr.tasks.sandbox import encode_value, landlock_read_grants, run_in_sandbox, run_many, seccomp_program
 
 
@@ -232,6 +232,10 @@ def test_answers_are_exact_built_in_values_both_ways():
     b'["value", "a", ["?", 1]]\n',  # an unknown tag
     b'["value", "a", ["Q", ["1", "0"]]]\n',  # a fraction over zero
     b'["value", "a", ["D", "1 "]]\n',  # a decimal Decimal.__str__ never writes
+    b'["value", "a", ["D", "1E+9999999999999999999"]]\n',  # an exponent that overflows Decimal
+    b'["value", "a", ["f", "0x1p+99999"]]\n',  # a float that overflows
+    b'["value", "a", ["c", ["0x1p+99999", "0x0p+0"]]]\n',  # a complex part that overflows
+    b'["value", "a", ["i", "' + b"f" * 4097 + b'"]]\n',  # an int longer than any literal it could equal
     b'["value", "a", NaN]\n',  # a bare JSON constant
     b'{"status": "passed"}\n',  # not a record
     b'["value", "a", ' + b'["l", [' * 150 + b'["N"]' + b']]' * 150 + b']\n',  # too deep
@@ -239,6 +243,25 @@ def test_answers_are_exact_built_in_values_both_ways():
 def test_malformed_answers_are_rejected(record):
     answers = decode_answers(b'["layers", ["x"]]\n' + record, ["a", "b"])
     assert answers.problem and "malformed" in answers.problem
+
+
+def test_a_record_cut_off_is_missing_not_a_reason_to_hide_an_earlier_failure():
+    plan = plan_tests("assert f() == 1\nassert g() == 2")
+    raw = b'["layers", []]\n["value", "a", ["i", "2"]]\n["value", "b", ["i"'  # killed mid-record
+    for report in ({"outcome": "exited", "exit_code": None, "signal": "SIGXCPU"}, {"outcome": "timeout"}):
+        status, detail, _ = decide(plan, ["a", "b"], raw, report)
+        assert status == "failed" and "f() == 1" in detail, (report, detail)
+    status, _, _ = decide(plan, ["a", "b"], raw.rsplit(b"\n", 1)[0] + b"\n", {"outcome": "timeout"})
+    assert status == "failed"
+    assert decide(plan, ["a", "b"], b'["layers", []]\n["value", "a", ["i", "1"]]\n',
+                  {"outcome": "timeout", "timeout_s": 5})[0] == "timeout"
+
+
+def test_decorated_setup_and_any_decimal_context_are_graded_as_written():
+    tests = "from dataclasses import dataclass\n@dataclass\nclass P:\n    x: int\nassert norm(P(3)) == 3"
+    assert run_in_sandbox("def norm(p):\n    return abs(p.x)\n", tests).passed
+    capitals_off = "import decimal\ndecimal.getcontext().capitals = 0\ndef big():\n    return decimal.Decimal('1E+5')\n"
+    assert run_in_sandbox(capitals_off, "assert big() == 100000").passed
 
 
 def test_timeouts_report_the_layers_in_force(sandbox_layers):

@@ -99,6 +99,23 @@ def test_what_cannot_be_removed_costs_only_that_solution_its_grade(monkeypatch):
     assert "could not remove" in results[1].detail and "PermissionError" in results[1].detail
 
 
+def test_a_directory_left_half_removed_keeps_its_marker(tmp_path, monkeypatch):
+    """The marker goes last, so a later sweep can still tell the leftover is rr's."""
+    root = tmp_path / "rr-sandbox-half"
+    (root / "work" / "a").mkdir(parents=True)
+    (root / cleanup.MARKER).write_text("{}")
+    real_rmdir = os.rmdir
+
+    def rmdir(path, *, dir_fd=None):
+        if path == "a":
+            raise PermissionError(1, "Operation not permitted")
+        return real_rmdir(path, dir_fd=dir_fd)
+
+    monkeypatch.setattr(os, "rmdir", rmdir)
+    assert "PermissionError" in cleanup.remove_tree(str(root))
+    assert (root / cleanup.MARKER).exists()
+
+
 def test_the_sweep_removes_only_marked_directories_whose_maker_is_gone(tmp_path):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
@@ -111,17 +128,20 @@ def test_the_sweep_removes_only_marked_directories_whose_maker_is_gone(tmp_path)
             (path / cleanup.MARKER).write_text(json.dumps(marker))
         return str(path)
 
-    gone = make("rr-sandbox-gone", {"pid": dead.pid, "start": 1})
-    reused = make("rr-sandbox-reused", {"pid": os.getppid(), "start": -1})  # a live pid, another start time
-    live = make("rr-sandbox-live", {"pid": os.getppid(), "start": cleanup._process_start(os.getppid())})
-    own = make("rr-sandbox-own", {"pid": os.getpid(), "start": start_of_this})
+    here = cleanup._where()
+    gone = make("rr-sandbox-gone", {"pid": dead.pid, "start": 1, "where": here})
+    reused = make("rr-sandbox-reused", {"pid": os.getppid(), "start": -1, "where": here})  # a live pid, reused
+    live = make("rr-sandbox-live", {"pid": os.getppid(), "start": cleanup._process_start(os.getppid()),
+                                    "where": here})
+    own = make("rr-sandbox-own", {"pid": os.getpid(), "start": start_of_this, "where": here})
+    elsewhere = make("rr-sandbox-elsewhere", {"pid": dead.pid, "start": 1, "where": "another-boot/1"})  # a container
     unmarked = make("rr-sandbox-unmarked", None)
-    other = make("other-gone", {"pid": dead.pid, "start": 1})  # not rr's name
+    other = make("other-gone", {"pid": dead.pid, "start": 1, "where": here})  # not rr's name
     os.symlink(tmp_path / "rr-sandbox-gone-target", tmp_path / "rr-sandbox-link")
-    make("rr-sandbox-gone-target", {"pid": dead.pid, "start": 1})
+    make("rr-sandbox-gone-target", {"pid": dead.pid, "start": 1, "where": here})
     removed = cleanup.sweep_stale(str(tmp_path))
     assert sorted(removed) == sorted([gone, reused, str(tmp_path / "rr-sandbox-gone-target")])
-    for path in (live, own, unmarked, other):
+    for path in (live, own, elsewhere, unmarked, other):
         assert os.path.isdir(path)
     assert os.path.islink(tmp_path / "rr-sandbox-link")  # a link is never taken for rr's directory
 

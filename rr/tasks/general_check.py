@@ -40,8 +40,8 @@ class CheckItem:
 def _rule_judge(rule: dict) -> Callable[[str], bool]:
     """An answer passes when it meets every key of the rule: `any` (one of these strings, as a substring or
     with `word` as a whole word; case-insensitive unless `case`), `none` (none of these words, each as a whole
-    word: the wrong option of "red or blue? one word", so an answer that names both options hedges and
-    fails), `min_lines` (non-empty lines), `regex`."""
+    word: the wrong option of "red or blue? Answer in one word", so an answer that names both options hedges
+    and fails), `min_lines` (non-empty lines), `regex`."""
     words = rule.get("any", [])
     flags = 0 if rule.get("case") else re.IGNORECASE
     patterns = [re.compile(rf"\b{re.escape(w)}\b" if rule.get("word") else re.escape(w), flags) for w in words]

@@ -44,7 +44,9 @@ from rr.errors import RRError
 MAX_ANSWER_BYTES = 8 * 1024 * 1024  # all answers of one run together; the supervisor stops reading beyond
 MAX_DEPTH = 100  # nesting of one decoded value
 MAX_NODES = 1_000_000  # values inside one run's answers
-MAX_INT_HEX_DIGITS = 100_000  # ~400 kbit: far beyond any test's expected value
+# An expected literal holds at most 4,300 decimal digits (Python's int_max_str_digits), about 3,571 hex digits,
+# so a longer answer equals none; the cap also keeps int↔Decimal and Fraction work here small.
+MAX_INT_HEX_DIGITS = 4096
 MAX_SAME_HASH = 64  # unequal set/dict keys sharing one hash (crafted collisions make building quadratic)
 _TEXT_CHARS = 200  # quoted source, values and messages in a detail
 
@@ -115,7 +117,8 @@ def plan_tests(test_source: str) -> TestPlan:
             raise UnsupportedTest(f"test line {nested.lineno}: an assert inside a {type(statement).__name__} "
                                   f"statement is not supported (only top-level asserts are checked): "
                                   f"{_quote(ast.get_source_segment(test_source, nested))}")
-        source = ast.get_source_segment(test_source, statement) or ast.unparse(statement)
+        source = None if getattr(statement, "decorator_list", None) else ast.get_source_segment(test_source, statement)
+        source = source or ast.unparse(statement)  # a decorated def's segment would start after its decorators
         if steps and isinstance(steps[-1], str):
             steps[-1] += "\n" + source  # consecutive statements run as one block
         else:
@@ -291,7 +294,8 @@ def decode_answers(raw: bytes, requested: Sequence[str]) -> Answers:
                     answers.errors.append(tuple(part[:_TEXT_CHARS] for part in record[1:]))  # type: ignore
             else:
                 raise _Malformed(f"an unknown record kind {kind[:20]!r}")
-        except (_Malformed, ValueError, UnicodeDecodeError, RecursionError, MemoryError, TypeError) as exc:
+        except (_Malformed, ValueError, UnicodeDecodeError, RecursionError, MemoryError, TypeError,
+                ArithmeticError) as exc:
             reason = str(exc) if isinstance(exc, _Malformed) else f"{type(exc).__name__}: {str(exc)[:_TEXT_CHARS]}"
             answers.problem = f"the sandbox's answers are malformed (record {number + 1}: {reason})"
             return answers
@@ -353,8 +357,10 @@ def decode_value(node: Any, budget: list[int] | None = None, depth: int = 0) -> 
 
 
 _SEQUENCES = {"l": list, "t": tuple, "S": set, "F": frozenset, "q": deque}
-_DECIMAL = re.compile(r"-?(\d+(\.\d*)?|\.\d+)(E[+-]?\d+)?|-?(Infinity|s?NaN\d*)")  # Decimal.__str__'s forms
-_DECIMAL_CHARS = 10_000
+# Decimal.__str__'s forms (e with the context's capitals off), the exponent bounded: a forged 1E+10**18
+# overflows Decimal, and a large one makes every comparison with an int or a Fraction slow.
+_DECIMAL = re.compile(r"-?(\d+(\.\d*)?|\.\d+)([Ee][+-]?\d{1,6})?|-?(Infinity|s?NaN\d{0,100})")
+_DECIMAL_CHARS = 5000
 
 
 def _hex_int(payload: Any) -> int:
@@ -367,7 +373,10 @@ def _hex_int(payload: Any) -> int:
 
 def _hex_float(payload: Any) -> float:
     if type(payload) is str and len(payload) <= 40:
-        return float.fromhex(payload)  # ValueError on junk; accepts inf, -inf, nan
+        try:
+            return float.fromhex(payload)  # accepts inf, -inf, nan
+        except (ValueError, OverflowError):
+            pass
     raise _Malformed("an invalid float")
 
 
@@ -440,8 +449,7 @@ def decide(plan: TestPlan, ids: Sequence[str], raw: bytes, report: dict) -> tupl
     if outcome == "oversized":
         layers = decode_answers(raw[:4096].split(b"\n", 1)[0] + b"\n", ()).layers
         return "error", f"the sandbox wrote more than {MAX_ANSWER_BYTES} bytes of answers; it was stopped", layers
-    if outcome != "exited":
-        raw = raw[:raw.rfind(b"\n") + 1]  # a record cut off by the kill is not an answer
+    raw = raw[:raw.rfind(b"\n") + 1]  # a record cut off (a kill, a signal) is no answer; it can only go missing
     answers = decode_answers(raw, ids)
     layers = answers.layers
     if outcome not in ("exited", "timeout"):

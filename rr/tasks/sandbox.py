@@ -160,7 +160,10 @@ def _supervised_run(code: str, plan, base: str, timeout_s: float, memory_mb: int
     except (IndexError, ValueError, KeyError, AttributeError, TypeError):
         tail = err.decode("utf-8", "replace")[-_OUTPUT_TAIL_CHARS:]
         return SandboxResult(False, "error", f"the sandbox supervisor failed (exit {proc.returncode}): {tail}")
-    status, detail, layers = decide(plan, ids, raw, report)
+    try:
+        status, detail, layers = decide(plan, ids, raw, report)
+    except Exception as exc:  # noqa: BLE001 - whatever the answers hold, it costs this solution only
+        return SandboxResult(False, "error", f"the sandbox's answers could not be judged: {type(exc).__name__}")
     return SandboxResult(status == "passed", status, detail[:_DETAIL_CHARS], layers)
 
 
@@ -280,8 +283,8 @@ def _supervise() -> None:
     _kill_group(pid)  # the runner is still an unreaped zombie, so its group id cannot have been reused
     _, wait_status = os.waitpid(pid, 0)
     _reap_all_children()
-    if outcome == "exited":
-        _drain(result_r, answers)  # what was still in the pipe when the runner exited
+    if outcome != "oversized":
+        _drain(result_r, answers)  # what was still in the pipe when the runner exited or was killed
         if len(answers) > _ANSWER_BYTES_LIMIT:
             outcome = "oversized"
     os.close(result_r)
@@ -535,7 +538,7 @@ def _finish() -> None:
 
 
 _ENCODE_DEPTH = 100  # = rr.tasks.grading.MAX_DEPTH
-_TAGS = {list: "l", tuple: "t", set: "S", frozenset: "F"}
+_TAGS = ((list, "l"), (tuple, "t"), (set, "S"), (frozenset, "F"))
 _type_mro = type.__dict__["__mro__"].__get__  # the real MRO and class dicts, whatever a metaclass defines
 _type_dict = type.__dict__["__dict__"].__get__
 
@@ -574,11 +577,12 @@ def encode_value(value, depth: int = 0):
         return ["s", value]
     if kind is bytes:
         return ["y", bytes.hex(value)]
-    if kind in _TAGS:
-        return [_TAGS[kind], [encode_value(item, depth + 1) for item in kind.__iter__(value)]]
+    for sequence, tag in _TAGS:
+        if kind is sequence:
+            return [tag, [encode_value(item, depth + 1) for item in sequence.__iter__(value)]]
     collections = sys.modules.get("collections")
-    if kind is dict or (collections is not None
-                        and kind in (collections.Counter, collections.OrderedDict, collections.defaultdict)):
+    if kind is dict or (collections is not None and (kind is collections.Counter or kind is collections.OrderedDict
+                                                     or kind is collections.defaultdict)):
         return ["d", [[encode_value(k, depth + 1), encode_value(v, depth + 1)] for k, v in dict.items(value)]]
     if collections is not None and kind is collections.deque:
         return ["q", [encode_value(item, depth + 1) for item in collections.deque.__iter__(value)]]
@@ -590,19 +594,28 @@ def encode_value(value, depth: int = 0):
         return ["Q", [int.__format__(value.numerator, "x"), int.__format__(value.denominator, "x")]]
     mro = _type_mro(kind)
     enum = sys.modules.get("enum")
-    if int in mro and enum is not None and (enum.IntEnum in mro or enum.IntFlag in mro) \
-            and _keeps_equality_of(mro, int):
+    below_int, below_tuple = _classes_before(mro, int), _classes_before(mro, tuple)
+    if below_int is not None and enum is not None and _keeps_equality(below_int) \
+            and any(cls is enum.IntEnum or cls is enum.IntFlag for cls in mro):
         return ["i", int.__format__(value, "x")]
-    if tuple in mro and _keeps_equality_of(mro, tuple) \
-            and any("_fields" in _type_dict(cls) for cls in mro[:mro.index(tuple)]):
+    if below_tuple is not None and _keeps_equality(below_tuple) \
+            and any("_fields" in _type_dict(cls) for cls in below_tuple):
         return ["t", [encode_value(item, depth + 1) for item in tuple.__iter__(value)]]
     raise UnsupportedResultType(f"unsupported result type {_type_name(kind)} (the grader rebuilds built-in "
                                 "values and the standard library's that tests compare with literals)")
 
 
-def _keeps_equality_of(mro, base) -> bool:
-    """No class before `base` in the MRO defines __eq__ or __ne__: instances compare as `base` does."""
-    return not any("__eq__" in _type_dict(cls) or "__ne__" in _type_dict(cls) for cls in mro[:mro.index(base)])
+def _classes_before(mro, base):
+    """The classes before `base` in the MRO (compared by identity: a metaclass may redefine ==), or None."""
+    for index, cls in enumerate(mro):
+        if cls is base:
+            return mro[:index]
+    return None
+
+
+def _keeps_equality(classes) -> bool:
+    """None of these classes defines __eq__ or __ne__: instances compare as the built-in base does."""
+    return not any("__eq__" in _type_dict(cls) or "__ne__" in _type_dict(cls) for cls in classes)
 
 
 def _type_name(kind) -> str:

@@ -9,8 +9,9 @@ leftovers cost that solution its grade and nothing else.
 
 A caller killed while grading leaves its directories behind; `sweep_stale` removes those whose marker names
 a process that no longer runs (the pid and its start time, so a reused pid is not mistaken for the maker).
-It touches only directories named `rr-sandbox-*`, owned by this user, holding a marker rr wrote: never
-anything rr did not create.
+It judges only markers written under the same kernel boot and pid namespace (a temp directory shared by
+containers or hosts holds directories whose makers this process cannot see), and touches only directories
+named `rr-sandbox-*`, owned by this user, holding a marker rr wrote: never anything rr did not create.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ PREFIX = "rr-sandbox-"
 MARKER = ".rr-sandbox.json"
 _MARKER_BYTES = 4096
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_PROC_FDS = hasattr(os, "O_PATH") and os.path.isdir("/proc/self/fd")
 _swept = False
 
 
@@ -37,7 +39,8 @@ def make_sandbox_dir() -> str:
     base = tempfile.mkdtemp(prefix=PREFIX)
     fd = os.open(os.path.join(base, MARKER), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     try:
-        os.write(fd, json.dumps({"pid": os.getpid(), "start": _process_start(os.getpid())}).encode())
+        os.write(fd, json.dumps({"pid": os.getpid(), "start": _process_start(os.getpid()),
+                                 "where": _where()}).encode())
     finally:
         os.close(fd)
     return base
@@ -69,20 +72,22 @@ def _is_stale(path: str) -> bool:
             marker = json.loads(os.read(fd, _MARKER_BYTES))
         finally:
             os.close(fd)
-        pid, start = int(marker["pid"]), marker["start"]
+        pid, start, where = int(marker["pid"]), marker["start"], marker["where"]
     except (OSError, ValueError, TypeError, KeyError):
         return False  # no marker rr wrote (or not readable): not ours to remove
-    if pid == os.getpid():
-        return False  # this process's own (another thread may be grading in it)
-    if start is None:  # no /proc where it was made: only a process that cannot be signalled is gone
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return True
-        except OSError:
-            return False
-        return False
+    if pid == os.getpid() or start is None or where is None or where != _where():
+        return False  # this process's own, or a maker this process cannot see
     return _process_start(pid) != start
+
+
+def _where() -> str | None:
+    """The kernel boot and pid namespace this process runs in; None without /proc."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()
+        return f"{boot}/{os.stat('/proc/self/ns/pid').st_ino}"
+    except OSError:
+        return None
 
 
 def _process_start(pid: int) -> int | None:
@@ -112,7 +117,7 @@ def remove_tree(path: str) -> str | None:
     try:
         current = _open_dir(parent, root)
         names: list[str] = []  # from the root down to `current`
-        pending = [_clear_files(current)]  # per open level: subdirectories still to remove
+        pending = [_clear_files(current, keep=MARKER)]  # per open level: subdirectories still to remove
         while pending:
             if pending[-1]:
                 name = pending[-1].pop()
@@ -129,6 +134,10 @@ def remove_tree(path: str) -> str | None:
             os.close(current)
             current = up
             os.rmdir(names.pop(), dir_fd=current)
+        try:  # last: a tree that could not be removed keeps the marker that lets a sweep try again
+            os.unlink(MARKER, dir_fd=current)
+        except FileNotFoundError:
+            pass
         os.close(current)
         current = None
         os.rmdir(root, dir_fd=parent)
@@ -148,21 +157,28 @@ def remove_tree(path: str) -> str | None:
 def _open_dir(parent: int, name: str) -> int:
     """Open the directory `name` in `parent` without following a link, first giving it back rwx for its owner
     when the solution took that away."""
-    info = os.stat(name, dir_fd=parent, follow_symlinks=False)
-    if not stat.S_ISDIR(info.st_mode):
-        raise NotADirectoryError(20, f"{name} is not a directory")
-    if info.st_mode & stat.S_IRWXU != stat.S_IRWXU:
-        os.chmod(name, stat.S_IRWXU, dir_fd=parent)  # a directory (lstat above): chmod cannot follow a link
-    return os.open(name, _DIR_FLAGS, dir_fd=parent)
+    if not _PROC_FDS:  # no O_PATH (not Linux): lstat, then chmod, then open without following a link
+        if not stat.S_ISDIR(os.stat(name, dir_fd=parent, follow_symlinks=False).st_mode):
+            raise NotADirectoryError(20, f"{name} is not a directory")
+        os.chmod(name, stat.S_IRWXU, dir_fd=parent)
+        return os.open(name, _DIR_FLAGS, dir_fd=parent)
+    handle = os.open(name, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent)
+    try:  # the very directory, held: a link swapped in meanwhile is refused above, never followed below
+        if os.fstat(handle).st_mode & stat.S_IRWXU != stat.S_IRWXU:
+            os.chmod(f"/proc/self/fd/{handle}", stat.S_IRWXU)
+        return os.open(f"/proc/self/fd/{handle}", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    finally:
+        os.close(handle)
 
 
-def _clear_files(fd: int) -> list[str]:
-    """Unlink every entry of the open directory that is not a directory; return the subdirectories' names."""
+def _clear_files(fd: int, keep: str | None = None) -> list[str]:
+    """Unlink every entry of the open directory that is not a directory (except `keep`); return the
+    subdirectories' names."""
     subdirectories = []
     with os.scandir(fd) as entries:
         for entry in entries:
             if entry.is_dir(follow_symlinks=False):
                 subdirectories.append(entry.name)
-            else:
+            elif entry.name != keep:
                 os.unlink(entry.name, dir_fd=fd)
     return subdirectories
