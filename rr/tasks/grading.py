@@ -457,7 +457,7 @@ def decide(plan: TestPlan, ids: Sequence[str], raw: bytes, report: dict) -> tupl
     if answers.problem:
         return "error", answers.problem, layers
     unanswered = 0
-    for check, answer_id in zip(plan.checks, ids):
+    for index, (check, answer_id) in enumerate(zip(plan.checks, ids)):
         if answer_id in answers.raised:
             kind, message = answers.raised[answer_id]
             status = "memory" if kind == "MemoryError" else "error"
@@ -465,7 +465,7 @@ def decide(plan: TestPlan, ids: Sequence[str], raw: bytes, report: dict) -> tupl
                 return status, f"{message} [returned by {_quote(check.expression)} in: {_quote(check.source)}]", layers
             return status, f"{_quote(check.expression)} raised {kind}: {message} [in: {_quote(check.source)}]", layers
         if answer_id not in answers.values:
-            unanswered = len(plan.checks) - list(ids).index(answer_id)
+            unanswered = len(plan.checks) - index
             break
         value = answers.values[answer_id]
         if not check_holds(check, value):

@@ -7,8 +7,9 @@ three processes:
     caller ──► supervisor (`python -I -S sandbox.py supervise`, trusted, a child subreaper)
                   └─ fork: new session, empty cwd, rlimits, net namespace, parent-death signal
                      └─ exec runner (`python -I [-S] sandbox.py run`): Landlock, capabilities dropped,
-                        seccomp, socket patch; then exec(code) and exec(setup) in a fresh namespace and
-                        one tagged answer per requested call on fd 3 (read by the supervisor, bounded)
+                        seccomp, socket patch; then exec(code) and the tests' steps in their written
+                        order in a fresh module namespace, one tagged answer per requested call on fd 3
+                        (read by the supervisor, bounded)
 
 Layers, each best effort and reported in `SandboxResult.layers`:
 - isolated interpreter (-I: no PYTHON* env vars, no user site; -S: no site-packages), environment
