@@ -183,8 +183,10 @@ def audit(config: Optional[Path] = ConfigOption, output: Optional[Path] = Output
 @app.command("eval")
 def evaluate(config: Optional[Path] = ConfigOption, output: Optional[Path] = OutputOption,
              ledger: Optional[Path] = typer.Option(None, help="a job's release/ledger.json to compose on the base"),
+             step: Optional[int] = typer.Option(None, help="compose the ledger's entries up to this release step only "
+                                                "(a step the job did not score on the test split: release.test_each_step)"),
              split: str = typer.Option("test", help="reveal, validation or test")):
-    """Score the base model, or base + a ledger, on the config's task."""
+    """Score the base model, or base + a ledger (up to --step), on the config's task."""
     import json
 
     from rr.evaluation.forms import evaluate_with_forms
@@ -199,7 +201,15 @@ def evaluate(config: Optional[Path] = ConfigOption, output: Optional[Path] = Out
         if ledger is not None:
             if not ledger.is_file():
                 raise RRError(f"--ledger {ledger}: no such file; pass JOB_DIR/release/ledger.json")
-            composition = Ledger.load(ledger).resolve(ledger.parent)
+            loaded = Ledger.load(ledger)
+            if step is not None:
+                steps = [entry.step for entry in loaded.entries]
+                if step not in steps:
+                    raise RRError(f"--step {step}: the ledger {ledger} applied steps {steps}; choose one of them")
+                loaded.entries = [entry for entry in loaded.entries if entry.step <= step]
+            composition = loaded.resolve(ledger.parent)
+        elif step is not None:
+            raise RRError("--step needs --ledger JOB_DIR/release/ledger.json: it names a step of that ledger")
         # through the job's executor, so a vLLM generator serves the ledger as one adapter, as the stages do
         result, table = evaluate_with_forms(job.executor, job.task, split, composition)
     except RRError as exc:

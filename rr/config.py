@@ -215,6 +215,10 @@ class ReleaseConfig(_Strict):
         "by no perplexity measurement) that join the retain data as raw completions, so retain PEMs restore the "
         "model's text (perplexity); 0: none, as in the paper")
     baseline_single_negation: bool = True
+    test_each_step: bool = Field(
+        True, description="score the test split after every step (the paper's Tables 7–9); false: only the base "
+        "model, the final model and the single-negation baseline, and `rr eval --ledger … --step N` scores any step "
+        "later. Weights are chosen on the validation split either way, so the decisions do not change")
     external_forget_data: Path | None = Field(
         None, description="JSONL of {prompt, response} for `rr ablate` (pem-external); default: the task's own")
 

@@ -251,3 +251,27 @@ def test_a_loop_killed_at_any_evaluation_or_training_resumes_to_the_same_state_a
         assert not saved & {name for name, _, _ in resumed.trained}, f"killed at call {kill_at}: retrained {saved}"
         redone = (kill_at - 1) + resumed.calls - unkilled.calls  # calls made by both runs
         assert redone <= (1 if kill_at == 2 else 0), f"killed at call {kill_at}: {redone} scored again"
+
+
+@pytest.mark.parametrize("stop_when_forget_below", [None, 0.15])  # ends on its plan's last step; ends on met targets
+def test_without_a_test_split_per_step_only_the_base_and_the_final_model_are_tested_and_decisions_stay(
+        tmp_path, stop_when_forget_below):
+    every, _ = run_loop(tmp_path / "every", PLAN, iterations=1, stop_when_forget_below=stop_when_forget_below)
+    state, executor = run_loop(tmp_path / "final", PLAN, iterations=1, test_each_step=False,
+                               stop_when_forget_below=stop_when_forget_below)
+    assert [(s.merge_weight, s.rule, s.validation) for s in state.steps] == [
+        (s.merge_weight, s.rule, s.validation) for s in every.steps]
+    assert [s.test is not None for s in state.steps] == [True] + [False] * (len(state.steps) - 2) + [True]
+    assert state.steps[-1].test == every.steps[-1].test
+    tested = [weights for split, weights in executor.evaluated if split == "test"]
+    assert tested == [(), tuple(s.merge_weight for s in state.steps[1:])]
+
+
+def test_a_kill_before_the_final_models_test_score_scores_it_on_the_rerun(tmp_path):
+    _, unkilled = run_loop(tmp_path / "unkilled", PLAN, iterations=0, test_each_step=False)
+    with pytest.raises(Killed):  # the last call: the final model's test score, after the finished state is saved
+        run_loop(tmp_path / "killed", PLAN, kill_at=unkilled.calls, iterations=0, test_each_step=False)
+    assert json.loads((tmp_path / "killed" / "state.json").read_text())["steps"][-1]["test"] is None
+    state, resumed = run_loop(tmp_path / "killed", PLAN, iterations=0, test_each_step=False)
+    assert resumed.evaluated == [("test", (-2.0,))] and state.steps[-1].test is not None
+    assert (tmp_path / "killed" / "state.json").read_text() == (tmp_path / "unkilled" / "state.json").read_text()

@@ -16,6 +16,7 @@ from rr.audit.membership import ATTACKS, auc, roc_curve
 from rr.audit.verdict import audit_checks, counted_probe_families, recovery, verdict, verdict_tags
 from rr.config import AuditConfig
 from rr.core.files import atomic_write_text
+from rr.core.profile import phase, profiling
 from rr.core.prompt import prompt_from_json
 from rr.errors import RRError
 from rr.generation.base import request_seed
@@ -206,8 +207,36 @@ def _form_rates(summary: dict, name: str) -> dict:
     return {row["form"]: row[model]["rate"] for row in forms.get("rows", []) if row.get("counted") and model in row}
 
 
+def _audit_model(job, name: str, composition, material, cfg, summary: dict, store, model_keys: dict, forget_key: str,
+                 relearn_key: str, probe_key: str, members, non_members, eval_items, probe_items, progress) -> dict:
+    """One audited model's membership inference, relearning and probes (each loaded from the audit's checkpoint
+    when it was made before)."""
+    membership_key = _key(model_keys[name], forget_key, [a for _, a in non_members], cfg.mink_k)
+    membership = store.load(f"membership-{name}", membership_key)
+    if membership is None:
+        progress(f"audit: {name}: membership inference on {len(members)} forget records vs "
+                 f"{len(non_members)} non-members")
+        with phase("membership"):
+            membership = _membership(job.executor.model(composition), members, non_members, cfg.mink_k)
+        store.save(f"membership-{name}", membership_key, membership)
+    with phase("relearn"):
+        relearned = _relearn(job, name, composition, material, cfg, eval_items, store,
+                             _key(relearn_key, model_keys[name]), progress)
+    with phase("probes"):
+        probes = _probes(job, name, composition, material, probe_items, store, _key(probe_key, model_keys[name]),
+                         progress)
+    return {"ledger": [f"{w.merge_weight:+g}·{w.pem.name}" for w in composition], "membership": membership,
+            "relearn": relearned, "probes": probes, "forms": _form_rates(summary, name),
+            "utility": _utility(summary, name)}
+
+
 def run_audit(job, progress: Callable[[str], None] = print) -> dict:
     """The audit of a finished job; returns audit.json's content."""
+    with profiling(job.dir / "profile.jsonl"), phase("audit"):
+        return _audit(job, progress)
+
+
+def _audit(job, progress: Callable[[str], None]) -> dict:
     from rr.audit.report import write_reports
     from rr.tasks.registry import TASKS
 
@@ -261,22 +290,10 @@ def run_audit(job, progress: Callable[[str], None] = print) -> dict:
         models["base"] = {"relearn": _relearn(job, "base", [], material, cfg, eval_items, store,
                                               _key(relearn_key, model_keys["base"]), progress, train=False)}
     for name in cfg.models:  # the base model first: the others' recovery is measured against it
-        composition = compositions[name]
-        membership_key = _key(model_keys[name], forget_key, [a for _, a in non_members], cfg.mink_k)
-        membership = store.load(f"membership-{name}", membership_key)
-        if membership is None:
-            progress(f"audit: {name}: membership inference on {len(members)} forget records vs "
-                     f"{len(non_members)} non-members")
-            membership = _membership(job.executor.model(composition), members, non_members, cfg.mink_k)
-            store.save(f"membership-{name}", membership_key, membership)
-        models[name] = {
-            "ledger": [f"{w.merge_weight:+g}·{w.pem.name}" for w in composition],
-            "membership": membership,
-            "relearn": _relearn(job, name, composition, material, cfg, eval_items, store,
-                                _key(relearn_key, model_keys[name]), progress),
-            "probes": _probes(job, name, composition, material, probe_items, store,
-                              _key(probe_key, model_keys[name]), progress),
-            "forms": _form_rates(summary, name), "utility": _utility(summary, name)}
+        with phase(name):
+            models[name] = _audit_model(job, name, compositions[name], material, cfg, summary, store, model_keys,
+                                        forget_key, relearn_key, probe_key, members, non_members, eval_items,
+                                        probe_items, progress)
     if cfg.never_knew_model:
         job.close(release_model=True)  # the job's replicas and model make room for the control's
         models["never-knew"] = {"model": cfg.never_knew_model,

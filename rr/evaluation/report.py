@@ -16,13 +16,23 @@ def _weight_label(step: dict) -> str:
     return f"{step['merge_weight']:+g} ({step['kind']})"
 
 
+def _tested(steps: Sequence[dict]) -> list[dict]:
+    """The steps scored on the test split (release.test_each_step off: the base and the final model only)."""
+    return [s for s in steps if s["test"] is not None]
+
+
 def step_rows(steps: Sequence[dict]) -> tuple[list[str], list[list]]:
-    """Header and rows: step, weight applied, s, u and every test metric, with Wilson intervals."""
-    metric_names = sorted({m for s in steps for m in s["test"]["metrics"] if not is_form_metric(m)})
+    """Header and rows: step, weight applied, s, u and every test metric, with Wilson intervals; a step not
+    scored on the test split (release.test_each_step off) has empty scores and says so in its rule column."""
+    metric_names = sorted({m for s in _tested(steps) for m in s["test"]["metrics"] if not is_form_metric(m)})
     header = ["step", "weight_applied", "forget_score", "utility_score", *metric_names, "rule", "passed"]
     rows = []
     for s in steps:
         test = s["test"]
+        if test is None:
+            rows.append([s["step"], _weight_label(s), "", "", *[""] * len(metric_names),
+                         f"{s['rule']} (test split not scored)", s["passed"]])
+            continue
         values = [f"{test['metrics'][m]:.4f}" if m in test["metrics"] else "" for m in metric_names]
         for i, m in enumerate(metric_names):
             if m in test.get("intervals", {}):
@@ -47,17 +57,18 @@ def write_step_table(steps: Sequence[dict], directory: Path) -> tuple[Path, Path
 
 
 def plot_steps(steps: Sequence[dict], path: Path, title: str) -> Path:
-    """Every test metric across steps (the form of the paper's Figure 3)."""
+    """Every test metric across the steps scored on the test split (the form of the paper's Figure 3)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    steps = _tested(steps)
     metric_names = sorted({m for s in steps for m in s["test"]["metrics"] if not is_form_metric(m)})
     labels = [f"{s['step']}\n{_weight_label(s)}" for s in steps]
     figure, axes = plt.subplots(1, 2, figsize=(11, 4))
     for m in metric_names:
-        values = [s["test"]["metrics"].get(m) for s in steps]
+        values = [s["test"]["metrics"].get(m, float("nan")) for s in steps]
         axis = axes[1] if "perplexity" in m else axes[0]
         axis.plot(range(len(steps)), values, marker="o", label=m)
     for axis, name in zip(axes, ("rates", "perplexity")):

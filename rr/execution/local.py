@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable, Sequence
 
+from rr.core.profile import phase
 from rr.execution.base import Composition
 from rr.release.ledger import ComposedModel, Pem
 from rr.tasks.base import Evaluation, Example, SamplingParams
@@ -105,7 +106,9 @@ class LocalExecutor:
         for weight in sorted(signed_weights, key=abs):
             if decided():
                 return
-            on_result(weight, self.evaluate(task, split, [*composition, WeightedPem(pem, weight)]))
+            with phase(f"candidate {weight:+g}"):
+                evaluation = self.evaluate(task, split, [*composition, WeightedPem(pem, weight)])
+            on_result(weight, evaluation)
 
     def train_pem(self, composition: Composition, examples: Sequence[Example], config, name: str, kind: str,
                   out_dir: Path, seed: int, checkpoints: Sequence[int] = (), anchor: Sequence[Example] = (),

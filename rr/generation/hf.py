@@ -7,6 +7,7 @@ from typing import Sequence
 
 import torch
 
+from rr.core import profile
 from rr.core.prompt import Prompt, as_prompt
 from rr.core.tokens import TokenStats, collate, encode_example, pad_token_id, token_stats_of
 from rr.evaluation.metrics import perplexity_from_losses
@@ -102,6 +103,7 @@ class HFGenerator:
             seeds = seeds if seeds is not None else list(range(batch))
             generators = [torch.Generator(device=self.device).manual_seed(int(s)) for s in seeds]
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        profile.count(prefill_tokens=int(attention_mask.sum()), prefill_positions=attention_mask.numel())
         out = self.model(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
                          position_ids=position_ids, use_cache=True, output_hidden_states=return_last_hidden,
                          logits_to_keep=1)  # only the last position's logits are needed
@@ -115,8 +117,10 @@ class HFGenerator:
         stop = torch.tensor(sorted(self.stop_ids), device=self.device)
         for step in range(params.max_new_tokens):
             next_tokens = _pick_next(logits, params, generators)
-            for i in torch.nonzero(~finished).flatten().tolist():
+            live = torch.nonzero(~finished).flatten().tolist()
+            for i in live:
                 tokens[rows[i]].append(int(next_tokens[i]))
+            profile.count(generated_tokens=len(live))
             finished |= torch.isin(next_tokens, stop)
             if params.stop and step % 4 == 3:  # decoding every row each step would cost more than it saves
                 for i in torch.nonzero(~finished).flatten().tolist():
@@ -133,6 +137,7 @@ class HFGenerator:
                 generators = [generators[i] for i in keep.tolist()] if generators is not None else None
             next_tokens = next_tokens.masked_fill(finished, self.tokenizer.pad_token_id)
             attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
+            profile.count(decode_positions=next_tokens.shape[0])
             out = self.model(input_ids=next_tokens[:, None], attention_mask=attention_mask,
                              position_ids=next_position, use_cache=True, **{self.cache_keyword: past})
             past, logits = _cache_of(out), out.logits[:, -1, :]
@@ -183,6 +188,7 @@ class HFGenerator:
             # Right padding here: no generation, and positions then start at 0 for every row.
             input_ids = torch.tensor([e + [pad] * (width - len(e)) for e in encoded], device=self.device)
             mask = torch.tensor([[1] * len(e) + [0] * (width - len(e)) for e in encoded], device=self.device)
+            profile.count(scored_tokens=int(mask.sum()), scored_positions=mask.numel())
             logits = self.model(input_ids=input_ids, attention_mask=mask).logits[:, :-1].float()
             targets = input_ids[:, 1:]
             nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
@@ -204,6 +210,7 @@ class HFGenerator:
         step = max(1, self.batch_size // 4)
         for start in range(0, len(encoded), step):
             batch = collate(encoded[start:start + step], pad_token_id(self.tokenizer), self.device)
+            profile.count(scored_tokens=int(batch["attention_mask"].sum()), scored_positions=batch["attention_mask"].numel())
             logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             out += token_stats_of(logits, batch["labels"], answers[start:start + step])
         return out

@@ -2,7 +2,7 @@
 
 Every step trains one PEM on the current composed model, evaluates candidate merge weights on the
 validation split by runtime scaling (no re-merge, no reload), applies the weight the rule picks, scores
-the test split, and checkpoints (adapter, ledger, scores) before the next step starts. The composition is
+the test split (each step's with release.test_each_step, else the final model's only), and checkpoints (adapter, ledger, scores) before the next step starts. The composition is
 data (`entries`); an executor realizes it wherever generation and training run (rr/execution). The loop
 takes only what it uses (no Job), so its decisions are tested with scripted scores (tests/test_release_loop.py).
 """
@@ -16,6 +16,7 @@ from typing import Callable
 
 from rr.config import ReleaseConfig
 from rr.core.files import atomic_write_text
+from rr.core.profile import phase
 from rr.execution.base import Executor
 from rr.release.ledger import Ledger, LedgerEntry, Pem, WeightedPem
 from rr.release.weight_search import GENERAL_CHECK_METRIC, executor_scorer, search_weight, validation_scores
@@ -53,7 +54,7 @@ class StepRecord:
     passed: bool
     reason: str
     validation: dict
-    test: dict
+    test: dict | None         # None: not scored (release.test_each_step off, and not the final step)
     candidates: list[dict] = field(default_factory=list)
 
 
@@ -151,7 +152,8 @@ class ReleaseLoop:
 
     # ---- evaluation --------------------------------------------------------------------
     def evaluate(self, split: str) -> Evaluation:
-        return self.executor.evaluate(self.task, split, self.entries)
+        with phase(split):
+            return self.executor.evaluate(self.task, split, self.entries)
 
     # ---- the loop ----------------------------------------------------------------------
     def run(self) -> ReleaseState:
@@ -160,12 +162,14 @@ class ReleaseLoop:
         self.executor.prepare("release", len(self.forget_examples))  # sizes trainers (and replicas) for the work
         if not self.state.steps:
             self.progress("release: scoring the base model (validation and test)")
-            self.state.steps.append(StepRecord(0, "base", None, 0.0, "base", True, "base model",
-                                               evaluation_dict(self.evaluate("validation")),
-                                               evaluation_dict(self.evaluate("test"))))
+            with phase("step 0 (base)"):
+                self.state.steps.append(StepRecord(0, "base", None, 0.0, "base", True, "base model",
+                                                   evaluation_dict(self.evaluate("validation")),
+                                                   evaluation_dict(self.evaluate("test"))))
             self.state.save(self.state_path)
             self.on_step(self.state.steps[0])
         if self.state.finished:
+            self._score_final_test()
             return self.state
         self._perplexity_limit(), self._general_check_floor()  # refused now, not after a step's work
         plan = step_plan(self.config.iterations)
@@ -178,7 +182,8 @@ class ReleaseLoop:
                 self.state.stopped_reason = skip
                 self.progress(skip)
                 break
-            record = self._run_step(step, kind, ledger)
+            with phase(f"step {step} ({kind})"):
+                record = self._run_step(step, kind, ledger)
             if record is None:
                 break
             met = targets_met(record.validation, self.state.steps[0].validation,
@@ -190,19 +195,33 @@ class ReleaseLoop:
                 break
         self.state.finished = True
         self.state.save(self.state_path)
+        self._score_final_test()
         return self.state
+
+    def _score_final_test(self) -> None:
+        """The final model's test split, where release.test_each_step left its step unscored (a rerun after a kill
+        here scores it then: the finished state and the ledger already describe the final model)."""
+        last = self.state.steps[-1]
+        if last.test is None:
+            self.progress(f"release: scoring the final model (step {last.step}) on the test split")
+            with phase(f"step {last.step} final"):
+                last.test = evaluation_dict(self.evaluate("test"))
+            self.state.save(self.state_path)
 
     def _run_step(self, step: int, kind: str, ledger: Ledger) -> StepRecord | None:
         name = f"step{step}-{kind}"
         previous = self.state.steps[-1].validation
         base = self.state.steps[0].validation
-        pem = self._train_or_load(name, kind)
+        with phase("pem"):
+            pem = self._train_or_load(name, kind)
         sign = -1.0 if kind == "forget" else 1.0
         magnitudes = self.config.forget_weights if kind == "forget" else self.config.retain_weights
         self.progress(f"step {step} ({kind}): searching {len(magnitudes)} weights on the validation split")
-        choice = self.search(step, sign, pem, magnitudes, lambda results: self._choose(kind, results, previous, base),
-                             lambda choice: choice.rule in (RULE_FORGET_TARGET, RULE_RECOVER_TARGET),
-                             self.config.widen_factor if self.config.on_no_candidate == "widen" else None)
+        with phase("search"):
+            choice = self.search(step, sign, pem, magnitudes,
+                                 lambda results: self._choose(kind, results, previous, base),
+                                 lambda choice: choice.rule in (RULE_FORGET_TARGET, RULE_RECOVER_TARGET),
+                                 self.config.widen_factor if self.config.on_no_candidate == "widen" else None)
         cached = self.state.pending_candidates.get(str(step), {})
         if choice.weight is None:
             self.state.stopped_reason = f"step {step} ({kind}): no candidate weight passes: {choice.reason}"
@@ -214,16 +233,17 @@ class ReleaseLoop:
         ledger.entries.append(LedgerEntry(pem.name, f"pems/{name}", kind, merge_weight, step))
         validation = evaluation_dict(self.evaluate("validation")) if repr(merge_weight) not in cached else \
             cached_validation(cached[repr(merge_weight)])
+        test = evaluation_dict(self.evaluate("test")) if self.config.test_each_step else None
         record = StepRecord(step, kind, pem.name, merge_weight, choice.rule, choice.passed, choice.reason,
-                            validation, evaluation_dict(self.evaluate("test")),
-                            [asdict(c) for c in choice.evaluated])
+                            validation, test, [asdict(c) for c in choice.evaluated])
         ledger.save(self.ledger_path)
         self.state.steps.append(record)
         self.state.pending_candidates.pop(str(step), None)
         self.state.save(self.state_path)
         self.on_step(record)
-        self.progress(f"step {step}: applied {merge_weight:+g} ({choice.rule}); test forget "
-                      f"{record.test['forget_score']:.3f}, utility {record.test['utility_score']:.3f}")
+        scored = record.test or record.validation
+        self.progress(f"step {step}: applied {merge_weight:+g} ({choice.rule}); {'test' if record.test else 'validation'}"
+                      f" forget {scored['forget_score']:.3f}, utility {scored['utility_score']:.3f}")
         return record
 
     def search(self, step: int, sign: float, pem: Pem, magnitudes, choose, decisive,

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from rr.config import LoraTrainingConfig  # the `release.lora` block
+from rr.core import profile
 from rr.core.files import atomic_write
 from rr.core.tokens import IGNORE_INDEX, collate, encode_examples, pad_token_id
 from rr.errors import RRError
@@ -236,6 +237,8 @@ def _fit(peft_model, encoded, config: LoraTrainingConfig, seed: int, pad_token_i
                 weight = 1.0 if mine else 0.0
                 batch = collate([encoded[i] for i in (mine or rows[:1])], pad_token_id, device)
                 micro_step += 1
+                profile.count(trained_tokens=int(batch["attention_mask"].sum()),
+                              trained_positions=batch["attention_mask"].numel())
                 # an update every `accumulation` micro-batches, and one for a last partial group
                 boundary = micro_step % accumulation == 0 or (max_updates is None and micro_step == total_micro_steps)
                 loss = forward(**batch).loss

@@ -7,6 +7,7 @@ import time
 from dataclasses import asdict
 from typing import Callable
 
+from rr.core.profile import phase, profiling
 from rr.core.prompt import prompt_from_json
 from rr.evaluation.analysis import pem_similarity
 from rr.evaluation.forms import form_markdown, form_report, is_form_metric
@@ -55,9 +56,11 @@ def single_negation_baseline(job, loop: ReleaseLoop, target_forget_score: float,
     first = loop.state.steps[1]
     # Step 1 scored this very model (base − w·F0) for some weights already: reuse those scores.
     known = {c["weight"]: scores_of(c) for c in first.candidates}
-    # Step 1's own weight is this very model too, already scored on the test split.
+    # Step 1's own weight is this very model too, already scored on the test split (with release.test_each_step,
+    # or when step 1 is the final step).
+    known_test = {abs(first.merge_weight): first.test} if first.test is not None else {}
     result = matched_negation(job, Pem.load(loop.dir / "pems" / first.pem), target_forget_score, progress, known,
-                              {abs(first.merge_weight): first.test}, checkpoint="release/baseline_candidates.json")
+                              known_test, checkpoint="release/baseline_candidates.json")
     result["target_forget_score"] = target_forget_score
     job.write_json("release/baseline.json", result)
     return result
@@ -69,7 +72,8 @@ def run_release(job, progress: Callable[[str], None] = print) -> dict:
     already_finished = (job.dir / "release" / "summary.json").exists()
     loop = job_release_loop(job, load_forget_examples(job), progress, on_step=job.tracker.release_step)
     try:
-        return _finish_release(job, loop, loop.run(), progress, started, already_finished)
+        with profiling(job.dir / "profile.jsonl"), phase("release"):
+            return _finish_release(job, loop, loop.run(), progress, started, already_finished)
     finally:
         loop.executor.detach()  # the ledger is on disk; later work in this process starts from the base
 
@@ -82,11 +86,13 @@ def _finish_release(job, loop: ReleaseLoop, state, progress, started: float, alr
     baseline = None
     if job.config.release.baseline_single_negation and len(steps) > 1:
         progress("single-negation baseline: one forget PEM, one weight, same forget score")
-        baseline = single_negation_baseline(job, loop, steps[-1]["validation"]["forget_score"], progress)
+        with phase("single negation"):
+            baseline = single_negation_baseline(job, loop, steps[-1]["validation"]["forget_score"], progress)
     summary = summarize(steps, baseline, state.stopped_reason, getattr(job.task, "held_out_forms", ()))
     previous = job.read_json("release/summary.json") if already_finished else None
-    summary["subspace_similarity"] = previous["subspace_similarity"] if previous and "subspace_similarity" in previous \
-        else retain_forget_similarity(loop.dir, steps)  # SVDs: minutes on CPU, computed once
+    with phase("subspace similarity"):
+        summary["subspace_similarity"] = previous["subspace_similarity"] if previous and "subspace_similarity" in \
+            previous else retain_forget_similarity(loop.dir, steps)  # SVDs: minutes on CPU, computed once
     if not already_finished:
         # Wall time of the release runs that did the work (`rr compare` reports it); a run killed before it
         # finished is not counted.

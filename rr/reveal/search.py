@@ -21,6 +21,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from rr.core.files import atomic_write, atomic_write_text
+from rr.core.profile import phase
 from rr.core.prompt import Prompt, prompt_to_json
 from rr.errors import RRError
 from rr.generation.base import request_seed
@@ -234,7 +235,8 @@ class RevealSearch:
                     self.progress(f"outer {loop + 1}: every distinct instruction already scored; ending the loop early")
                     break
                 contexts = self._context_sample(loop, state.round)
-                evaluations = self.evaluate_arms(chosen, contexts, gram, state)
+                with phase(f"outer {loop + 1} round {state.round + 1}"):
+                    evaluations = self.evaluate_arms(chosen, contexts, gram, state)
                 for e in evaluations:
                     bandit.observe(e.arm, e.score)
                 state.evaluations += evaluations
@@ -247,7 +249,8 @@ class RevealSearch:
             if not candidates:
                 self.progress(f"outer {loop + 1}: no instruction left that an earlier loop has not used; stopping")
                 break
-            best, new_records = self._collect(candidates, gram, state)
+            with phase(f"outer {loop + 1} finalists"):
+                best, new_records = self._collect(candidates, gram, state)
             records += new_records
             gram.add(self.embed([r["response"] for r in new_records]))
             state.best_instructions.append(best.instruction)

@@ -12,6 +12,7 @@ from typing import Callable
 import numpy as np
 
 from rr.core.files import atomic_write_text
+from rr.core.profile import phase, profiling
 from rr.errors import RRError
 from rr.generation.base import request_seed
 from rr.reveal.arms import ArmPool, decode_arm_pool
@@ -63,7 +64,13 @@ def run_reveal(job, progress: Callable[[str], None] = print) -> dict:
     if manifest is not None:
         progress(f"reveal already finished: {manifest['size']} forget records (reusing {job.dir / 'reveal'})")
         return manifest
-    arms = load_or_decode_arms(job, progress)
+    with profiling(job.dir / "profile.jsonl"), phase("reveal"):
+        return _reveal(job, progress)
+
+
+def _reveal(job, progress: Callable[[str], None]) -> dict:
+    with phase("arms"):
+        arms = load_or_decode_arms(job, progress)
     checkpoint = RevealCheckpoint(job.dir / "reveal")
     cfg = job.config.reveal
     job.executor.prepare("reveal", largest_generate_call(cfg, len(job.task.contexts("reveal"))))
@@ -76,7 +83,8 @@ def run_reveal(job, progress: Callable[[str], None] = print) -> dict:
     embeddings = job.embed([r["response"] for r in records])
     manifest = forget_set_manifest(records, state, embeddings, job.config.reveal.min_relevance)
     manifest["sha256"] = forget_set_hash(records)
-    manifest["comparison"] = compare_with_baselines(job, search, state, records, embeddings)
+    with phase("baselines"):
+        manifest["comparison"] = compare_with_baselines(job, search, state, records, embeddings)
     # The manifest marks Reveal finished for a resume, so it is written last.
     (job.dir / "reveal" / "report.md").write_text(reveal_report(manifest))
     job.write_json("reveal/manifest.json", manifest)

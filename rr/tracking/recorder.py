@@ -226,6 +226,8 @@ class Recorder:
             scores = {"merge_weight": record["merge_weight"]}
             for split in ("validation", "test"):
                 evaluation = record[split]
+                if evaluation is None:  # release.test_each_step off: the final model's test is in the summary
+                    continue
                 scores[f"{split}/forget_score"] = evaluation["forget_score"]
                 scores[f"{split}/utility_score"] = evaluation["utility_score"]
                 scores.update({f"{split}/{m}": v for m, v in evaluation.get("metrics", {}).items()})
