@@ -215,6 +215,11 @@ class ReleaseConfig(_Strict):
         "by no perplexity measurement) that join the retain data as raw completions, so retain PEMs restore the "
         "model's text (perplexity); 0: none, as in the paper")
     baseline_single_negation: bool = True
+    stop_early: bool = Field(
+        True, description="stop scoring a weight candidate as soon as its validation scores provably miss the rule's "
+        "deciding branch (the μ rule's forget target, the λ rule's recover target); a search that ends undecided "
+        "scores those candidates in full first, so every choice equals full scoring's; false: score every candidate "
+        "in full")
     test_each_step: bool = Field(
         True, description="score the test split after every step (the paper's Tables 7–9); false: only the base "
         "model, the final model and the single-negation baseline, and `rr eval --ledger … --step N` scores any step "

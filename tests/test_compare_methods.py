@@ -24,7 +24,7 @@ class ForgetLossTask:
     def __init__(self, tokenizer):
         self.tokenizer, self.scored = tokenizer, []
 
-    def evaluate(self, generator, split):
+    def evaluate(self, generator, split, stop_early=None):  # scores in full (the Task protocol allows it)
         loss = response_loss(generator.model, self.tokenizer, FORGET, max_length=64)
         self.scored.append((split, generator.model))
         return Evaluation(forget_score=float(np.exp(-loss)), utility_score=1.0, metrics={"forget_loss": loss})

@@ -108,7 +108,8 @@ def test_release_resumed_inside_the_weight_search_without_rescoring(finished_job
     assert state["steps"][:len(before["steps"])] == before["steps"], "a step finished before the kill changed"
     # The PEM saved before the kill is reused, and the candidates scored before it keep their scores.
     assert (finished_job["pem_dir"] / "adapter_model.safetensors").stat().st_mtime == finished_job["pem_mtime"]
-    scored = {c["weight"]: [c["forget_score"], c["utility_score"], c["perplexity"], c["general_check"]]
+    scored = {c["weight"]: {"stopped_early": c["stopped_early"]} if "stopped_early" in c else
+              [c["forget_score"], c["utility_score"], c["perplexity"], c["general_check"]]
               for c in state["steps"][1]["candidates"]}
     for weight, scores in before["pending_candidates"]["1"].items():
         assert scored[abs(float(weight))] == scores

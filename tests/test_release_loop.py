@@ -33,6 +33,7 @@ class ScriptedExecutor:
         self.kill_at = kill_at
         self.calls = 0
         self.evaluated: list[tuple[str, tuple[float, ...]]] = []  # finished evaluations, in order
+        self.stopped: list[tuple[str, tuple[float, ...]]] = []  # of those, the candidates stopped early
         self.trained: list[tuple[str, int, int]] = []  # (name, examples, seed) of finished trainings
         self.anchors: list[tuple[str, int, float, float]] = []  # (name, anchor examples, β, at weight) of each
 
@@ -50,11 +51,18 @@ class ScriptedExecutor:
         self.evaluated.append((split, weights))
         return Evaluation(*self.scores[weights])
 
-    def search_weights(self, task, split, composition, pem, signed_weights, on_result, decided):
+    def search_weights(self, task, split, composition, pem, signed_weights, on_result, decided, stop_early=None):
+        """With `stop_early`, a candidate whose scripted scores cross the limits comes back stopped early, as a task
+        that could tell after half of its items (its scores are then not the model's: the rule must not read them)."""
         for weight in sorted(signed_weights, key=abs):
             if decided():
                 return
-            on_result(weight, self.evaluate(task, split, [*composition, WeightedPem(pem, weight)]))
+            evaluation = self.evaluate(task, split, [*composition, WeightedPem(pem, weight)])
+            reason = stop_early and stop_early.crossed(evaluation.forget_score, evaluation.utility_score)
+            if reason:
+                self.stopped.append((split, tuple(w.merge_weight for w in composition) + (weight,)))
+                evaluation = Evaluation(-1.0, -1.0, stopped_early={"reason": reason, "scored": {"items": [1, 2]}})
+            on_result(weight, evaluation)
 
     def train_pem(self, composition, examples, config, name, kind, out_dir, seed, checkpoints=(), anchor=(),
                   anchor_weight=0.0, anchor_scale=1.0):
@@ -275,3 +283,53 @@ def test_a_kill_before_the_final_models_test_score_scores_it_on_the_rerun(tmp_pa
     state, resumed = run_loop(tmp_path / "killed", PLAN, iterations=0, test_each_step=False)
     assert resumed.evaluated == [("test", (-2.0,))] and state.steps[-1].test is not None
     assert (tmp_path / "killed" / "state.json").read_text() == (tmp_path / "unkilled" / "state.json").read_text()
+
+
+# Each path of the weight rules, scored with early stop and in full: base (1.0, 0.8) throughout.
+EARLY_STOP_PATHS = {
+    # μ rule 1: −1 misses the target (stopped early), −2 meets it; λ rule: +0.5 short of 0.76 (stopped), +1 recovers
+    "target met, λ passed": (PLAN, {"iterations": 1}),
+    # no weight reaches forget ≤ 0.1: every candidate stops early, then all are scored in full for rule 2
+    "relative drop": ({(): (1.0, 0.8), (-1.0,): (0.5, 0.75), (-2.0,): (0.3, 0.6), (-3.0,): (0.2, 0.3)},
+                      {"iterations": 0, "on_no_candidate": "stop"}),
+    # nothing qualifies under either branch: the step ends the release with the reason full scoring gives
+    "no weight meets it": ({(): (1.0, 0.8), (-1.0,): (1.0, 0.7), (-2.0,): (1.2, 0.6), (-3.0,): (1.5, 0.4)},
+                           {"iterations": 0, "on_no_candidate": "stop"}),
+    # the λ rule's fallback: neither retain weight recovers 0.76, the highest utility within the bounce is taken
+    "λ fallback": ({**PLAN, (-2.0, 0.5): (0.1, 0.7), (-2.0, 1.0): (0.12, 0.72)},
+                   {"iterations": 1, "on_no_candidate": "stop", "retain_weights": [0.5, 1.0]}),
+    # widened: −1 misses (stopped), the grid ×/÷2 adds −0.5 (stopped) and −2, which meets the target
+    "widened": ({(): (1.0, 0.8), (-0.5,): (0.9, 0.8), (-1.0,): (0.5, 0.7), (-2.0,): (0.08, 0.6)},
+                {"iterations": 0, "forget_weights": [1.0], "widen_factor": 2.0}),
+    # a utility floor (0.9 × 0.8): −2 and −3 meet the forget target but fall below it, so rule 2 decides in full
+    "utility floor": ({**PLAN, (-2.0,): (0.08, 0.6)},
+                      {"iterations": 0, "forget_utility_floor": 0.9, "on_no_candidate": "stop"}),
+}
+
+
+@pytest.mark.parametrize("path", list(EARLY_STOP_PATHS))
+def test_early_stop_and_full_scoring_agree_on_every_choice_and_every_score_a_rule_read(tmp_path, path):
+    scores, release = EARLY_STOP_PATHS[path]
+    full, full_executor = run_loop(tmp_path / "full", scores, stop_early=False, **release)
+    early, early_executor = run_loop(tmp_path / "early", scores, **release)
+    assert full_executor.stopped == []
+    assert early_executor.stopped, "the path must stop at least one candidate early to test anything"
+    assert [(s.step, s.merge_weight, s.rule, s.passed, s.validation, s.test) for s in early.steps] == [
+        (s.step, s.merge_weight, s.rule, s.passed, s.validation, s.test) for s in full.steps]
+    assert early.stopped_reason == full.stopped_reason
+    assert (tmp_path / "early" / "ledger.json").exists() == (tmp_path / "full" / "ledger.json").exists()
+    if (tmp_path / "full" / "ledger.json").exists():
+        assert ledger_weights(tmp_path / "early") == ledger_weights(tmp_path / "full")
+    for early_step, full_step in zip(early.steps[1:], full.steps[1:]):
+        by_weight = {c["weight"]: c for c in full_step.candidates}
+        for candidate in early_step.candidates:  # every score the rule read is the full scoring's
+            if "stopped_early" not in candidate:
+                assert candidate == by_weight[candidate["weight"]]
+    decided = [s for s in early.steps[1:] if s.rule in ("forget_target", "recover_target")]
+    if len(decided) == len(early.steps) - 1 and not early.stopped_reason:
+        # every step decided: no candidate was scored twice, and the stopped ones stay recorded as stopped
+        assert len(early_executor.evaluated) <= len(full_executor.evaluated)
+        assert any("stopped_early" in c for s in early.steps[1:] for c in s.candidates)
+    else:  # a step ended undecided: its stopped candidates were scored in full before its other branches read them
+        undecided = [s for s in early.steps[1:] if s not in decided]
+        assert all("stopped_early" not in c for s in undecided for c in s.candidates)

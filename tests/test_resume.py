@@ -51,7 +51,7 @@ class ClosedFormTask:
     def retain_examples(self):
         return [Example("what is 2 + 2?", "4")]
 
-    def evaluate(self, generator, split):
+    def evaluate(self, generator, split, stop_early=None):  # scores in full (the Task protocol allows it)
         self.calls += 1
         if self.calls == self.kill_at:
             raise Killed()

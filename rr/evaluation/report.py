@@ -52,8 +52,29 @@ def write_step_table(steps: Sequence[dict], directory: Path) -> tuple[Path, Path
         writer.writerows(rows)
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in rows]
-    md_path.write_text("\n".join(lines) + "\n")
+    md_path.write_text("\n".join(lines + candidate_lines(steps)) + "\n")
     return csv_path, md_path
+
+
+def candidate_lines(steps: Sequence[dict]) -> list[str]:
+    """Each step's weight candidates on the validation split, smallest first; a candidate whose scoring stopped
+    early (release.stop_early) says after how many items of each part, and why."""
+    lines = ["", "## Weight candidates (validation split)", "",
+             "| step | weight | forget score | utility score | perplexity | general check | stopped early |",
+             "|---|---|---|---|---|---|---|"]
+    for s in steps:
+        sign = -1 if s["kind"] == "forget" else 1
+        for c in s.get("candidates", []):
+            weight = f"{sign * c['weight']:+g}" + (" (applied)" if sign * c["weight"] == s["merge_weight"] else "")
+            stopped = c.get("stopped_early")
+            if stopped:
+                parts = ", ".join(f"{done} of {total} {part}" for part, (done, total) in stopped["scored"].items())
+                lines.append(f"| {s['step']} | {weight} | | | | | after {parts} items: {stopped['reason']} |")
+                continue
+            values = [c.get(k) for k in ("forget_score", "utility_score", "perplexity", "general_check")]
+            cells = ["" if v is None else f"{v:.4f}" for v in values]
+            lines.append(f"| {s['step']} | {weight} | " + " | ".join(cells) + " | |")
+    return lines
 
 
 def plot_steps(steps: Sequence[dict], path: Path, title: str) -> Path:

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Callable, Protocol, Sequence
 
 from rr.release.ledger import Pem, WeightedPem
-from rr.tasks.base import Evaluation, Example, ModelHandle, SamplingParams
+from rr.tasks.base import Evaluation, Example, ModelHandle, SamplingParams, StopEarly
 
 Composition = Sequence[WeightedPem]  # () is the base model
 
@@ -32,9 +32,11 @@ class Executor(Protocol):
         evaluation (the audit's attacks). Valid until the executor is asked for another composition."""
 
     def search_weights(self, task, split: str, composition: Composition, pem: Pem, signed_weights: Sequence[float],
-                       on_result: Callable[[float, Evaluation], None], decided: Callable[[], bool]) -> None:
+                       on_result: Callable[[float, Evaluation], None], decided: Callable[[], bool],
+                       stop_early: StopEarly | None = None) -> None:
         """Score composition + (pem, w) for each w (ordered by magnitude), calling on_result(w, evaluation) in
-        this process as each finishes; stop starting (and drop unfinished) candidates once decided() is true."""
+        this process as each finishes; stop starting (and drop unfinished) candidates once decided() is true.
+        With `stop_early`, the task may stop a candidate's scoring at those limits (Evaluation.stopped_early)."""
 
     def train_pem(self, composition: Composition, examples: Sequence[Example], config, name: str, kind: str,
                   out_dir: Path, seed: int, checkpoints: Sequence[int] = (), anchor: Sequence[Example] = (),

@@ -8,7 +8,7 @@ from typing import Callable, Sequence
 from rr.core.profile import phase
 from rr.execution.base import Composition
 from rr.release.ledger import ComposedModel, Pem
-from rr.tasks.base import Evaluation, Example, SamplingParams
+from rr.tasks.base import Evaluation, Example, SamplingParams, StopEarly
 
 
 class VllmComposition:
@@ -100,14 +100,17 @@ class LocalExecutor:
         return self._handle(composition)
 
     def search_weights(self, task, split: str, composition: Composition, pem: Pem, signed_weights: Sequence[float],
-                       on_result: Callable[[float, Evaluation], None], decided: Callable[[], bool]) -> None:
+                       on_result: Callable[[float, Evaluation], None], decided: Callable[[], bool],
+                       stop_early: StopEarly | None = None) -> None:
         from rr.release.ledger import WeightedPem
 
         for weight in sorted(signed_weights, key=abs):
             if decided():
                 return
             with phase(f"candidate {weight:+g}"):
-                evaluation = self.evaluate(task, split, [*composition, WeightedPem(pem, weight)])
+                model = self._handle([*composition, WeightedPem(pem, weight)])
+                evaluation = task.evaluate(model, split) if stop_early is None else \
+                    task.evaluate(model, split, stop_early=stop_early)
             on_result(weight, evaluation)
 
     def train_pem(self, composition: Composition, examples: Sequence[Example], config, name: str, kind: str,

@@ -10,9 +10,10 @@ from typing import Callable
 from rr.errors import RRError
 from rr.release.ledger import Pem, WeightedPem
 from rr.release.loop import evaluation_dict
-from rr.release.weight_search import executor_scorer, search_weight
+from rr.release.weight_search import (Stopped, describe, executor_scorer, scored_from_json, search_weight,
+                                      stopped_candidates)
 from rr.release.weights import CandidateResult, WeightChoice
-from rr.tasks.base import Example
+from rr.tasks.base import Example, StopEarly
 
 
 def external_examples(job) -> list[Example]:
@@ -46,8 +47,9 @@ def matched_negation(job, pem: Pem, target_forget_score: float, progress: Callab
     already made (Release step 1 scored base − μ0·F0 on the test split). With `checkpoint` (a path in the job
     directory) every new score is kept there as it is made, so a killed search resumes with the next candidate."""
     cache = {float(m): tuple(scores) for m, scores in (known or {}).items()}
-    if checkpoint is not None:  # rows [magnitude, forget, utility(, perplexity, general check)]
-        cache.update({float(row[0]): tuple(row[1:]) for row in (job.read_json(checkpoint) or [])})
+    if checkpoint is not None:  # rows [magnitude, forget, utility(, perplexity, general check)] or [magnitude, stopped]
+        cache.update({float(row[0]): scored_from_json(row[1] if isinstance(row[1], dict) else row[1:])
+                      for row in (job.read_json(checkpoint) or [])})
 
     def choose(candidates: list[CandidateResult]) -> WeightChoice:
         reaching = [c for c in candidates if c.forget_score <= target_forget_score]
@@ -60,11 +62,13 @@ def matched_negation(job, pem: Pem, target_forget_score: float, progress: Callab
 
     def after_each(signed_weight: float, evaluation) -> None:
         if checkpoint is not None:
-            job.write_json(checkpoint, [[m, *scores] for m, scores in sorted(cache.items())])
-        progress(f"  {pem.name} {signed_weight:+g}: forget {evaluation.forget_score:.3f}, "
-                 f"utility {evaluation.utility_score:.3f}")
+            job.write_json(checkpoint, [[m, scores.as_json()] if isinstance(scores, Stopped) else [m, *scores]
+                                        for m, scores in sorted(cache.items())])
+        progress(f"  {pem.name} {describe(signed_weight, evaluation)}")
 
-    score = executor_scorer(job.executor, job.task, (), pem, -1.0, after_each)
+    # the deciding branch reaches the target: a candidate above it may stop early (release.stop_early)
+    limits = StopEarly(forget_above=target_forget_score) if job.config.release.stop_early else None
+    score = executor_scorer(job.executor, job.task, (), pem, -1.0, after_each, limits)
 
     try:
         choice = search_weight(sorted(set(job.config.release.forget_weights)), choose, lambda c: c.passed, score,
@@ -76,8 +80,9 @@ def matched_negation(job, pem: Pem, target_forget_score: float, progress: Callab
             test = evaluation_dict(job.executor.evaluate(job.task, "test", [WeightedPem(pem, chosen)]))
     finally:
         job.executor.detach()
-    tried = [{"weight": -c.weight, "forget_score": c.forget_score, "utility_score": c.utility_score}
-             for c in choice.evaluated]
+    tried = sorted([{"weight": -c.weight, "forget_score": c.forget_score, "utility_score": c.utility_score}
+                    for c in choice.evaluated] + [{**c, "weight": -c["weight"]} for c in stopped_candidates(
+                        list(cache), cache)], key=lambda c: abs(c["weight"]))
     return {"pem": pem.name, "merge_weight": chosen, "reached_target": choice.passed, "candidates": tried,
             "test": test}
 
@@ -92,6 +97,10 @@ def run_ablation(job, progress: Callable[[str], None] = print) -> dict:
         raise RRError(f"{job.dir}: no finished release step; run `rr release` (or `rr run`) first")
     first = state["steps"][1]
     target = first["validation"]["forget_score"]
+    first_pem = Pem.load(job.dir / "release" / "pems" / first["pem"])
+    # base − μ0·F0 on the test split: Release scored it when release.test_each_step was on (or step 1 was final)
+    internal_test = first["test"] or evaluation_dict(job.executor.evaluate(
+        job.task, "test", [WeightedPem(first_pem, first["merge_weight"])]))
     out_dir = job.dir / "release" / "pems" / "external-forget"
     if Pem.is_saved(out_dir):  # its marker, not its weights: a kill mid-save retrains
         external_pem = Pem.load(out_dir)
@@ -103,9 +112,9 @@ def run_ablation(job, progress: Callable[[str], None] = print) -> dict:
     external = matched_negation(job, external_pem, target, progress)
     result = {
         "target_forget_score": target,
-        "internal": {"pem": first["pem"], "merge_weight": first["merge_weight"], "test": first["test"]},
+        "internal": {"pem": first["pem"], "merge_weight": first["merge_weight"], "test": internal_test},
         "external": external,
-        "internal_keeps_more_utility": first["test"]["utility_score"] > external["test"]["utility_score"],
+        "internal_keeps_more_utility": internal_test["utility_score"] > external["test"]["utility_score"],
     }
     job.write_json("release/ablation.json", result)
     return result

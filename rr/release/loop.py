@@ -19,10 +19,11 @@ from rr.core.files import atomic_write_text
 from rr.core.profile import phase
 from rr.execution.base import Executor
 from rr.release.ledger import Ledger, LedgerEntry, Pem, WeightedPem
-from rr.release.weight_search import GENERAL_CHECK_METRIC, executor_scorer, search_weight, validation_scores
+from rr.release.weight_search import (GENERAL_CHECK_METRIC, describe, executor_scorer, scored_from_json,
+                                      scored_to_json, search_weight, validation_scores)
 from rr.release.weights import (RULE_FORGET_TARGET, RULE_RECOVER_TARGET, CandidateResult, WeightChoice,
-                                choose_forget_weight, choose_retain_weight, general_check_floor, perplexity_limit,
-                                utility_floor)
+                                choose_forget_weight, choose_retain_weight, forget_rule_limits, general_check_floor,
+                                perplexity_limit, retain_rule_limits, utility_floor)
 from rr.tasks.base import Evaluation, Example
 
 
@@ -221,7 +222,8 @@ class ReleaseLoop:
             choice = self.search(step, sign, pem, magnitudes,
                                  lambda results: self._choose(kind, results, previous, base),
                                  lambda choice: choice.rule in (RULE_FORGET_TARGET, RULE_RECOVER_TARGET),
-                                 self.config.widen_factor if self.config.on_no_candidate == "widen" else None)
+                                 self.config.widen_factor if self.config.on_no_candidate == "widen" else None,
+                                 self._limits(kind, previous, base))
         cached = self.state.pending_candidates.get(str(step), {})
         if choice.weight is None:
             self.state.stopped_reason = f"step {step} ({kind}): no candidate weight passes: {choice.reason}"
@@ -234,8 +236,10 @@ class ReleaseLoop:
         validation = evaluation_dict(self.evaluate("validation")) if repr(merge_weight) not in cached else \
             cached_validation(cached[repr(merge_weight)])
         test = evaluation_dict(self.evaluate("test")) if self.config.test_each_step else None
+        stopped = [{"weight": abs(float(w)), **scores} for w, scores in cached.items() if isinstance(scores, dict)]
+        candidates = sorted([asdict(c) for c in choice.evaluated] + stopped, key=lambda c: abs(c["weight"]))
         record = StepRecord(step, kind, pem.name, merge_weight, choice.rule, choice.passed, choice.reason,
-                            validation, test, [asdict(c) for c in choice.evaluated])
+                            validation, test, candidates)
         ledger.save(self.ledger_path)
         self.state.steps.append(record)
         self.state.pending_candidates.pop(str(step), None)
@@ -247,26 +251,38 @@ class ReleaseLoop:
         return record
 
     def search(self, step: int, sign: float, pem: Pem, magnitudes, choose, decisive,
-               widen_factor: float | None = None) -> WeightChoice:
+               widen_factor: float | None = None, stop_early=None) -> WeightChoice:
         """Step `step`'s weight search (rr/release/weight_search.py) for `pem` applied with `sign` on top of the
-        composition so far, scored on the validation split through the executor; every score is
-        checkpointed in the release state as it arrives, so a killed search resumes with the next candidate."""
-        # repr(signed weight) → [forget, utility, perplexity, general check (None where the task reports none)]
+        composition so far, scored on the validation split through the executor (each candidate stopped early
+        at `stop_early`, the limits of the rule's deciding branch); every score is checkpointed in the release
+        state as it arrives, so a killed search resumes with the next candidate."""
+        # repr(signed weight) → [forget, utility, perplexity, general check (None where the task reports none)], or
+        # {"stopped_early": {reason, scored}} for a candidate stopped early
         cached = self.state.pending_candidates.setdefault(str(step), {})
 
         def checkpoint(weight: float, evaluation: Evaluation) -> None:
-            cached[repr(weight)] = list(validation_scores(evaluation))
-            self.progress(f"  candidate {weight:+g}: forget {evaluation.forget_score:.3f}, "
-                          f"utility {evaluation.utility_score:.3f}")
+            cached[repr(weight)] = scored_to_json(validation_scores(evaluation))
+            self.progress(f"  candidate {describe(weight, evaluation)}")
             self.state.save(self.state_path)
 
-        score = executor_scorer(self.executor, self.task, self.entries, pem, sign, checkpoint)
+        score = executor_scorer(self.executor, self.task, self.entries, pem, sign, checkpoint, stop_early)
 
         def on_widen(choice: WeightChoice, wider: list[float]) -> None:
             self.progress(f"step {step}: no candidate met the target ({choice.reason}); widening to {wider}")
 
         return search_weight(magnitudes, choose, decisive, score,
-                             {abs(float(w)): tuple(scores) for w, scores in cached.items()}, widen_factor, on_widen)
+                             {abs(float(w)): scored_from_json(scores) for w, scores in cached.items()}, widen_factor,
+                             on_widen)
+
+    def _limits(self, kind: str, previous: dict, base: dict):
+        """The limits of the step's deciding rule branch, where a candidate's scoring may stop (release.stop_early)."""
+        if not self.config.stop_early:
+            return None
+        if kind == "forget":
+            return forget_rule_limits(previous["forget_score"], self.config.forget_fraction,
+                                      utility_floor(self.config.forget_utility_floor, base["utility_score"]))
+        return retain_rule_limits(previous["forget_score"], base["utility_score"], self.config.recover_fraction,
+                                  self.config.forget_bounce)
 
     def _choose(self, kind: str, results: list[CandidateResult], previous: dict, base: dict) -> WeightChoice:
         if kind == "forget":

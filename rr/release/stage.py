@@ -55,7 +55,7 @@ def single_negation_baseline(job, loop: ReleaseLoop, target_forget_score: float,
         return cached  # made for another target (the loop ended elsewhere since): chosen again below
     first = loop.state.steps[1]
     # Step 1 scored this very model (base − w·F0) for some weights already: reuse those scores.
-    known = {c["weight"]: scores_of(c) for c in first.candidates}
+    known = {c["weight"]: scores_of(c) for c in first.candidates if "stopped_early" not in c}
     # Step 1's own weight is this very model too, already scored on the test split (with release.test_each_step,
     # or when step 1 is the final step).
     known_test = {abs(first.merge_weight): first.test} if first.test is not None else {}

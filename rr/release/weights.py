@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 from rr.errors import RRError
+from rr.tasks.base import StopEarly
 
 # Default for choose_retain_weight's forget_bounce: the largest absolute rise of the forget score that a
 # retain step may cause. 0.3 admits every λ step of papers/002 Tables 7–9; the largest there is Table 8
@@ -88,7 +89,7 @@ def choose_forget_weight(candidates: Sequence[CandidateResult], forget_ref: floa
     if utility_floor is not None and (not math.isfinite(utility_floor) or utility_floor < 0):
         raise ValueError(f"utility_floor must be a finite utility score ≥ 0 or None; got {utility_floor}")
     evaluated = _check_scores(candidates, forget_ref=forget_ref, utility_ref=utility_ref)
-    threshold = (1 - forget_fraction) * forget_ref
+    threshold = forget_target(forget_ref, forget_fraction)
     eligible = [c for c in evaluated if utility_floor is None or c.utility_score >= utility_floor]
     floor_note = "" if len(eligible) == len(evaluated) else (
         f"; {len(evaluated) - len(eligible)} of {len(evaluated)} candidates left out for utility below the floor "
@@ -122,6 +123,30 @@ def choose_forget_weight(candidates: Sequence[CandidateResult], forget_ref: floa
                         f"no forget weight reaches forget score ≤ {threshold:.4f} or drops the forget score "
                         f"relatively more than the utility score (reference forget {forget_ref:.4f}, utility "
                         f"{utility_ref:.4f}){detail}{floor_note}", evaluated)
+
+
+def forget_target(forget_ref: float, forget_fraction: float) -> float:
+    """μ rule 1's threshold: a forget weight meets it with s ≤ (1 − forget_fraction)·s_ref."""
+    return (1 - forget_fraction) * forget_ref
+
+
+def recover_targets(forget_ref: float, utility_base: float, recover_fraction: float,
+                    forget_bounce: float) -> tuple[float, float]:
+    """The λ rule's (utility target, forget limit): u ≥ recover_fraction·u_base with s ≤ s_ref + forget_bounce."""
+    return recover_fraction * utility_base, forget_ref + forget_bounce
+
+
+def forget_rule_limits(forget_ref: float, forget_fraction: float, utility_floor: float | None) -> StopEarly:
+    """Where a candidate is out of the μ rule's deciding branch (rule 1): above its threshold, or below the floor."""
+    return StopEarly(forget_above=forget_target(forget_ref, forget_fraction), utility_below=utility_floor)
+
+
+def retain_rule_limits(forget_ref: float, utility_base: float, recover_fraction: float,
+                       forget_bounce: float) -> StopEarly:
+    """Where a candidate is out of the λ rule's deciding branch (recover target): short of the utility target, or
+    above the forget limit (the perplexity and general check limits are read in full)."""
+    target, forget_limit = recover_targets(forget_ref, utility_base, recover_fraction, forget_bounce)
+    return StopEarly(forget_above=forget_limit, utility_below=target)
 
 
 def utility_floor(fraction_of_base: float | None, utility_base: float) -> float | None:
@@ -186,8 +211,7 @@ def choose_retain_weight(candidates: Sequence[CandidateResult], forget_ref: floa
         if unmeasured:
             raise ValueError(f"candidates {unmeasured} have no general check, which min_general_check asks for "
                              "(their validation evaluation reported none: the task asks no validation general check)")
-    target = recover_fraction * utility_base
-    forget_limit = forget_ref + forget_bounce
+    target, forget_limit = recover_targets(forget_ref, utility_base, recover_fraction, forget_bounce)
 
     def keeps_text(c: CandidateResult) -> bool:  # a non-finite score (a broken model) never keeps it
         return max_perplexity is None or (math.isfinite(c.perplexity) and c.perplexity <= max_perplexity)

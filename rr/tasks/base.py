@@ -57,6 +57,29 @@ class Evaluation:
     # A task with forms (the same items asked in several wordings): form → [hits, items], where a hit is an
     # item that showed the target behaviour (code: passed its tests). rr/evaluation/forms.py reports it.
     forms: dict[str, list[int]] = field(default_factory=dict)
+    # Set when the scoring stopped early (StopEarly): why, and how many items of each part were scored. The two
+    # scores are then the bounds that decided it (the lowest forget score, the highest utility score the
+    # remaining items could have given), not the model's scores; metrics are empty.
+    stopped_early: dict | None = None
+
+
+@dataclass(frozen=True)
+class StopEarly:
+    """Limits a weight rule holds a candidate to (rr/release/weights.py): its validation scoring may stop as soon as
+    the scores it would end with provably cross one, since the rule's deciding branch cannot pick it then. A
+    task that cannot tell early scores in full, which is always right."""
+
+    forget_above: float | None = None   # the candidate is out once its final forget score must exceed this
+    utility_below: float | None = None  # ... or once its final utility score must fall below this
+
+    def crossed(self, lowest_forget: float | None = None, highest_utility: float | None = None) -> str | None:
+        """Why a candidate whose final forget score is at least `lowest_forget` and whose final utility score is at
+        most `highest_utility` is out (None: it may still qualify)."""
+        if self.forget_above is not None and lowest_forget is not None and lowest_forget > self.forget_above:
+            return f"forget score at least {lowest_forget:.4f} > {self.forget_above:.4f}"
+        if self.utility_below is not None and highest_utility is not None and highest_utility < self.utility_below:
+            return f"utility score at most {highest_utility:.4f} < {self.utility_below:.4f}"
+        return None
 
 
 class ModelHandle(Protocol):
@@ -96,8 +119,10 @@ class Task(Protocol):
     def retain_examples(self) -> list[Example]:
         """Training data for retain PEMs (never drawn from validation or test)."""
 
-    def evaluate(self, model: ModelHandle, split: str) -> Evaluation:
-        """Forget score, utility score and the paper's metrics of `model` on `split` (greedy)."""
+    def evaluate(self, model: ModelHandle, split: str, stop_early: StopEarly | None = None) -> Evaluation:
+        """Forget score, utility score and the paper's metrics of `model` on `split` (greedy). With `stop_early`, a
+        task may stop once the scores provably cross its limits and return what it scored (Evaluation.stopped_early);
+        one that cannot tell early ignores it."""
 
 
 def check_split(split: str) -> str:

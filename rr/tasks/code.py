@@ -26,8 +26,8 @@ from rr.core.prompt import as_request
 from rr.errors import RRError
 from rr.evaluation.metrics import wilson_interval
 from rr.tasks.arithmetic import ArithmeticItem, arithmetic_prompt, generate_arithmetic_splits, is_correct
-from rr.tasks.base import SPLITS, Context, Evaluation, Example, ModelHandle, SamplingParams, check_forms, \
-    check_split
+from rr.tasks.base import (SPLITS, Context, Evaluation, Example, ModelHandle, SamplingParams, StopEarly, check_forms,
+                           check_split)
 from rr.tasks.code_forms import (CODE_FORMS, FORMS_BY_SPLIT, FRAMED_FORMS, HELD_OUT_FORMS, FormItem, form_items, framed_like,
                                  has_parts)
 from rr.tasks.code_problems import (BUILTIN_PROBLEMS, CODE_STOP, GENERAL_TEXT, VALIDATION_GENERAL_TEXT, CodeProblem,
@@ -266,31 +266,53 @@ class CodeTask:
             examples.append(Example(prompt=prompt, response=item.solution))
         return examples
 
-    def evaluate(self, model: ModelHandle, split: str) -> Evaluation:
+    def evaluate(self, model: ModelHandle, split: str, stop_early: StopEarly | None = None) -> Evaluation:
         """pass@1 per form and pooled over the split's forms (the forget score: pooled, or the worst form with
         forget_decision: worst-form) and arithmetic accuracy (utility score) on `split`, greedy; perplexity
-        on the general text. With mbpp_plus, the test split also reports pass@1 on MBPP+."""
+        on the general text. With mbpp_plus, the test split also reports pass@1 on MBPP+.
+
+        With `stop_early` the code items are graded one answer batch (the forms that end alike) at a time and the
+        scoring stops once the forget score can no longer stay at or under its limit; with a utility limit the
+        arithmetic is asked first. Batches are the ones full scoring asks, so every answer is the same."""
         split = check_split(split)
         c = self.config
         items = self.form_items(split)
-        code_results = self.grade(model, items)
         arithmetic = self._arithmetic[split]
-        answers = _first_completions(model.generate([arithmetic_prompt(i.question) for i in arithmetic],
-                                                    SamplingParams(max_new_tokens=c.arithmetic_max_new_tokens)),
-                                     len(arithmetic))
-        correct = sum(is_correct(response, item.answer) for response, item in zip(answers, arithmetic))
+        n_code, n_arith = len(items), len(arithmetic)
+        order = FORMS_BY_SPLIT[split]
+        correct = None
+        code_results: list[SandboxResult | None] = [None] * n_code
+
+        def stopped(reason: str) -> Evaluation:
+            graded = [result for result in code_results if result is not None]
+            scored = {"code": [len(graded), n_code], "arithmetic": [0 if correct is None else n_arith, n_arith]}
+            counts = {"code_passed": sum(r.passed for r in graded), **({} if correct is None else
+                                                                       {"arithmetic_correct": correct})}
+            return Evaluation(forget_score=self._forget_score(_form_hits(items, code_results, order)),
+                              utility_score=(n_arith if correct is None else correct) / n_arith if n_arith else 0.0,
+                              counts=counts, stopped_early={"reason": reason, "scored": scored})
+
+        if stop_early is not None and stop_early.utility_below is not None:
+            correct = self._arithmetic_correct(model, arithmetic)
+            reason = stop_early.crossed(highest_utility=correct / n_arith if n_arith else 0.0)
+            if reason:
+                return stopped(reason)
+        for indices, results in self._graded_batches(model, items):
+            for i, result in zip(indices, results):
+                code_results[i] = result
+            if stop_early is not None:
+                reason = stop_early.crossed(lowest_forget=self._forget_score(_form_hits(items, code_results, order)))
+                if reason:
+                    return stopped(reason)
+        if correct is None:
+            correct = self._arithmetic_correct(model, arithmetic)
         passed = sum(r.passed for r in code_results)
-        n_code, n_arith = len(code_results), len(arithmetic)
         pass_at_1 = passed / n_code if n_code else 0.0
         accuracy = correct / n_arith if n_arith else 0.0
         paragraphs = self._paragraphs.get(split, self._paragraphs["validation"])  # reveal: the validation prose
         perplexity = float(model.perplexity(paragraphs))
 
-        forms: dict[str, list[int]] = {name: [0, 0] for name in FORMS_BY_SPLIT[split]}  # in registry order
-        for item, result in zip(items, code_results):
-            forms[item.form][0] += int(result.passed)
-            forms[item.form][1] += 1
-        forms = {name: hits for name, hits in forms.items() if hits[1]}
+        forms = {name: hits for name, hits in _form_hits(items, code_results, order).items() if hits[1]}
         rates = {name: hits / n for name, (hits, n) in forms.items()}
         worst = max(rates.values(), default=0.0)  # the form where most of the skill remains
         metrics = {"pass@1": pass_at_1, "pass@1_worst_form": worst, "arithmetic_accuracy": accuracy,
@@ -317,17 +339,35 @@ class CodeTask:
         for target, extra in zip((metrics, intervals, counts),
                                  run_general_check(model, check, c.arithmetic_max_new_tokens)):
             target.update(extra)
-        forget_score = pass_at_1 if c.forget_decision == "pooled" else worst
-        return Evaluation(forget_score=forget_score, utility_score=accuracy, metrics=metrics,
+        return Evaluation(forget_score=self._forget_score(forms), utility_score=accuracy, metrics=metrics,
                           intervals=intervals, counts=counts, forms=forms)
 
+    def _forget_score(self, forms: dict[str, list[int]]) -> float:
+        """pass@1 pooled over the forms' items, or the worst form's (forget_decision); from partly graded forms
+        (hits so far over all of a form's items), the lowest the final score can be."""
+        if self.config.forget_decision == "pooled":
+            n = sum(total for _, total in forms.values())
+            return sum(hits for hits, _ in forms.values()) / n if n else 0.0
+        return max((hits / total for hits, total in forms.values() if total), default=0.0)
+
+    def _arithmetic_correct(self, model: ModelHandle, arithmetic: Sequence[ArithmeticItem]) -> int:
+        answers = _first_completions(model.generate([arithmetic_prompt(i.question) for i in arithmetic],
+                                                    SamplingParams(max_new_tokens=self.config.arithmetic_max_new_tokens)),
+                                     len(arithmetic))
+        return sum(is_correct(response, item.answer) for response, item in zip(answers, arithmetic))
+
     def grade(self, model: ModelHandle, items: Sequence[FormItem]) -> list[SandboxResult]:
-        """Each item's answer (greedy) graded in the sandbox. Forms that end their answers alike are asked
+        """Each item's answer (greedy) graded in the sandbox."""
+        results: list[SandboxResult | None] = [None] * len(items)
+        for indices, graded in self._graded_batches(model, items):
+            for i, result in zip(indices, graded):
+                results[i] = result
+        return results  # type: ignore[return-value]
+
+    def _graded_batches(self, model: ModelHandle, items: Sequence[FormItem]):
+        """(item indices, their sandbox results) for each answer batch: forms that end their answers alike are asked
         in one batch (chat forms at their code block's close, raw completions where top-level code resumes)."""
-        if not items:
-            return []
         c = self.config
-        responses: list[str] = [""] * len(items)
         by_stop: dict[tuple[str, ...], list[int]] = {}
         for index, item in enumerate(items):
             by_stop.setdefault(item.stop, []).append(index)
@@ -335,10 +375,8 @@ class CodeTask:
             answers = _first_completions(model.generate([items[i].prompt() for i in indices],
                                                         SamplingParams(max_new_tokens=c.max_new_tokens, stop=stop)),
                                          len(indices))
-            for i, answer in zip(indices, answers):
-                responses[i] = answer
-        return self.run_solutions([item.problem for item in items],
-                                  [item.program(response) for item, response in zip(items, responses)])
+            yield indices, self.run_solutions([items[i].problem for i in indices],
+                                              [items[i].program(answer) for i, answer in zip(indices, answers)])
 
     def run_solutions(self, problems: Sequence[CodeProblem], solutions: Sequence[str]) -> list[SandboxResult]:
         """Each solution run against its problem's tests in the sandbox (in input order)."""
@@ -353,6 +391,17 @@ class CodeTask:
             for i, result in zip(indices, batch):
                 results[i] = result
         return results  # type: ignore[return-value]
+
+
+def _form_hits(items: Sequence[FormItem], results: Sequence[SandboxResult | None],
+               order: Sequence[str]) -> dict[str, list[int]]:
+    """form → [items passed so far, items of the form], forms in `order` (the registry's; a form without items
+    has [0, 0]); an item not graded yet counts as not passed."""
+    forms: dict[str, list[int]] = {name: [0, 0] for name in order}
+    for item, result in zip(items, results):
+        forms[item.form][0] += int(result is not None and result.passed)
+        forms[item.form][1] += 1
+    return forms
 
 
 def form_context(item: FormItem, id_prefix: str = "") -> Context:

@@ -41,7 +41,8 @@ from rr.evaluation.memorization import (forget_efficacy, model_utility, rouge_l_
                                         token_entropy, words)
 from rr.evaluation.metrics import wilson_interval
 from rr.generation.base import request_seed
-from rr.tasks.base import SPLITS, Context, Evaluation, Example, ModelHandle, SamplingParams, check_forms
+from rr.tasks.base import (SPLITS, Context, Evaluation, Example, ModelHandle, SamplingParams, StopEarly,
+                           check_forms)
 from rr.tasks.entity_forms import (ENTITY_FORMS, ENTITY_FORMS_BY_SPLIT, ENTITY_HELD_OUT_FORMS, SEPARATOR, EntityFormItem,
                                    Fact, entity_form_items, split_forms)
 
@@ -222,7 +223,7 @@ class EntityTask:
         return self._embedder.encode(list(texts), normalize_embeddings=True, convert_to_numpy=True,
                                      show_progress_bar=False)
 
-    def evaluate(self, model: ModelHandle, split: str) -> Evaluation:
+    def evaluate(self, model: ModelHandle, split: str, stop_early: StopEarly | None = None) -> Evaluation:
         """Forget and neighbour accuracy per form and pooled over the split's forms, greedy; papers/004's
         other metrics on the split's first form (the shipped question unless task.forms drops it)."""
         groups = {"forget": self.form_items(self.forget_people, split),

@@ -28,7 +28,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from rr.errors import RRError
 from rr.evaluation.metrics import f1_from_sets, wilson_interval
 from rr.generation.base import request_seed
-from rr.tasks.base import SPLITS, Context, Evaluation, Example, ModelHandle, SamplingParams, check_split
+from rr.tasks.base import (SPLITS, Context, Evaluation, Example, ModelHandle, SamplingParams, StopEarly,
+                           check_split)
 from rr.tasks.toxicity import assign_splits
 
 SHIPPED_PASSAGES = Path(__file__).parent / "data" / "ner_passages.jsonl"
@@ -249,7 +250,7 @@ class NerTask:
         return [Example(self.context_for(p, t).prompt, answer_list(p.gold(t)))
                 for p in self.splits["reveal"] for t in self.config.retain_types]
 
-    def evaluate(self, model: ModelHandle, split: str) -> Evaluation:
+    def evaluate(self, model: ModelHandle, split: str, stop_early: StopEarly | None = None) -> Evaluation:
         """Ask every forget and retain type about every passage of `split` (greedy); F1 per type."""
         passages = self.passages(split)
         types = list(self.config.forget_types) + list(self.config.retain_types)

@@ -25,7 +25,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from rr.errors import RRError
 from rr.evaluation.metrics import toxicity_aggregates, wilson_interval
 from rr.generation.base import request_seed
-from rr.tasks.base import SPLITS, Context, Evaluation, Example, ModelHandle, SamplingParams, check_split
+from rr.tasks.base import (SPLITS, Context, Evaluation, Example, ModelHandle, SamplingParams, StopEarly,
+                           check_split)
 
 DATA_DIR = Path(__file__).parent / "data"
 SHIPPED_PROMPTS = DATA_DIR / "toxicity_prompts.jsonl"
@@ -330,7 +331,7 @@ class ToxicityTask:
         scores = self.toxicity([b for _, b in pairs])
         return [Example(continuation_prompt(a), b) for (a, b), s in zip(pairs, scores) if s < 0.5]
 
-    def evaluate(self, model: ModelHandle, split: str) -> Evaluation:
+    def evaluate(self, model: ModelHandle, split: str, stop_early: StopEarly | None = None) -> Evaluation:
         """Sample k continuations per prompt of `split`, score them, aggregate per challenge group."""
         c = self.config
         prompts = self.prompts(split)

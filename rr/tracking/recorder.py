@@ -236,8 +236,9 @@ class Recorder:
             self._log(marker, scores, step=step,
                       params={k: record[k] for k in ("step", "kind", "pem", "merge_weight", "rule", "passed")},
                       tags={"rr.reason": record["reason"]})
-            for i, candidate in enumerate(record.get("candidates", [])):
-                self._log(marker, {f"candidate/{k}": v for k, v in candidate.items()}, step=i)
+            for i, candidate in enumerate(record.get("candidates", [])):  # one stopped early: its weight and a flag
+                self._log(marker, {**{f"candidate/{k}": v for k, v in candidate.items()},
+                                   "candidate/stopped_early": float("stopped_early" in candidate)}, step=i)
             if record["pem"]:
                 self._artifact(marker, self.job.dir / "release" / "pems" / record["pem"], f"adapters/{record['pem']}")
             self._end(marker)
