@@ -119,6 +119,11 @@ class GenerationConfig(_Strict):
                                                       description="vLLM's memory fraction; null: 0.85 of a GPU, or "
                                                       "5 GiB of RAM on vLLM's CPU build (where vLLM reads this as a "
                                                       "fraction of RAM)")
+    answer_cache_mb: int = Field(512, ge=0, le=1_000_000, json_schema_extra=redoes(),
+                                 description="a whole generate call's answers kept in JOB_DIR/cache/answers (owner-only) "
+                                 "and reused when the same call is made again (a candidate stopped early scored in "
+                                 "full, a rerun after a kill); at most this many MB, least recently used first out; "
+                                 "0: off. In-process executor only")
     vllm_max_lora_rank: int = Field(64, ge=1, le=MAX_LORA_RANK, json_schema_extra=redoes(*RESULT_STAGES))
     vllm_max_loras: int = Field(8, ge=1, le=256, json_schema_extra=redoes(*RESULT_STAGES))
 

@@ -7,6 +7,7 @@ from typing import Callable, Sequence
 
 from rr.core.profile import phase
 from rr.execution.base import Composition
+from rr.generation.answer_cache import ANSWER_CACHE_FORMAT, AnswerCache, CachedModel, pem_digest, tensors_digest
 from rr.release.ledger import ComposedModel, Pem
 from rr.tasks.base import Evaluation, Example, SamplingParams, StopEarly
 
@@ -46,15 +47,41 @@ class LocalExecutor:
         self.job = job
         self._composed: ComposedModel | None = None
         self._adapters: dict[tuple, Path] = {}
+        self.answers = AnswerCache(job.dir / "cache" / "answers", job.config.generation.answer_cache_mb * 2**20)
+        self._base_identity: dict | None = None
 
     # ---- the composition on the job's model ---------------------------------------------------------------
     def _handle(self, composition: Composition):
-        """The job's generator, serving `composition`."""
+        """The job's generator, serving `composition`, its generate calls through the job's answer cache."""
         generator = self.job.generator
         if hasattr(generator, "use_adapter"):  # vLLM: no hooks; the composition is one rank-sum adapter
-            return VllmComposition(self, composition)
-        self._compose(composition)
-        return generator
+            handle = VllmComposition(self, composition)
+        else:
+            self._compose(composition)
+            handle = generator
+        if self.answers.max_bytes <= 0:
+            return handle
+        return CachedModel(handle, self.answers, {**self._identity(), "composition": [
+            (pem_digest(weighted.pem), float(weighted.merge_weight)) for weighted in composition]})
+
+    def _identity(self) -> dict:
+        """What decides an answer besides the composition and the call: the base model, backend and settings."""
+        import torch
+
+        import rr
+
+        if self._base_identity is None:
+            config = self.job.config
+            generator = self.job.generator
+            weights = None if hasattr(generator, "use_adapter") else tensors_digest(
+                sorted(self.job.model.state_dict().items()))  # the weights themselves, where this process holds them
+            self._base_identity = {
+                "format": ANSWER_CACHE_FORMAT, "rr": rr.__version__, "torch": torch.__version__,
+                "model": [config.model.name_or_path, config.model.revision, config.model.gguf_file, config.model.dtype],
+                "weights": weights, "backend": config.generation.backend, "batch_size": config.generation.batch_size,
+                "device": self.job.device, "system_prompt": getattr(generator, "system_prompt", None),
+                "max_prompt_tokens": getattr(generator, "max_prompt_tokens", None)}
+        return {**self._base_identity, "threads": torch.get_num_threads()}
 
     def _compose(self, composition: Composition) -> None:
         wanted = [(weighted.pem, float(weighted.merge_weight)) for weighted in composition]
