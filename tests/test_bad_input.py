@@ -224,3 +224,15 @@ def test_a_registry_that_never_answers_is_reported_within_ten_seconds(rr_cli):
 def test_promote_refuses_a_version_that_is_not_a_number(rr_cli, tmp_path):
     result = rr_cli("promote", "m", "latest[/red]", "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}")
     assert result.exit_code == 2 and "'latest[/red]'" in result.output
+
+
+def test_eval_refuses_a_step_the_ledger_did_not_apply_and_a_step_without_a_ledger(tmp_path, rr_cli):
+    from rr.release.ledger import Ledger, LedgerEntry
+
+    ledger = tmp_path / "ledger.json"
+    Ledger("embedded:smollm2", [LedgerEntry("step1-forget", "pems/step1-forget", "forget", -2.0, 1),
+                                LedgerEntry("step2-retain", "pems/step2-retain", "retain", 0.5, 2)]).save(ledger)
+    result = rr_cli("eval", "--config", CI_CONFIG, "--output", tmp_path / "job", "--ledger", ledger, "--step", 3)
+    assert result.exit_code == 2 and "--step 3" in result.output and "[1, 2]" in result.output
+    result = rr_cli("eval", "--config", CI_CONFIG, "--output", tmp_path / "job", "--step", 1)
+    assert result.exit_code == 2 and "--step needs --ledger" in result.output

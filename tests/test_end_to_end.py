@@ -223,16 +223,45 @@ def test_eval_of_the_ledger_reproduces_the_jobs_own_test_scores(finished_job):
     """`rr eval --ledger` (through the job's executor, as ray_jobs/evaluate.py) scores rr's model as the release
     summary did: the same composition, split and greedy decoding; its form report is against the base model."""
     job_dir = finished_job["dir"]
+    last = _json(job_dir / "release" / "state.json")["steps"][-1]
+    # --step names the ledger's last step here: the whole ledger, as the job's own final test score
     result = rr("eval", "--config", str(CI_CONFIG), "--output", str(job_dir), "--ledger",
-                str(job_dir / "release" / "ledger.json"), "--split", "test")
+                str(job_dir / "release" / "ledger.json"), "--step", str(last["step"]), "--split", "test")
     assert result.returncode == 0, result.stderr[-3000:]
     scored, summary = json.loads(result.stdout), _json(job_dir / "release" / "summary.json")
     final, base = summary["final"], summary["base"]
+    assert (final["forget_score"], final["utility_score"]) == (last["test"]["forget_score"],
+                                                               last["test"]["utility_score"])
     assert (scored["forget_score"], scored["utility_score"]) == (final["forget_score"], final["utility_score"])
     assert scored["metrics"]["perplexity"] == pytest.approx(final["metrics"]["perplexity"], rel=1e-4)
     rows = {row["form"]: row for row in scored["form_report"]["rows"]}
     for form, (hits, items) in base["forms"].items():
         assert (rows[form]["base"]["hits"], rows[form]["base"]["items"]) == (hits, items)
+
+
+def test_the_profile_records_every_phase_with_its_work(finished_job):
+    """profile.jsonl (rr/core/profile.py): Reveal's rounds and finalists, the base model's scoring, each step's PEM,
+    candidates and test split, with the tokens each generated, scored and trained; bench/bench_profile.py's table
+    reads it."""
+    import importlib.util
+
+    from rr.core.profile import read_profile
+
+    records = read_profile(finished_job["dir"] / "profile.jsonl")
+    phases = {r["phase"] for r in records}
+    assert {"reveal", "reveal/outer 1 round 1", "reveal/outer 1 finalists", "release", "release/step 0 (base)",
+            "release/step 1 (forget)/pem", "release/step 1 (forget)/search"} <= phases, sorted(phases)
+    assert any(p.startswith("release/step 1 (forget)/search/candidate ") for p in phases)
+    by_phase = {r["phase"]: r for r in records}
+    assert by_phase["release/step 1 (forget)/pem"]["trained_tokens"] > 0
+    assert by_phase["release/step 0 (base)"]["generated_tokens"] > 0 < by_phase["release/step 0 (base)"]["prefill_tokens"]
+    assert all(r["wall_s"] >= 0 for r in records)
+    spec = importlib.util.spec_from_file_location("bench_profile", Path(__file__).resolve().parents[1] / "bench" /
+                                                  "bench_profile.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rows = bench.table(records, peak=1e11, body=100_000_000, head=28_000_000, depth=2)
+    assert {"reveal", "release"} <= {r["phase"] for r in rows} and all(0 <= r["of_limit"] for r in rows if r["of_limit"])
 
 
 def test_export_adapter_loads_in_peft(finished_job, tmp_path):
