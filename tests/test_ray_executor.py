@@ -38,7 +38,7 @@ def ci_config(tmp_path, **compute) -> JobConfig:
     data["generation"] = {"batch_size": 3}  # several batches per call, so both replicas take some
     # Smaller validation split than ci.yaml's: each searched weight is scored on Ray and again in-process.
     data["task"].update(n_validation=2, n_arithmetic_validation=3, max_new_tokens=64)
-    data["compute"] = {"threads": 2, **compute}
+    data["compute"] = {"threads": 1, **compute}
     return JobConfig.model_validate(data)
 
 
@@ -51,8 +51,9 @@ def ray_job(tmp_path_factory):
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
              _temp_dir=tempfile.mkdtemp(prefix="rr-ray-", dir="/tmp"))
     # Replicas use the in-process run's thread count: CPU kernels may sum in another order with other counts,
-    # which can flip a sampled token at a near-tie (seen with 1 vs 2 threads).
-    job = Job(ci_config(tmp_path, executor="ray", generator_replicas=2, replica_num_cpus=0.5, threads_per_replica=2,
+    # which can flip a sampled token at a near-tie (seen with 1 vs 2 threads). One thread each: two replicas of two
+    # threads on this 2-core machine oversubscribe it, and every call then ran several times slower.
+    job = Job(ci_config(tmp_path, executor="ray", generator_replicas=2, replica_num_cpus=0.5, threads_per_replica=1,
                         trainer_num_cpus=1, request_resources=False))
     try:
         yield job
@@ -63,8 +64,8 @@ def ray_job(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def local(ray_job):
-    # The in-process executor on the same job: the driver's own model, composed by hooks.
-    torch.set_num_threads(2)
+    # The in-process executor on the same job: the driver's own model, composed by hooks, on the replicas' one thread.
+    torch.set_num_threads(1)
     executor = LocalExecutor(ray_job)
     yield executor
     executor.close()
