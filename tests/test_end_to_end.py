@@ -252,9 +252,11 @@ def test_the_profile_records_every_phase_with_its_work(finished_job):
     assert {"reveal", "reveal/outer 1 round 1", "reveal/outer 1 finalists", "release", "release/step 0 (base)",
             "release/step 1 (forget)/pem", "release/step 1 (forget)/search"} <= phases, sorted(phases)
     assert any(p.startswith("release/step 1 (forget)/search/candidate ") for p in phases)
-    by_phase = {r["phase"]: r for r in records}
-    assert by_phase["release/step 1 (forget)/pem"]["trained_tokens"] > 0
-    assert by_phase["release/step 0 (base)"]["generated_tokens"] > 0 < by_phase["release/step 0 (base)"]["prefill_tokens"]
+    def most(phase: str, counter: str) -> int:  # a rerun that reuses a phase's result records it again, with no work
+        return max(r[counter] for r in records if r["phase"] == phase)
+
+    assert most("release/step 1 (forget)/pem", "trained_tokens") > 0
+    assert most("release/step 0 (base)", "generated_tokens") > 0 < most("release/step 0 (base)", "prefill_tokens")
     assert all(r["wall_s"] >= 0 for r in records)
     spec = importlib.util.spec_from_file_location("bench_profile", Path(__file__).resolve().parents[1] / "bench" /
                                                   "bench_profile.py")
