@@ -7,8 +7,8 @@ import stat
 
 import torch
 
-from rr.generation.answer_cache import AnswerCache, CachedModel, pem_digest
-from rr.release.ledger import Pem
+from rr.generation.answer_cache import AnswerCache, CachedModel
+from rr.release.ledger import Pem, pem_digest
 from rr.tasks.base import SamplingParams
 
 GREEDY = SamplingParams(max_new_tokens=8)

@@ -20,7 +20,7 @@ from rr.core.profile import phase, profiling
 from rr.core.prompt import prompt_from_json
 from rr.errors import RRError
 from rr.generation.base import request_seed
-from rr.release.ledger import Ledger, Pem, WeightedPem
+from rr.release.ledger import Ledger, Pem, WeightedPem, pem_digest
 from rr.reveal.search import instruction_prompt
 from rr.tasks.base import SamplingParams
 
@@ -69,13 +69,7 @@ def _compositions(job, summary: dict, wanted) -> dict[str, list[WeightedPem]]:
 def _composition_key(composition) -> str:
     """What a composition is: each PEM's weights (its tensors' bytes) and merge weight. A job whose release was
     redone gets new keys, so no audit part of the old models is reused."""
-    digest = hashlib.sha256()
-    for weighted in composition:
-        digest.update(f"{weighted.merge_weight!r}".encode())
-        for module in sorted(weighted.pem.tensors):
-            for tensor in weighted.pem.tensors[module]:
-                digest.update(tensor.numpy().tobytes())
-    return digest.hexdigest()[:16]
+    return _key([(pem_digest(weighted.pem), repr(weighted.merge_weight)) for weighted in composition])
 
 
 def _members_and_non_members(job, material, cfg: AuditConfig, store: AuditDir, progress) -> tuple[list, list]:

@@ -7,8 +7,8 @@ from typing import Callable, Sequence
 
 from rr.core.profile import phase
 from rr.execution.base import Composition
-from rr.generation.answer_cache import ANSWER_CACHE_FORMAT, AnswerCache, CachedModel, pem_digest, tensors_digest
-from rr.release.ledger import ComposedModel, Pem
+from rr.generation.answer_cache import ANSWER_CACHE_FORMAT, AnswerCache, CachedModel
+from rr.release.ledger import ComposedModel, Pem, pem_digest, tensors_digest
 from rr.tasks.base import Evaluation, Example, SamplingParams, StopEarly
 
 
@@ -135,9 +135,8 @@ class LocalExecutor:
             if decided():
                 return
             with phase(f"candidate {weight:+g}"):
-                model = self._handle([*composition, WeightedPem(pem, weight)])
-                evaluation = task.evaluate(model, split) if stop_early is None else \
-                    task.evaluate(model, split, stop_early=stop_early)
+                evaluation = task.evaluate(self._handle([*composition, WeightedPem(pem, weight)]), split,
+                                           stop_early=stop_early)
             on_result(weight, evaluation)
 
     def train_pem(self, composition: Composition, examples: Sequence[Example], config, name: str, kind: str,

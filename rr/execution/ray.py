@@ -376,7 +376,7 @@ def _score_candidate(config: dict, pool=None, task=None, split=None, base_key=()
     from ray import tune
 
     model = PoolModel(pool, tuple(base_key) + ((pem_name, float(config["weight"])),))
-    evaluation = task.evaluate(model, split) if stop_early is None else task.evaluate(model, split, stop_early=stop_early)
+    evaluation = task.evaluate(model, split, stop_early=stop_early)
     tune.report({"weight": float(config["weight"]), "forget_score": evaluation.forget_score,
                  "utility_score": evaluation.utility_score, "metrics": evaluation.metrics,
                  "stopped_early": evaluation.stopped_early})

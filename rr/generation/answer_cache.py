@@ -30,30 +30,6 @@ log = logging.getLogger("rr")
 ANSWER_CACHE_FORMAT = 1  # raise when what decides an answer changes in rr's generators (a decode fix, a new rule)
 
 
-def tensors_digest(named_tensors) -> str:
-    """sha256 over (name, dtype, shape, bytes) of each tensor, in the order given."""
-    import torch
-
-    digest = hashlib.sha256()
-    for name, tensor in named_tensors:
-        data = tensor.detach().contiguous().cpu()
-        digest.update(f"{name}|{data.dtype}|{tuple(data.shape)}|".encode())
-        digest.update(data.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
-
-
-def pem_digest(pem) -> str:
-    """A PEM's content hash (rank, alpha, targets and every A/B tensor), computed once per Pem object."""
-    cached = getattr(pem, "_content_digest", None)
-    if cached is None:
-        tensors = [(f"{module}.{part}", t) for module, pair in sorted(pem.tensors.items())
-                   for part, t in zip("AB", pair)]
-        cached = hashlib.sha256(f"{pem.rank}|{pem.alpha}|{sorted(pem.target_modules)}|{tensors_digest(tensors)}"
-                                .encode()).hexdigest()
-        pem._content_digest = cached
-    return cached
-
-
 class AnswerCache:
     """Whole generate calls' answers by key, in `directory` (created 0700), at most `max_bytes` in all."""
 

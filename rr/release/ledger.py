@@ -11,6 +11,7 @@ Here s_i = α_i/r_i is the PEM's LoRA scaling and w_i its merge weight (−μ fo
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from dataclasses import asdict, dataclass, field
@@ -57,6 +58,28 @@ def _tensors_from_state(state: dict[str, torch.Tensor], source: Path) -> dict[st
 
 
 # ---- one PEM ---------------------------------------------------------------------------------------------
+
+
+def tensors_digest(named_tensors) -> str:
+    """sha256 over (name, dtype, shape, bytes) of each tensor, in the order given."""
+    digest = hashlib.sha256()
+    for name, tensor in named_tensors:
+        data = tensor.detach().contiguous().cpu()
+        digest.update(f"{name}|{data.dtype}|{tuple(data.shape)}|".encode())
+        digest.update(data.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def pem_digest(pem: "Pem") -> str:
+    """A PEM's content hash (rank, alpha, targets and every A/B tensor), computed once per Pem object."""
+    cached = getattr(pem, "_content_digest", None)
+    if cached is None:
+        tensors = [(f"{module}.{part}", t) for module, pair in sorted(pem.tensors.items())
+                   for part, t in zip("AB", pair)]
+        cached = hashlib.sha256(f"{pem.rank}|{pem.alpha}|{sorted(pem.target_modules)}|{tensors_digest(tensors)}"
+                                .encode()).hexdigest()
+        pem._content_digest = cached
+    return cached
 
 
 @dataclass
