@@ -161,8 +161,12 @@ def test_every_form_grades_every_shipped_reference_solution_as_passing(quickstar
         else:
             response = f"Here it is:\n```python\n{problem.reference_solution}```\nIt runs in O(n)."
         programs.append(CODE_FORMS[name].program(problem, response))
-    results = quickstart_task.run_solutions([problem for problem, _ in cases], programs)
-    assert not [(p.id, name, r.status) for (p, name), r in zip(cases, results) if not r.passed]
+    # Forms that build the same program for a problem (the chat forms all read the same answer) are run once.
+    distinct = sorted({(problem.id, program): problem for (problem, _), program in zip(cases, programs)}.items())
+    results = quickstart_task.run_solutions([problem for _, problem in distinct], [key[1] for key, _ in distinct])
+    verdict = {key: result for (key, _), result in zip(distinct, results)}
+    assert not [(p.id, name, verdict[(p.id, program)].status) for (p, name), program in zip(cases, programs)
+                if not verdict[(p.id, program)].passed]
 
 
 # ---- the prompt type ------------------------------------------------------------------------
