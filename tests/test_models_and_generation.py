@@ -68,8 +68,8 @@ def test_batched_greedy_equals_one_at_a_time_and_seeds_follow_requests(smollm2):
 
 
 def test_greedy_answers_equal_transformers_generate_with_its_own_cache(smollm2):
-    """The decode loop writes its KV cache in place (rr.generation.hf._InPlaceLayer); transformers' generate()
-    concatenates into a DynamicCache. Same left-padded batch, greedy: the same tokens."""
+    """rr's decode loop (finished rows leave the batch, stop tokens, left padding) answers as transformers'
+    generate() does on the same left-padded batch, greedy: the same tokens."""
     import torch
 
     from rr.tasks.base import SamplingParams
@@ -89,26 +89,6 @@ def test_greedy_answers_equal_transformers_generate_with_its_own_cache(smollm2):
     theirs = [generator._text([t for t in row.tolist() if t != tokenizer.pad_token_id], (), p)
               for row, p in zip(out[:, width:], prompts)]
     assert [a[0] for a in ours] == theirs
-
-
-def test_the_in_place_cache_holds_what_concatenation_would():
-    import torch
-
-    from rr.generation.hf import _InPlaceLayer
-
-    layer, generator = _InPlaceLayer(capacity=6), torch.Generator().manual_seed(0)
-    held_keys = held_values = None
-    for length in (4, 1, 1, 3):  # a prompt, two steps, then past the capacity (the buffer grows)
-        keys, values = (torch.randn(3, 2, length, 8, generator=generator) for _ in range(2))
-        held_keys = keys if held_keys is None else torch.cat([held_keys, keys], -2)
-        held_values = values if held_values is None else torch.cat([held_values, values], -2)
-        got_keys, got_values = layer.update(keys, values)
-        assert torch.equal(got_keys, held_keys) and torch.equal(got_values, held_values)
-    layer.batch_select_indices(torch.tensor([0, 2]))
-    assert torch.equal(layer.keys, held_keys[[0, 2]]) and layer.get_seq_length() == 9
-    keys, values = (torch.randn(2, 2, 1, 8, generator=generator) for _ in range(2))
-    got_keys, _ = layer.update(keys, values)
-    assert torch.equal(got_keys, torch.cat([held_keys[[0, 2]], keys], -2))
 
 
 def test_finished_requests_leave_the_batch_without_changing_any_answer(smollm2, monkeypatch):

@@ -1,5 +1,5 @@
 """CI's Ray job, run as README "On Ray" says: a token-authenticated head on loopback, then `ray job submit` of
-ray_jobs/reveal.py, release.py and evaluate.py on configs/ci.yaml unchanged but for --output. Each SUCCEEDED; the
+ray_jobs/release.py, evaluate.py and reveal.py on configs/ci.yaml unchanged but for --output. Each SUCCEEDED; the
 job wrote its ledger, one MLflow run and a registered model in its sqlite store; it decided and scored as the
 in-process job's golden record; and the finished job, resubmitted with MLFLOW_TRACKING_URI in its runtime env,
 records to an `mlflow server`; ray_jobs/audit.py attacks the finished job."""
@@ -110,17 +110,22 @@ def assert_succeeded(run: dict) -> None:
 @pytest.fixture(scope="module")
 def ray_job(ray_head, tmp_path_factory):
     job_dir = tmp_path_factory.mktemp("submit") / "ci-ray"
-    runs = {"reveal": submit(ray_head, "ray_jobs/reveal.py", job_dir)}
-    assert_succeeded(runs["reveal"])
-    runs["release"] = submit(ray_head, "ray_jobs/release.py", job_dir)
+    # README "On Ray": release.py runs the whole job (Reveal, then Release) in one driver, then evaluate.py scores
+    # its ledger; reveal.py (Reveal only) is submitted last, on the finished Reveal, which it must keep as it is.
+    runs = {"release": submit(ray_head, "ray_jobs/release.py", job_dir)}
     assert_succeeded(runs["release"])
+    manifest = (job_dir / "reveal" / "manifest.json").read_bytes()
     runs["evaluate"] = submit(ray_head, "ray_jobs/evaluate.py", job_dir, "--split", "test")
-    return {"dir": job_dir, "address": ray_head, **runs}
+    runs["reveal"] = submit(ray_head, "ray_jobs/reveal.py", job_dir)
+    return {"dir": job_dir, "address": ray_head, "manifest": manifest, **runs}
 
 
 def test_submitted_stages_on_the_shipped_config_succeed_and_write_the_ledger(ray_job):
     job_dir = ray_job["dir"]
     assert_succeeded(ray_job["evaluate"])
+    assert_succeeded(ray_job["reveal"])
+    assert "reveal already finished" in ray_job["reveal"]["log"]
+    assert (job_dir / "reveal" / "manifest.json").read_bytes() == ray_job["manifest"]
     assert all("executor: ray" in ray_job[stage]["submit"].stdout for stage in ("reveal", "release", "evaluate"))
     assert _json(job_dir / "reveal" / "manifest.json")["size"] > 0
     state = _json(job_dir / "release" / "state.json")

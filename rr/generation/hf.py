@@ -6,7 +6,6 @@ import inspect
 from typing import Sequence
 
 import torch
-from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from rr.core import profile
 from rr.core.prompt import Prompt, as_prompt
@@ -40,56 +39,6 @@ def _cache_keyword(model) -> str:
 def _cache_of(out):
     """The KV cache a forward returned, under the name this transformers version gives it."""
     return out["cache"] if "cache" in out else out.past_key_values
-
-
-class _InPlaceLayer(DynamicLayer):
-    """One layer's KV cache written in place into a buffer sized once for the whole decode (prompt + answer budget),
-    where transformers' DynamicLayer concatenates, copying the whole cache at every step (a quarter of a decode
-    step's time at batch 40). Attention reads views of the same shape and values, so answers do not change."""
-
-    def __init__(self, capacity: int):
-        super().__init__()
-        self.capacity, self.length = capacity, 0
-        self._keys = self._values = None
-
-    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        self.device, self.is_initialized = key_states.device, True
-
-    def _reserve(self, key_states: torch.Tensor, value_states: torch.Tensor, length: int) -> None:
-        """Buffers for at least `length` positions (the capacity, or more if a call overruns it), keeping what is held."""
-        size = max(length, self.capacity)
-        keys = key_states.new_empty((*key_states.shape[:2], size, key_states.shape[-1]))
-        values = value_states.new_empty((*value_states.shape[:2], size, value_states.shape[-1]))
-        if self.length:
-            keys[:, :, :self.length], values[:, :, :self.length] = self.keys, self.values
-        self._keys, self._values = keys, values
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        end = self.length + key_states.shape[-2]
-        if self._keys is None or end > self._keys.shape[-2]:
-            self._reserve(key_states, value_states, end)
-        self._keys[:, :, self.length:end] = key_states
-        self._values[:, :, self.length:end] = value_states
-        self.length = end
-        self.keys, self.values = self._keys[:, :, :end], self._values[:, :, :end]
-        return self.keys, self.values
-
-    def get_seq_length(self) -> int:
-        return self.length
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        if self.length:
-            self._keys, self._values = self._keys[indices], self._values[indices]
-            self.keys, self.values = self._keys[:, :, :self.length], self._values[:, :, :self.length]
-
-
-def _in_place_cache(capacity: int) -> DynamicCache:
-    """A DynamicCache whose layers are _InPlaceLayer(capacity)."""
-    cache = DynamicCache()
-    cache.layer_class_to_replicate = lambda: _InPlaceLayer(capacity)
-    return cache
 
 
 def _worth_compacting(finished: torch.Tensor) -> bool:
@@ -155,10 +104,9 @@ class HFGenerator:
             generators = [torch.Generator(device=self.device).manual_seed(int(s)) for s in seeds]
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         profile.count(prefill_tokens=int(attention_mask.sum()), prefill_positions=attention_mask.numel())
-        cache = _in_place_cache(attention_mask.shape[1] + params.max_new_tokens)
         out = self.model(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
                          position_ids=position_ids, use_cache=True, output_hidden_states=return_last_hidden,
-                         logits_to_keep=1, **{self.cache_keyword: cache})  # only the last position's logits are needed
+                         logits_to_keep=1)  # only the last position's logits are needed
         last_hidden = out.hidden_states[-1][:, -1, :].float().cpu() if return_last_hidden else None
         past, logits = _cache_of(out), out.logits[:, -1, :]
         next_position = position_ids[:, -1:] + 1
