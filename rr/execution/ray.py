@@ -472,6 +472,7 @@ class RayExecutor:
         self._connect()
         self.pool = None
         self.replicas = 0
+        self._resizing = None  # a resize of the pool not waited for yet (prepare)
         self.trainers = self.compute.trainer_workers
         self._registered: set[str] = set()
         self.spec = self._spec()
@@ -533,11 +534,13 @@ class RayExecutor:
         request_resources(bundles=bundles)
 
     def prepare(self, stage: str, work: int) -> None:
+        """Size the pool for the stage without waiting for it: the replicas load their model while the driver does
+        what comes first (Reveal decodes its arms here); the first call on the pool waits for them."""
         if stage == "reveal":
-            self._ensure_pool(self.replica_count(work))
+            self._ensure_pool(self.replica_count(work), wait=False)
         elif stage == "release":
             self.trainers = self.trainer_count(work)
-            self._ensure_pool(self.replicas or self._default_replicas())
+            self._ensure_pool(self.replicas or self._default_replicas(), wait=False)
         self._request()
 
     def _default_replicas(self) -> int:
@@ -545,7 +548,9 @@ class RayExecutor:
 
         return self.replica_count(largest_generate_call(self.job.config.reveal, len(self.job.task.contexts("reveal"))))
 
-    def _ensure_pool(self, count: int | None = None):
+    def _ensure_pool(self, count: int | None = None, wait: bool = True):
+        """The pool, with `count` replicas (default: as many as now, or as the job needs); with `wait`, once every
+        replica has loaded its model (a resize left pending by an earlier call too)."""
         count = count or self.replicas or self._default_replicas()
         if self.pool is None:
             self.pool = ray.remote(GeneratorPool).options(num_cpus=0, max_concurrency=1000).remote(
@@ -553,9 +558,12 @@ class RayExecutor:
             self._registered = set()
         if count != self.replicas:
             log.info("generator replicas: %d", count)
-            ray.get(self.pool.resize.remote(count))
+            self._resizing = self.pool.resize.remote(count)
             self.replicas = count
             self._request()
+        if wait and self._resizing is not None:
+            resizing, self._resizing = self._resizing, None
+            ray.get(resizing)  # a replica that cannot start raises here
         return self.pool
 
     def _key(self, composition: Composition) -> CompositionKey:
@@ -658,7 +666,7 @@ class RayExecutor:
                 ray.kill(self.pool)
             except ray.exceptions.RayError:
                 pass  # the pool is gone already (a cluster shutting down): nothing left to release
-            self.pool, self.replicas = None, 0
+            self.pool, self.replicas, self._resizing = None, 0, None
         if self.compute.request_resources and ray.is_initialized():
             from ray.autoscaler.sdk import request_resources
 

@@ -69,11 +69,12 @@ def run_reveal(job, progress: Callable[[str], None] = print) -> dict:
 
 
 def _reveal(job, progress: Callable[[str], None]) -> dict:
+    cfg = job.config.reveal
+    # Sized first: on Ray the replicas load their model while this process decodes the arms.
+    job.executor.prepare("reveal", largest_generate_call(cfg, len(job.task.contexts("reveal"))))
     with phase("arms"):
         arms = load_or_decode_arms(job, progress)
     checkpoint = RevealCheckpoint(job.dir / "reveal")
-    cfg = job.config.reveal
-    job.executor.prepare("reveal", largest_generate_call(cfg, len(job.task.contexts("reveal"))))
     search = RevealSearch(cfg, job.task, arms, job.executor.generate, job.embed, checkpoint, job.config.seed, progress,
                           log_forget_examples=job.config.log_forget_examples)
     state, records = search.run()
