@@ -73,11 +73,18 @@ def ray_head():
     try:
         yield address
     finally:
+        # `ray start --block` stops its processes on SIGTERM (2 s when idle; after jobs it waited 30 s on them) and
+        # leaves some dashboard processes behind: whatever of the head's own session is left after 10 s is killed.
         head.send_signal(signal.SIGTERM)
         try:
-            head.wait(timeout=60)
+            head.wait(timeout=10)
         except subprocess.TimeoutExpired:
+            pass
+        try:
             os.killpg(head.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        head.wait()
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
