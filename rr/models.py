@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import logging
 import os
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 from rr.core.files import atomic_write_dir
 from rr.errors import RRError
+
+log = logging.getLogger("rr")
 
 EMBEDDED_MODELS = {
     # name → (package carrying the files, gguf file inside it or None for a plain directory)
@@ -57,7 +61,7 @@ def resolve_model(name_or_path: str, gguf_file: str | None = None) -> ModelSourc
 
 
 def model_cache_dir() -> Path:
-    """Where rr keeps model files it derives (the HF directories vLLM serves): $RR_MODEL_CACHE, else rr/models
+    """Where rr keeps model files it derives (GGUF models as HF directories): $RR_MODEL_CACHE, else rr/models
     under the user's cache ($XDG_CACHE_HOME or ~/.cache), beside Hugging Face's own cache. Per machine, not per
     job: every job on the same model shares one copy (the embedded model's is 540 MB), and a Ray replica writes
     its node's copy where it runs."""
@@ -73,16 +77,21 @@ def _cache_key(name: str, identity: tuple[str | None, ...]) -> str:
     return f"{readable}-{digest}"
 
 
-def vllm_model_dir(name_or_path: str, gguf_file: str | None = None, revision: str | None = None,
-                   hf_token_env: str = "HF_TOKEN", cache_dir: Path | None = None) -> str:
-    """What vLLM loads for this model: a hub id or a local directory as it is; a GGUF model (the embedded one,
-    a .gguf path, a hub GGUF file) de-quantized once into a HF directory in the model cache, reused after."""
+def hf_model_dir(name_or_path: str, gguf_file: str | None = None, revision: str | None = None,
+                 hf_token_env: str = "HF_TOKEN", cache_dir: Path | None = None) -> str:
+    """A model as a HF directory: a hub id or a local directory as it is; a GGUF model (the embedded one, a .gguf
+    path, a hub GGUF file) de-quantized once into the model cache and reused after. transformers loads that
+    directory in half a second where parsing the GGUF takes about 19 s on 2 cores (every rr process, Ray replica
+    and trainer loads the model), and vLLM serves it."""
     source = resolve_model(name_or_path, gguf_file)
     if not source.gguf_file:
         return source.path
-    # Named after the model and file; keyed by where the file is (an upgraded embedded package is a new copy).
+    # Named after the model and file; keyed by where the file is and, for a local file, its size and time (an
+    # upgraded embedded package or a replaced file is a new copy).
+    local = Path(source.path) / source.gguf_file
+    stamp = f"{local.stat().st_size}:{local.stat().st_mtime_ns}" if local.is_file() else None
     identity = (str(Path(source.path).resolve()) if Path(source.path).is_dir() else source.path, source.gguf_file,
-                revision)
+                revision, stamp)
     label = Path(name_or_path).name
     if not name_or_path.endswith(".gguf"):
         label += f"--{source.gguf_file}"
@@ -91,8 +100,8 @@ def vllm_model_dir(name_or_path: str, gguf_file: str | None = None, revision: st
         return str(target)
 
     def write(tmp: str) -> None:
-        # float32: the de-quantized weights exactly; vLLM casts them to model.dtype when it loads.
-        model, tokenizer = load_model_and_tokenizer(name_or_path, gguf_file, "float32", "cpu", revision, hf_token_env)
+        # float32: the de-quantized weights exactly; a load in another dtype (or vLLM) casts them from there.
+        model, tokenizer = _load(source, "float32", "cpu", revision, hf_token_env)
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
 
@@ -118,11 +127,31 @@ def pick_device(requested: str = "auto") -> str:
 
 def load_model_and_tokenizer(name_or_path: str, gguf_file: str | None = None, dtype: str = "float32",
                              device: str = "cpu", revision: str | None = None, hf_token_env: str = "HF_TOKEN"):
-    """A causal LM in eval mode with frozen weights, and its tokenizer (left padding, a pad token)."""
+    """A causal LM in eval mode with frozen weights, and its tokenizer (left padding, a pad token). A GGUF model
+    loads from its HF directory in the model cache (hf_model_dir: the same weights, written on first use); where
+    the cache cannot be written, from the GGUF file itself."""
+    source = resolve_model(name_or_path, gguf_file)
+    if not source.gguf_file:
+        return _load(source, dtype, device, revision, hf_token_env)
+    try:
+        directory = hf_model_dir(name_or_path, gguf_file, revision, hf_token_env)
+    except OSError as exc:
+        log.warning("model cache %s cannot be written (%s); loading the GGUF file itself (slower) ",
+                    model_cache_dir(), exc.strerror or exc)
+        return _load(source, dtype, device, revision, hf_token_env)
+    try:
+        return _load(ModelSource(directory), dtype, device, None, hf_token_env)
+    except Exception as exc:  # noqa: BLE001 - a damaged copy is rr's own: written again, once
+        log.warning("model cache %s is damaged (%s); writing it again from the GGUF file", directory, exc)
+        shutil.rmtree(directory, ignore_errors=True)
+        directory = hf_model_dir(name_or_path, gguf_file, revision, hf_token_env)
+        return _load(ModelSource(directory), dtype, device, None, hf_token_env)
+
+
+def _load(source: ModelSource, dtype: str, device: str, revision: str | None, hf_token_env: str):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    source = resolve_model(name_or_path, gguf_file)
     kwargs = {"revision": revision, "token": os.environ.get(hf_token_env) or None}
     if source.gguf_file:
         kwargs["gguf_file"] = source.gguf_file
@@ -131,7 +160,7 @@ def load_model_and_tokenizer(name_or_path: str, gguf_file: str | None = None, dt
         torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
         model = AutoModelForCausalLM.from_pretrained(source.path, dtype=torch_dtype, **kwargs)
     except OSError as exc:
-        raise RRError(f"model.name_or_path: could not load {name_or_path!r} ({exc}). "
+        raise RRError(f"model.name_or_path: could not load {source.path!r} ({exc}). "
                       "Check the id or path; for gated models set the token env var named by model.hf_token_env") from exc
     if source.gguf_file:
         # transformers de-quantizes GGUF tensors into ordinary `dtype` weights on load but keeps the GGUF

@@ -1,5 +1,7 @@
 """Model resolution errors, a local-directory load, and the batched generator on the real embedded model."""
 
+from pathlib import Path
+
 import pytest
 
 from rr.errors import RRError
@@ -23,6 +25,39 @@ def test_bad_model_paths_are_named(tmp_path):
     (tmp_path / "weights.bin").write_text("x")
     with pytest.raises(RRError, match="not a .gguf"):
         resolve_model(str(tmp_path / "weights.bin"))
+
+
+@pytest.mark.slow
+def test_the_embedded_model_loads_from_its_cached_hf_directory_with_the_gguf_weights(tmp_path, monkeypatch, caplog):
+    """load_model_and_tokenizer reads a GGUF model from its HF directory in the model cache (hf_model_dir): the
+    same weights, bit for bit, and the same tokens as parsing the GGUF file; a damaged copy is written again."""
+    import shutil
+
+    import torch
+
+    from rr import models
+
+    source = models.resolve_model("embedded:smollm2")
+    parsed, parsed_tokenizer = models._load(source, "float32", "cpu", None, "HF_TOKEN")
+    cached, cached_tokenizer = models.load_model_and_tokenizer("embedded:smollm2")
+    assert cached.config._name_or_path.startswith(str(models.model_cache_dir()))
+    expected = parsed.state_dict()
+    assert all(torch.equal(tensor, expected[name]) for name, tensor in cached.state_dict().items())
+    text = "<|im_start|>user\nWrite a Python function.<|im_end|>\n```python\ndef f(x):\n    return x\n```"
+    assert cached_tokenizer(text).input_ids == parsed_tokenizer(text).input_ids
+    assert cached.generation_config.to_dict() == parsed.generation_config.to_dict()
+
+    # A damaged copy (here a truncated weights file, in a cache of this test's own) is rewritten from the GGUF.
+    directory = models.hf_model_dir("embedded:smollm2")
+    monkeypatch.setenv("RR_MODEL_CACHE", str(tmp_path / "cache"))
+    copy = tmp_path / "cache" / Path(directory).name
+    shutil.copytree(directory, copy)
+    weights = copy / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:4096])
+    with caplog.at_level("WARNING", logger="rr"):
+        reloaded, _ = models.load_model_and_tokenizer("embedded:smollm2")
+    assert "is damaged" in caplog.text and weights.stat().st_size > 4096
+    assert all(torch.equal(tensor, expected[name]) for name, tensor in reloaded.state_dict().items())
 
 
 @pytest.fixture(scope="module")

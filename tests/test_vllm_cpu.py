@@ -106,7 +106,7 @@ def test_the_embedded_model_is_served_from_one_hf_directory_in_the_model_cache(j
 
     monkeypatch.setattr(models, "load_model_and_tokenizer", no_reload)
     m = vllm_job.config.model
-    assert models.vllm_model_dir(m.name_or_path, m.gguf_file, m.revision) == str(served)
+    assert models.hf_model_dir(m.name_or_path, m.gguf_file, m.revision) == str(served)
 
 
 @pytest.mark.vllm

@@ -3,7 +3,7 @@ and per-request seeds as hf.py.
 
 vLLM has no per-request LoRA scale, so a composition (or a candidate merge weight) is served as its own
 rank-sum adapter directory (rr.release.ledger.export_adapter) and selected per call with `use_adapter`.
-vLLM serves HF directories: a GGUF model is served from the directory rr.models.vllm_model_dir writes once.
+vLLM serves HF directories: a GGUF model is served from the directory rr.models.hf_model_dir writes once.
 """
 
 from __future__ import annotations
@@ -67,9 +67,9 @@ class VLLMGenerator:
                   **settings) -> "VLLMGenerator":
         """The generator for a config's model fields: a GGUF model is served from its HF directory in the model
         cache (written on first use), which has no revision of its own."""
-        from rr.models import vllm_model_dir
+        from rr.models import hf_model_dir
 
-        model = vllm_model_dir(name_or_path, gguf_file, revision, hf_token_env)
+        model = hf_model_dir(name_or_path, gguf_file, revision, hf_token_env)
         return cls(model, revision=revision if model == name_or_path else None, **settings)
 
     def close(self) -> None:
