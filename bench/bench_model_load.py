@@ -22,7 +22,8 @@ def main() -> None:
     directory = models.hf_model_dir("embedded:smollm2")
     written_s = time.perf_counter() - start
     start = time.perf_counter()
-    parsed, _ = models._load(models.resolve_model("embedded:smollm2"), "float32", "cpu", None, "HF_TOKEN")
+    parsed, _ = models._load(models.resolve_model("embedded:smollm2"), "float32", "cpu", None, "HF_TOKEN",
+                             "embedded:smollm2")
     gguf_s = time.perf_counter() - start
     start = time.perf_counter()
     cached, _ = models.load_model_and_tokenizer("embedded:smollm2")

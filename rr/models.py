@@ -81,7 +81,7 @@ def hf_model_dir(name_or_path: str, gguf_file: str | None = None, revision: str 
                  hf_token_env: str = "HF_TOKEN", cache_dir: Path | None = None) -> str:
     """A model as a HF directory: a hub id or a local directory as it is; a GGUF model (the embedded one, a .gguf
     path, a hub GGUF file) de-quantized once into the model cache and reused after. transformers loads that
-    directory in half a second where parsing the GGUF takes about 19 s on 2 cores (every rr process, Ray replica
+    directory in a quarter of a second where parsing the GGUF takes about 17 s on 2 cores (every rr process, Ray replica
     and trainer loads the model), and vLLM serves it."""
     source = resolve_model(name_or_path, gguf_file)
     if not source.gguf_file:
@@ -89,7 +89,8 @@ def hf_model_dir(name_or_path: str, gguf_file: str | None = None, revision: str 
     # Named after the model and file; keyed by where the file is and, for a local file, its size and time (an
     # upgraded embedded package or a replaced file is a new copy).
     local = Path(source.path) / source.gguf_file
-    stamp = f"{local.stat().st_size}:{local.stat().st_mtime_ns}" if local.is_file() else None
+    info = local.stat() if local.is_file() else None
+    stamp = f"{info.st_size}:{info.st_mtime_ns}" if info else None
     identity = (str(Path(source.path).resolve()) if Path(source.path).is_dir() else source.path, source.gguf_file,
                 revision, stamp)
     label = Path(name_or_path).name
@@ -101,7 +102,7 @@ def hf_model_dir(name_or_path: str, gguf_file: str | None = None, revision: str 
 
     def write(tmp: str) -> None:
         # float32: the de-quantized weights exactly; a load in another dtype (or vLLM) casts them from there.
-        model, tokenizer = _load(source, "float32", "cpu", revision, hf_token_env)
+        model, tokenizer = _load(source, "float32", "cpu", revision, hf_token_env, name_or_path)
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
 
@@ -130,25 +131,30 @@ def load_model_and_tokenizer(name_or_path: str, gguf_file: str | None = None, dt
     """A causal LM in eval mode with frozen weights, and its tokenizer (left padding, a pad token). A GGUF model
     loads from its HF directory in the model cache (hf_model_dir: the same weights, written on first use); where
     the cache cannot be written, from the GGUF file itself."""
+    import torch
+
     source = resolve_model(name_or_path, gguf_file)
     if not source.gguf_file:
-        return _load(source, dtype, device, revision, hf_token_env)
+        return _load(source, dtype, device, revision, hf_token_env, name_or_path)
     try:
         directory = hf_model_dir(name_or_path, gguf_file, revision, hf_token_env)
     except OSError as exc:
-        log.warning("model cache %s cannot be written (%s); loading the GGUF file itself (slower) ",
+        log.warning("model cache %s cannot be written (%s); loading the GGUF file itself (slower)",
                     model_cache_dir(), exc.strerror or exc)
-        return _load(source, dtype, device, revision, hf_token_env)
+        return _load(source, dtype, device, revision, hf_token_env, name_or_path)
     try:
-        return _load(ModelSource(directory), dtype, device, None, hf_token_env)
+        return _load(ModelSource(directory), dtype, device, None, hf_token_env, name_or_path)
+    except torch.OutOfMemoryError:
+        raise  # the device is full, the copy is fine
     except Exception as exc:  # noqa: BLE001 - a damaged copy is rr's own: written again, once
         log.warning("model cache %s is damaged (%s); writing it again from the GGUF file", directory, exc)
         shutil.rmtree(directory, ignore_errors=True)
         directory = hf_model_dir(name_or_path, gguf_file, revision, hf_token_env)
-        return _load(ModelSource(directory), dtype, device, None, hf_token_env)
+        return _load(ModelSource(directory), dtype, device, None, hf_token_env, name_or_path)
 
 
-def _load(source: ModelSource, dtype: str, device: str, revision: str | None, hf_token_env: str):
+def _load(source: ModelSource, dtype: str, device: str, revision: str | None, hf_token_env: str, name: str):
+    """`source` loaded as load_model_and_tokenizer returns it; errors name `name`, the model as the config gives it."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -160,7 +166,7 @@ def _load(source: ModelSource, dtype: str, device: str, revision: str | None, hf
         torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
         model = AutoModelForCausalLM.from_pretrained(source.path, dtype=torch_dtype, **kwargs)
     except OSError as exc:
-        raise RRError(f"model.name_or_path: could not load {source.path!r} ({exc}). "
+        raise RRError(f"model.name_or_path: could not load {name!r} ({exc}). "
                       "Check the id or path; for gated models set the token env var named by model.hf_token_env") from exc
     if source.gguf_file:
         # transformers de-quantizes GGUF tensors into ordinary `dtype` weights on load but keeps the GGUF

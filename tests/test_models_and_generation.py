@@ -38,7 +38,7 @@ def test_the_embedded_model_loads_from_its_cached_hf_directory_with_the_gguf_wei
     from rr import models
 
     source = models.resolve_model("embedded:smollm2")
-    parsed, parsed_tokenizer = models._load(source, "float32", "cpu", None, "HF_TOKEN")
+    parsed, parsed_tokenizer = models._load(source, "float32", "cpu", None, "HF_TOKEN", "embedded:smollm2")
     cached, cached_tokenizer = models.load_model_and_tokenizer("embedded:smollm2")
     assert cached.config._name_or_path.startswith(str(models.model_cache_dir()))
     expected = parsed.state_dict()
