@@ -109,6 +109,25 @@ def test_two_replicas_answer_exactly_as_the_in_process_generator(ray_job, local)
     assert stats["replicas"] == 2 and stats["batches"] >= 2 * 3
 
 
+def test_the_drivers_calls_are_answered_from_the_jobs_answer_cache_as_in_process(ray_job, local):
+    """A repeated call of the driver (a scoring asked again, `rr eval` of a scored ledger, a rerun after a kill) is
+    answered from JOB/cache/answers without reaching the replicas; another weight is a new call; an entry of the
+    Ray executor never answers the in-process one (their keys hold the executor and its threads)."""
+    executor = ray_job.executor
+    greedy = SamplingParams(max_new_tokens=8)
+    pem = random_pem(ray_job.model, "cached-forget", 3)
+    hits = executor.answers.hits
+    first = executor.generate(PROMPTS[:3], greedy, composition=[WeightedPem(pem, -1.0)])
+    batches = ray.get(executor.pool.stats.remote())["batches"]
+    assert executor.generate(PROMPTS[:3], greedy, composition=[WeightedPem(pem, -1.0)]) == first
+    assert executor.answers.hits == hits + 1 and ray.get(executor.pool.stats.remote())["batches"] == batches
+    executor.generate(PROMPTS[:3], greedy, composition=[WeightedPem(pem, -2.0)])
+    assert executor.answers.hits == hits + 1 and ray.get(executor.pool.stats.remote())["batches"] > batches
+    local_hits = local.answers.hits
+    assert local.generate(PROMPTS[:3], greedy, composition=[WeightedPem(pem, -1.0)]) == first
+    assert local.answers.hits == local_hits
+
+
 def test_a_killed_replica_is_restarted_and_every_request_answered_once(ray_job, local):
     params = SamplingParams(max_new_tokens=24, temperature=0.7, n=2)
     prompts = PROMPTS * 2

@@ -7,8 +7,8 @@ from typing import Callable, Sequence
 
 from rr.core.profile import phase
 from rr.execution.base import Composition
-from rr.generation.answer_cache import ANSWER_CACHE_FORMAT, AnswerCache, CachedModel
-from rr.release.ledger import ComposedModel, Pem, pem_digest, tensors_digest
+from rr.generation.answer_cache import AnswerCache, CachedModel, base_identity, composition_identity
+from rr.release.ledger import ComposedModel, Pem, tensors_digest
 from rr.tasks.base import Evaluation, Example, SamplingParams, StopEarly
 
 
@@ -61,26 +61,21 @@ class LocalExecutor:
             handle = generator
         if self.answers.max_bytes <= 0:
             return handle
-        return CachedModel(handle, self.answers, {**self._identity(), "composition": [
-            (pem_digest(weighted.pem), float(weighted.merge_weight)) for weighted in composition]})
+        return CachedModel(handle, self.answers, {**self._identity(), "composition": composition_identity(composition)})
 
     def _identity(self) -> dict:
         """What decides an answer besides the composition and the call: the base model, backend and settings."""
         import torch
-
-        import rr
 
         if self._base_identity is None:
             config = self.job.config
             generator = self.job.generator
             weights = None if hasattr(generator, "use_adapter") else tensors_digest(
                 sorted(self.job.model.state_dict().items()))  # the weights themselves, where this process holds them
-            self._base_identity = {
-                "format": ANSWER_CACHE_FORMAT, "rr": rr.__version__, "torch": torch.__version__,
-                "model": [config.model.name_or_path, config.model.revision, config.model.gguf_file, config.model.dtype],
-                "weights": weights, "backend": config.generation.backend, "batch_size": config.generation.batch_size,
-                "device": self.job.device, "system_prompt": getattr(generator, "system_prompt", None),
-                "max_prompt_tokens": getattr(generator, "max_prompt_tokens", None)}
+            self._base_identity = base_identity(
+                self.job, weights, backend=config.generation.backend, batch_size=config.generation.batch_size,
+                device=self.job.device, system_prompt=getattr(generator, "system_prompt", None),
+                max_prompt_tokens=getattr(generator, "max_prompt_tokens", None))
         return {**self._base_identity, "threads": torch.get_num_threads()}
 
     def _compose(self, composition: Composition) -> None:

@@ -27,6 +27,7 @@ import ray.util.client
 
 from rr.errors import RRError
 from rr.execution.base import Composition, concurrent_trials, sized
+from rr.generation.answer_cache import AnswerCache, CachedModel, base_identity, composition_identity
 from rr.generation.base import tidy_answer
 from rr.release.ledger import Pem, WeightedPem
 from rr.tasks.base import Evaluation, Example, SamplingParams
@@ -481,6 +482,10 @@ class RayExecutor:
         self.trainers = self.compute.trainer_workers
         self._registered: set[str] = set()
         self.spec = self._spec()
+        # The driver's own calls (Reveal's rounds, every scoring but the weight search's trials, `rr eval`, the
+        # audit) go through the job's answer cache, as in-process; the trials run wherever Ray places them.
+        self.answers = AnswerCache(job.dir / "cache" / "answers", job.config.generation.answer_cache_mb * 2**20)
+        self._base_identity: dict | None = None
 
     # ---- cluster ----------------------------------------------------------------------------------------
     def _connect(self) -> None:
@@ -584,8 +589,25 @@ class RayExecutor:
                  composition: Composition = ()) -> list[list[str]]:
         return self.model(composition).generate(prompts, params, seeds)
 
-    def model(self, composition: Composition = ()) -> PoolModel:
-        return PoolModel(self._ensure_pool(), self._key(composition))
+    def model(self, composition: Composition = ()):
+        handle = PoolModel(self._ensure_pool(), self._key(composition))
+        if self.answers.max_bytes <= 0:
+            return handle
+        return CachedModel(handle, self.answers, {**self._identity(), "composition": composition_identity(composition)})
+
+    def _identity(self) -> dict:
+        """What decides a replica's answer besides the composition and the call: the base model (its weights' hash,
+        from the driver's copy) and the replicas' settings. Keys differ from the in-process executor's (threads,
+        executor), so the two never answer for each other."""
+        if self._base_identity is None:
+            from rr.release.ledger import tensors_digest
+
+            weights = None if self.spec["backend"] == "vllm" else tensors_digest(
+                sorted(self.job.model.state_dict().items()))
+            self._base_identity = base_identity(
+                self.job, weights, executor="ray",
+                **{name: self.spec[name] for name in ("backend", "batch_size", "device", "threads", "dtype")})
+        return self._base_identity
 
     def evaluate(self, task, split: str, composition: Composition = ()) -> Evaluation:
         return task.evaluate(self.model(composition), split)

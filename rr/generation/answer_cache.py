@@ -100,6 +100,26 @@ class AnswerCache:
             total -= size
 
 
+def composition_identity(composition) -> list:
+    """The composed PEMs as the cache keys them: each one's content hash and signed weight."""
+    from rr.release.ledger import pem_digest
+
+    return [(pem_digest(weighted.pem), float(weighted.merge_weight)) for weighted in composition]
+
+
+def base_identity(job, weights: str | None, **settings) -> dict:
+    """What decides an answer besides the composition and the call: the format, rr's and torch's versions, the
+    model as configured and its weights' hash (None where the serving process alone holds them, e.g. vLLM), and the
+    serving `settings` (backend, batch size, device, threads, ...) of the executor that generates."""
+    import torch
+
+    import rr
+
+    model = job.config.model
+    return {"format": ANSWER_CACHE_FORMAT, "rr": rr.__version__, "torch": torch.__version__,
+            "model": [model.name_or_path, model.revision, model.gguf_file, model.dtype], "weights": weights, **settings}
+
+
 class CachedModel:
     """A ModelHandle whose generate calls go through `cache` under `identity` (the model and its composition, the
     backend and settings); perplexity and token statistics are computed as before (they are cheap)."""
