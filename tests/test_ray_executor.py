@@ -5,7 +5,9 @@ once decided, and a PEM trained on Ray Train equals the in-process one."""
 
 import json
 import os
+import shutil
 import signal
+import stat
 import tempfile
 import time
 from pathlib import Path
@@ -109,20 +111,26 @@ def test_two_replicas_answer_exactly_as_the_in_process_generator(ray_job, local)
     assert stats["replicas"] == 2 and stats["batches"] >= 2 * 3
 
 
-def test_the_drivers_calls_are_answered_from_the_jobs_answer_cache_as_in_process(ray_job, local):
-    """A repeated call of the driver (a scoring asked again, `rr eval` of a scored ledger, a rerun after a kill) is
-    answered from JOB/cache/answers without reaching the replicas; another weight is a new call; an entry of the
-    Ray executor never answers the in-process one (their keys hold the executor and its threads)."""
+def test_a_call_made_before_is_answered_from_the_jobs_answer_cache_as_in_process(ray_job, local):
+    """The pool answers a generate call made before (a scoring asked again, `rr eval` of a scored ledger, a
+    single-negation candidate step 1 scored, a rerun after a kill), whoever asks it, the driver or a weight search
+    trial, from JOB/cache/answers without reaching the replicas; another weight is a new call; an entry of the Ray
+    executor never answers the in-process one (their keys hold the executor and its threads)."""
     executor = ray_job.executor
     greedy = SamplingParams(max_new_tokens=8)
     pem = random_pem(ray_job.model, "cached-forget", 3)
-    hits = executor.answers.hits
+
+    def stats():
+        return ray.get(executor.pool.stats.remote())
+
     first = executor.generate(PROMPTS[:3], greedy, composition=[WeightedPem(pem, -1.0)])
-    batches = ray.get(executor.pool.stats.remote())["batches"]
+    before = stats()
     assert executor.generate(PROMPTS[:3], greedy, composition=[WeightedPem(pem, -1.0)]) == first
-    assert executor.answers.hits == hits + 1 and ray.get(executor.pool.stats.remote())["batches"] == batches
+    after = stats()
+    assert after["answer_cache_hits"] == before["answer_cache_hits"] + 1 and after["batches"] == before["batches"]
     executor.generate(PROMPTS[:3], greedy, composition=[WeightedPem(pem, -2.0)])
-    assert executor.answers.hits == hits + 1 and ray.get(executor.pool.stats.remote())["batches"] > batches
+    assert stats()["answer_cache_hits"] == after["answer_cache_hits"] and stats()["batches"] > after["batches"]
+    assert stat.S_IMODE((ray_job.dir / "cache" / "answers").stat().st_mode) == 0o700  # it holds forget data
     local_hits = local.answers.hits
     assert local.generate(PROMPTS[:3], greedy, composition=[WeightedPem(pem, -1.0)]) == first
     assert local.answers.hits == local_hits
@@ -134,6 +142,7 @@ def test_a_killed_replica_is_restarted_and_every_request_answered_once(ray_job, 
     seeds = list(range(len(prompts)))
     pool = ray_job.executor._ensure_pool()
     expected = ray.get(pool.generate.remote(prompts, params, seeds, ()))  # the same call, no replica killed
+    shutil.rmtree(ray_job.dir / "cache" / "answers")  # else the pool answers the call again from the job's cache
     before = ray.get(pool.info.remote())
     pending = pool.generate.remote(prompts, params, seeds, ())
     time.sleep(3)  # the first batches are decoding on both replicas

@@ -34,6 +34,9 @@ def ray_vllm_config(output_dir: Path) -> JobConfig:
     data["output_dir"] = str(output_dir)
     data["generation"]["backend"] = "vllm"  # what this suite runs
     data["tracking"] = {"enabled": False}  # .venv-vllm has no MLflow (vLLM's pins); tracking is tested elsewhere
+    # Calls here are repeated on purpose (one candidate at a time, then together): the pool must decode them again,
+    # not answer from the job's answer cache (tested in tests/test_ray_executor.py).
+    data["generation"]["answer_cache_mb"] = 0
     # One replica (one engine within 6 GiB) on this 2-core machine; ci.yaml's compute is the in-process one.
     data["compute"] = {"executor": "ray", "generator_replicas": 1, "replica_num_cpus": 1, "threads_per_replica": 2,
                        "trainer_num_cpus": 1, "request_resources": False, "threads": 2}

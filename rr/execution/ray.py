@@ -6,7 +6,7 @@ executor: the pool batches requests exactly as HFGenerator.generate does (the sa
 the same batch_size chunks, each chunk decoded as one batch on some replica, per-request seeds), so which
 replica answers a chunk changes nothing.
 
-    driver (RayExecutor) ──► GeneratorPool (async actor) ──► GeneratorReplica × n (model loaded once)
+    driver (RayExecutor) ──► GeneratorPool (async actor on the driver's node; the job's answer cache) ──► GeneratorReplica × n
       │  search_weights: Tuner, one trial per candidate weight; trials call the same pool
       └─ train_pem: TorchTrainer(num_workers) running rr.release.pem.train_pem on each worker
 """
@@ -27,9 +27,9 @@ import ray.util.client
 
 from rr.errors import RRError
 from rr.execution.base import Composition, concurrent_trials, sized
-from rr.generation.answer_cache import AnswerCache, CachedModel, base_identity, composition_identity
+from rr.generation.answer_cache import AnswerCache, base_identity
 from rr.generation.base import tidy_answer
-from rr.release.ledger import Pem, WeightedPem
+from rr.release.ledger import Pem, WeightedPem, pem_digest
 from rr.tasks.base import Evaluation, Example, SamplingParams
 
 log = logging.getLogger("rr")
@@ -225,11 +225,16 @@ class GeneratorPool:
     whichever replica is free, retries a batch whose replica died on a fresh replica, and puts every answer in
     its request's slot (none lost, none twice). Tune trials and the driver share it by handle."""
 
-    def __init__(self, spec: dict, replica_options: dict, count: int, max_retries: int):
+    def __init__(self, spec: dict, replica_options: dict, count: int, max_retries: int, answers: dict | None = None):
         self.spec = spec
         self.replica_options = replica_options
         self.max_retries = max_retries
         self.pem_refs: dict[str, list] = {}
+        self.pem_digests: dict[str, str] = {}
+        # The job's answer cache (JOB/cache/answers; the pool runs on the driver's node): every generate call, the
+        # driver's and the weight search trials', is answered from it when the same call was made before.
+        self.answers = AnswerCache(answers["directory"], answers["max_bytes"]) if answers else None
+        self.identity = answers["identity"] if answers else None
         self.replicas: list = []
         self.workers: list[asyncio.Task] = []
         self.queue: asyncio.Queue | None = None
@@ -263,11 +268,14 @@ class GeneratorPool:
         return list(await asyncio.gather(*[replica.info.remote() for replica in self.replicas]))
 
     async def stats(self) -> dict:
-        return dict(self.counts, replicas=len(self.replicas), queued=self.queue.qsize() if self.queue else 0)
+        return dict(self.counts, replicas=len(self.replicas), queued=self.queue.qsize() if self.queue else 0,
+                    answer_cache_hits=self.answers.hits if self.answers else 0)
 
-    def register(self, pem_refs: dict) -> None:
-        """PEMs by name → [ObjectRef] (a list, so Ray passes the ref on rather than resolving it)."""
+    def register(self, pem_refs: dict, digests: dict) -> None:
+        """PEMs by name → [ObjectRef] (a list, so Ray passes the ref on rather than resolving it), and their content
+        hashes (rr.release.ledger.pem_digest), which key the answer cache."""
         self.pem_refs.update(pem_refs)
+        self.pem_digests.update(digests)
 
     async def _serve(self, index: int) -> None:
         """One loop per replica: take work, run it, settle its futures; a dead replica is replaced."""
@@ -316,11 +324,23 @@ class GeneratorPool:
 
     async def generate(self, prompts: Sequence[str], params: SamplingParams, seeds: Sequence[int] | None,
                        key: CompositionKey) -> list[list[str]]:
-        """HFGenerator.generate, spread over the replicas batch by batch."""
-        from rr.generation.base import request_seed
-
+        """HFGenerator.generate, spread over the replicas batch by batch (or from the answer cache)."""
         if not prompts:
             return []
+        if self.answers is None or self.answers.max_bytes <= 0:
+            return await self._generate(prompts, params, seeds, key)
+        composition = [(self.pem_digests[name], float(weight)) for name, weight in key]
+        cache_key = self.answers.call_key({**self.identity, "composition": composition}, prompts, params, seeds)
+        answers = self.answers.get(cache_key, len(prompts), params.n)
+        if answers is None:
+            answers = await self._generate(prompts, params, seeds, key)
+            self.answers.put(cache_key, answers)
+        return answers
+
+    async def _generate(self, prompts: Sequence[str], params: SamplingParams, seeds: Sequence[int] | None,
+                        key: CompositionKey) -> list[list[str]]:
+        from rr.generation.base import request_seed
+
         await self._start()
         seeds = list(seeds) if seeds is not None else list(range(len(prompts)))
         requests = [(i, j, prompts[i], request_seed(seeds[i], j)) for i in range(len(prompts)) for j in range(params.n)]
@@ -482,10 +502,6 @@ class RayExecutor:
         self.trainers = self.compute.trainer_workers
         self._registered: set[str] = set()
         self.spec = self._spec()
-        # The driver's own calls (Reveal's rounds, every scoring but the weight search's trials, `rr eval`, the
-        # audit) go through the job's answer cache, as in-process; the trials run wherever Ray places them.
-        self.answers = AnswerCache(job.dir / "cache" / "answers", job.config.generation.answer_cache_mb * 2**20)
-        self._base_identity: dict | None = None
 
     # ---- cluster ----------------------------------------------------------------------------------------
     def _connect(self) -> None:
@@ -563,8 +579,12 @@ class RayExecutor:
         replica has loaded its model (a resize left pending by an earlier call too)."""
         count = count or self.replicas or self._default_replicas()
         if self.pool is None:
-            self.pool = ray.remote(GeneratorPool).options(num_cpus=0, max_concurrency=1000).remote(
-                self.spec, self._replica_options(), count, self.compute.max_replica_restarts + 1)
+            from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+            # On the driver's node, where the job directory (and so its answer cache) is.
+            here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
+            self.pool = ray.remote(GeneratorPool).options(num_cpus=0, max_concurrency=1000, scheduling_strategy=here).remote(
+                self.spec, self._replica_options(), count, self.compute.max_replica_restarts + 1, self._answer_cache())
             self._registered = set()
         if count != self.replicas:
             log.info("generator replicas: %d", count)
@@ -578,9 +598,10 @@ class RayExecutor:
 
     def _key(self, composition: Composition) -> CompositionKey:
         pool = self._ensure_pool()
-        new = {w.pem.name: [ray.put(w.pem)] for w in composition if w.pem.name not in self._registered}
+        new = {w.pem.name: w.pem for w in composition if w.pem.name not in self._registered}
         if new:
-            ray.get(pool.register.remote(new))
+            ray.get(pool.register.remote({name: [ray.put(pem)] for name, pem in new.items()},
+                                         {name: pem_digest(pem) for name, pem in new.items()}))
             self._registered |= set(new)
         return composition_key(composition)
 
@@ -589,25 +610,23 @@ class RayExecutor:
                  composition: Composition = ()) -> list[list[str]]:
         return self.model(composition).generate(prompts, params, seeds)
 
-    def model(self, composition: Composition = ()):
-        handle = PoolModel(self._ensure_pool(), self._key(composition))
-        if self.answers.max_bytes <= 0:
-            return handle
-        return CachedModel(handle, self.answers, {**self._identity(), "composition": composition_identity(composition)})
+    def model(self, composition: Composition = ()) -> PoolModel:
+        return PoolModel(self._ensure_pool(), self._key(composition))
 
-    def _identity(self) -> dict:
-        """What decides a replica's answer besides the composition and the call: the base model (its weights' hash,
-        from the driver's copy) and the replicas' settings. Keys differ from the in-process executor's (threads,
-        executor), so the two never answer for each other."""
-        if self._base_identity is None:
-            from rr.release.ledger import tensors_digest
+    def _answer_cache(self) -> dict | None:
+        """The pool's answer cache: the job's JOB/cache/answers, keyed by what decides a replica's answer besides the
+        composition and the call: the base model (its weights' hash, from the driver's copy, which Reveal loads
+        anyway) and the replicas' settings. Keys differ from the in-process executor's (executor, threads), so the
+        two never answer for each other."""
+        max_bytes = self.job.config.generation.answer_cache_mb * 2**20
+        if max_bytes <= 0 or ray.util.client.ray.is_connected():  # through ray://, the job directory is not the cluster's
+            return None
+        from rr.release.ledger import tensors_digest
 
-            weights = None if self.spec["backend"] == "vllm" else tensors_digest(
-                sorted(self.job.model.state_dict().items()))
-            self._base_identity = base_identity(
-                self.job, weights, executor="ray",
-                **{name: self.spec[name] for name in ("backend", "batch_size", "device", "threads", "dtype")})
-        return self._base_identity
+        weights = None if self.spec["backend"] == "vllm" else tensors_digest(sorted(self.job.model.state_dict().items()))
+        identity = base_identity(self.job, weights, executor="ray",
+                                 **{name: self.spec[name] for name in ("backend", "batch_size", "device", "threads")})
+        return {"directory": str(self.job.dir / "cache" / "answers"), "max_bytes": max_bytes, "identity": identity}
 
     def evaluate(self, task, split: str, composition: Composition = ()) -> Evaluation:
         return task.evaluate(self.model(composition), split)

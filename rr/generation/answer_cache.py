@@ -71,6 +71,13 @@ class AnswerCache:
         self.hits += 1
         return answers
 
+    @classmethod
+    def call_key(cls, identity: dict, prompts: Sequence["str | Prompt"], params: SamplingParams,
+                 seeds: Sequence[int] | None) -> str:
+        """The key of one generate call made under `identity` (the model, its composition, backend and settings)."""
+        return cls.key({**identity, "prompts": [prompt_to_json(p) for p in prompts], "params": asdict(params),
+                        "seeds": None if seeds is None else list(seeds)})
+
     def put(self, key: str, answers: list[list[str]]) -> None:
         if self.max_bytes <= 0:
             return
@@ -131,8 +138,7 @@ class CachedModel:
                  seeds: Sequence[int] | None = None) -> list[list[str]]:
         if not prompts:
             return []
-        key = self.cache.key({**self.identity, "prompts": [prompt_to_json(p) for p in prompts],
-                              "params": asdict(params), "seeds": None if seeds is None else list(seeds)})
+        key = self.cache.call_key(self.identity, prompts, params, seeds)
         answers = self.cache.get(key, len(prompts), params.n)
         if answers is None:
             answers = self.handle.generate(prompts, params, seeds)
