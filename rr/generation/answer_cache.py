@@ -9,7 +9,9 @@ scored in full, when a killed run is rerun, and when a model already scored is a
 
 Entries live in JOB_DIR/cache/answers (owner-only: they hold forget data), each a JSON file checked on read; a
 corrupt entry is recomputed with a one-line warning. The directory is bounded (generation.answer_cache_mb): the
-least recently used entries go first.
+least recently used entries go first. The in-process executor wraps its model in a CachedModel; on Ray the
+generator pool (on the driver's node) keeps the cache for the driver's calls and the weight search's trials alike,
+under keys that also name the executor, so neither answers for the other.
 """
 
 from __future__ import annotations
