@@ -363,3 +363,35 @@ def test_loaders_without_datasets_say_how_to_install_it(monkeypatch):
         load_gsm8k("train")
     with pytest.raises(RRError, match="unknown split"):
         load_gsm8k("dev")
+
+
+def test_grade_asks_every_item_in_one_call_with_its_forms_stop_strings():
+    """Items of forms that end their answers differently (chat: at the code block's close; raw completions: where
+    top-level code resumes) share one generate call on a model that takes params per prompt (the generators, the
+    Ray pool), each with its own stops; a model that does not gets one call per stop, as before. Same grades."""
+    from rr.tasks.base import SamplingParams
+
+    task = CodeTask(CodeTaskConfig(**SMALL), seed=0)
+    items = task.form_items("test")
+    assert len({item.stop for item in items}) > 1, "the test split has forms that end alike only"
+    oracle = _oracle(task, "test")
+
+    class PerPrompt(FakeModel):
+        per_prompt_params = True
+
+        def __init__(self, answers):
+            super().__init__(answers)
+            self.calls = []
+
+        def generate(self, prompts, params, seeds=None):
+            self.calls.append(list(params) if isinstance(params, list) else params)
+            return [[self.answers.get(p, self.default)] for p in prompts]
+
+    class Grouped(PerPrompt):
+        per_prompt_params = False
+
+    one, grouped = PerPrompt(oracle.answers), Grouped(oracle.answers)
+    assert [r.passed for r in task.grade(one, items)] == [r.passed for r in task.grade(grouped, items)] == [True] * len(items)
+    assert len(one.calls) == 1 and [p.stop for p in one.calls[0]] == [item.stop for item in items]
+    assert all(p == SamplingParams(max_new_tokens=task.config.max_new_tokens, stop=p.stop) for p in one.calls[0])
+    assert sorted(p.stop for p in grouped.calls) == sorted({item.stop for item in items})

@@ -166,3 +166,25 @@ def test_stop_strings_end_answers_after_the_stop_text(smollm2):
         assert len(stopped) < len(full)
     else:
         assert stopped == full
+
+
+@pytest.mark.slow
+def test_prompts_with_their_own_stops_and_lengths_answer_in_one_call_as_in_separate_calls(smollm2):
+    """generate with one SamplingParams per prompt (the audit's probes: chat forms end at their code block, a raw
+    continuation where top-level code resumes, each with its own max_new_tokens): one call, the same answers as each
+    prompt's own call; prompts that sample differently cannot share a call."""
+    from rr.core.prompt import Prompt
+    from rr.tasks.base import SamplingParams
+    from rr.tasks.code_forms import CODE_STOP, COMPLETION_STOP
+
+    _, _, generator = smollm2
+    prompts = ["Write a Python function `square(x)` that returns x squared.",
+               Prompt.raw("User: Write a function that doubles x.\n\nAssistant: Sure.\n\n```python\ndef double(x):\n"),
+               "Name a colour.", "Explain in detail how a bicycle works, step by step."]
+    params = [SamplingParams(max_new_tokens=64, stop=CODE_STOP), SamplingParams(max_new_tokens=48, stop=COMPLETION_STOP),
+              SamplingParams(max_new_tokens=8), SamplingParams(max_new_tokens=24)]
+    together = generator.generate(prompts, params)
+    assert together == [generator.generate([p], each)[0] for p, each in zip(prompts, params)]
+    assert len(generator.tokenizer(together[2][0]).input_ids) <= 8 + 1  # its own limit, not the call's longest
+    with pytest.raises(RRError, match="share temperature"):
+        generator.generate(prompts[:2], [SamplingParams(), SamplingParams(temperature=0.7)])

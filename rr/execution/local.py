@@ -17,6 +17,8 @@ class VllmComposition:
     adapter). vLLM gives only the top-k log-probs of each token, so the token statistics (answer probability,
     the audit's membership scores) come from the job's transformers model with the same composition by hooks."""
 
+    per_prompt_params = True  # as the vLLM generator it serves
+
     def __init__(self, executor: "LocalExecutor", composition: Composition):
         self.executor, self.composition = executor, list(composition)
 

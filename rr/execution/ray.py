@@ -30,7 +30,7 @@ from rr.execution.base import Composition, concurrent_trials, sized
 from rr.generation.answer_cache import AnswerCache, base_identity
 from rr.generation.base import tidy_answer
 from rr.release.ledger import Pem, WeightedPem, pem_digest
-from rr.tasks.base import Evaluation, Example, SamplingParams
+from rr.tasks.base import Evaluation, Example, SamplingParams, per_prompt
 
 log = logging.getLogger("rr")
 
@@ -150,8 +150,8 @@ class GeneratorReplica:
         for name, weight in key:
             self.composed.append(self.pems[name], weight)
 
-    def _decode(self, prompts: Sequence[str], request_seeds: Sequence[int], params: SamplingParams) -> list[str]:
-        """One left-padded batch, exactly as one chunk of HFGenerator.generate."""
+    def _decode(self, prompts: Sequence[str], request_seeds: Sequence[int], params: Sequence[SamplingParams]) -> list[str]:
+        """One left-padded batch, exactly as one chunk of HFGenerator.generate (params: one per prompt)."""
         import torch
 
         g = self.generator
@@ -160,8 +160,8 @@ class GeneratorReplica:
         width, pad = max(len(e) for e in encoded), g.tokenizer.pad_token_id
         input_ids = torch.tensor([[pad] * (width - len(e)) + e for e in encoded], device=g.device)
         mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded], device=g.device)
-        return [g._text(ids, params.stop, prompt)
-                for ids, prompt in zip(g.decode(input_ids, mask, params, list(request_seeds)), prompts)]
+        return [g._text(ids, each.stop, prompt) for ids, prompt, each
+                in zip(g.decode(input_ids, mask, list(params), list(request_seeds)), prompts, params)]
 
     def _run_vllm(self, groups: list[tuple]) -> list:
         """Several compositions in one vLLM batch: one LoRARequest (adapter copy) per composition, up to
@@ -178,13 +178,13 @@ class GeneratorReplica:
             if kind == "token_stats":
                 out[index] = self._token_stats(key, *payload)
                 continue
-            prompts, request_seeds, params = payload
+            prompts, request_seeds, params = payload  # params: one per prompt
             start = len(texts)
-            for prompt, seed in zip(prompts, request_seeds):
+            for prompt, seed, each in zip(prompts, request_seeds, params):
                 texts.append(g._chat(prompt))
-                sampling.append(VllmSamplingParams(n=1, temperature=params.temperature, top_p=params.top_p,
-                                                   max_tokens=params.max_new_tokens, seed=seed % (2**31),
-                                                   stop=list(params.stop) or None, include_stop_str_in_output=True))
+                sampling.append(VllmSamplingParams(n=1, temperature=each.temperature, top_p=each.top_p,
+                                                   max_tokens=each.max_new_tokens, seed=seed % (2**31),
+                                                   stop=list(each.stop) or None, include_stop_str_in_output=True))
                 loras.append(self._lora(key))
             spans.append((index, start, len(texts), prompts))
         if texts:
@@ -331,7 +331,7 @@ class GeneratorPool:
             return await self._generate(prompts, params, seeds, key)
         composition = [(self.pem_digests[name], float(weight)) for name, weight in key]
         cache_key = self.answers.call_key({**self.identity, "composition": composition}, prompts, params, seeds)
-        answers = self.answers.get(cache_key, len(prompts), params.n)
+        answers = self.answers.get(cache_key, len(prompts), per_prompt(params, len(prompts))[0].n)
         if answers is None:
             answers = await self._generate(prompts, params, seeds, key)
             self.answers.put(cache_key, answers)
@@ -342,16 +342,19 @@ class GeneratorPool:
         from rr.generation.base import request_seed
 
         await self._start()
+        each = per_prompt(params, len(prompts))
+        n = each[0].n
         seeds = list(seeds) if seeds is not None else list(range(len(prompts)))
-        requests = [(i, j, prompts[i], request_seed(seeds[i], j)) for i in range(len(prompts)) for j in range(params.n)]
+        requests = [(i, j, prompts[i], request_seed(seeds[i], j)) for i in range(len(prompts)) for j in range(n)]
         lengths = await self.replicas[0].prompt_lengths.remote([r[2] for r in requests]) \
             if self.spec["backend"] == "hf" else [0] * len(requests)
         order = sorted(range(len(requests)), key=lambda k: -lengths[k])
         chunks = [order[start:start + self.spec["batch_size"]] for start in range(0, len(order), self.spec["batch_size"])]
         answers = await asyncio.gather(*[
-            self._submit(("generate", key, ([requests[k][2] for k in chunk], [requests[k][3] for k in chunk], params)))
+            self._submit(("generate", key, ([requests[k][2] for k in chunk], [requests[k][3] for k in chunk],
+                                            [each[requests[k][0]] for k in chunk])))
             for chunk in chunks])
-        results: list[list[str | None]] = [[None] * params.n for _ in prompts]
+        results: list[list[str | None]] = [[None] * n for _ in prompts]
         for chunk, texts in zip(chunks, answers):
             for k, text in zip(chunk, texts):
                 i, j = requests[k][0], requests[k][1]
@@ -378,6 +381,8 @@ class GeneratorPool:
 class PoolModel:
     """A ModelHandle (what a task's evaluate needs) for one composition, served by the pool; picklable, so a
     Tune trial can use it."""
+
+    per_prompt_params = True  # the pool batches as HFGenerator does, params per prompt included
 
     def __init__(self, pool, key: CompositionKey):
         self.pool, self.key = pool, key

@@ -26,7 +26,7 @@ from typing import Sequence
 
 from rr.core.files import atomic_write_text
 from rr.core.prompt import Prompt, prompt_to_json
-from rr.tasks.base import SamplingParams
+from rr.tasks.base import SamplingParams, per_prompt
 
 log = logging.getLogger("rr")
 ANSWER_CACHE_FORMAT = 1  # raise when what decides an answer changes in rr's generators (a decode fix, a new rule)
@@ -74,10 +74,11 @@ class AnswerCache:
         return answers
 
     @classmethod
-    def call_key(cls, identity: dict, prompts: Sequence["str | Prompt"], params: SamplingParams,
+    def call_key(cls, identity: dict, prompts: Sequence["str | Prompt"], params: "SamplingParams | Sequence[SamplingParams]",
                  seeds: Sequence[int] | None) -> str:
         """The key of one generate call made under `identity` (the model, its composition, backend and settings)."""
-        return cls.key({**identity, "prompts": [prompt_to_json(p) for p in prompts], "params": asdict(params),
+        return cls.key({**identity, "prompts": [prompt_to_json(p) for p in prompts],
+                        "params": [asdict(p) for p in params] if isinstance(params, (list, tuple)) else asdict(params),
                         "seeds": None if seeds is None else list(seeds)})
 
     def put(self, key: str, answers: list[list[str]]) -> None:
@@ -136,12 +137,12 @@ class CachedModel:
     def __init__(self, handle, cache: AnswerCache, identity: dict):
         self.handle, self.cache, self.identity = handle, cache, identity
 
-    def generate(self, prompts: Sequence["str | Prompt"], params: SamplingParams,
+    def generate(self, prompts: Sequence["str | Prompt"], params: "SamplingParams | Sequence[SamplingParams]",
                  seeds: Sequence[int] | None = None) -> list[list[str]]:
         if not prompts:
             return []
         key = self.cache.call_key(self.identity, prompts, params, seeds)
-        answers = self.cache.get(key, len(prompts), params.n)
+        answers = self.cache.get(key, len(prompts), per_prompt(params, len(prompts))[0].n)
         if answers is None:
             answers = self.handle.generate(prompts, params, seeds)
             self.cache.put(key, [list(a) for a in answers])

@@ -28,9 +28,13 @@ class Generator(Protocol):
     """Answers prompts in batches (a str is one user turn; a Prompt a chat or raw completion); implements the
     tasks' ModelHandle too."""
 
-    def generate(self, prompts: Sequence[str | Prompt], params: SamplingParams,
+    per_prompt_params: bool  # True: generate takes one SamplingParams per prompt
+
+    def generate(self, prompts: Sequence[str | Prompt], params: "SamplingParams | Sequence[SamplingParams]",
                  seeds: Sequence[int] | None = None) -> list[list[str]]:
-        """`params.n` completions per prompt; sample j of prompt i is seeded by request_seed(seeds[i], j)."""
+        """`params.n` completions per prompt; sample j of prompt i is seeded by request_seed(seeds[i], j). `params`
+        may be a list, one per prompt (rr.tasks.base.per_prompt): each prompt then ends at its own stop strings and
+        max_new_tokens, and a batch shrinks as its answers end."""
 
     def perplexity(self, texts: Sequence[str]) -> float:
         """Token-level perplexity of plain texts."""

@@ -12,7 +12,7 @@ from rr.core.prompt import Prompt, as_prompt
 from rr.core.tokens import TokenStats, collate, encode_example, pad_token_id, token_stats_of
 from rr.evaluation.metrics import perplexity_from_losses
 from rr.generation.base import request_seed, tidy_answer
-from rr.tasks.base import Example, SamplingParams
+from rr.tasks.base import Example, SamplingParams, per_prompt
 
 
 def _stop_token_ids(tokenizer, model) -> set[int]:
@@ -73,6 +73,8 @@ def _pick_next(logits: torch.Tensor, params: SamplingParams, generators: list[to
 class HFGenerator:
     """Generates for chat prompts with whatever adapters/hooks are attached to `model`."""
 
+    per_prompt_params = True  # generate takes one SamplingParams per prompt (rr.tasks.base.per_prompt)
+
     def __init__(self, model, tokenizer, batch_size: int = 16, system_prompt: str | None = None,
                  max_prompt_tokens: int = 1024, shrink_finished: bool = True):
         self.model = model
@@ -93,11 +95,15 @@ class HFGenerator:
 
     # ---- decoding ------------------------------------------------------------------------
     @torch.no_grad()
-    def decode(self, input_ids: torch.Tensor | None, attention_mask: torch.Tensor, params: SamplingParams,
-               seeds: Sequence[int] | None = None, inputs_embeds: torch.Tensor | None = None,
-               return_last_hidden: bool = False):
-        """Decode a left-padded batch; returns token-id lists (and the prompt's last hidden state)."""
+    def decode(self, input_ids: torch.Tensor | None, attention_mask: torch.Tensor,
+               params: "SamplingParams | Sequence[SamplingParams]", seeds: Sequence[int] | None = None,
+               inputs_embeds: torch.Tensor | None = None, return_last_hidden: bool = False):
+        """Decode a left-padded batch; returns token-id lists (and the prompt's last hidden state). With params per
+        row, each row ends at its own stop strings and max_new_tokens."""
         batch = attention_mask.shape[0]
+        each = per_prompt(params, batch)
+        params = each[0]  # how every row samples (per_prompt checked that they agree)
+        limits, stops = [p.max_new_tokens for p in each], [p.stop for p in each]
         generators = None
         if params.temperature > 0:
             seeds = seeds if seeds is not None else list(range(batch))
@@ -115,16 +121,19 @@ class HFGenerator:
         finished = torch.zeros(batch, dtype=torch.bool, device=self.device)
         tokens: list[list[int]] = [[] for _ in range(batch)]
         stop = torch.tensor(sorted(self.stop_ids), device=self.device)
-        for step in range(params.max_new_tokens):
+        for step in range(max(limits, default=0)):
             next_tokens = _pick_next(logits, params, generators)
             live = torch.nonzero(~finished).flatten().tolist()
             for i in live:
                 tokens[rows[i]].append(int(next_tokens[i]))
             profile.count(generated_tokens=len(live))
             finished |= torch.isin(next_tokens, stop)
-            if params.stop and step % 4 == 3:  # decoding every row each step would cost more than it saves
+            for i in live:  # a row at its own max_new_tokens is done
+                if len(tokens[rows[i]]) >= limits[rows[i]]:
+                    finished[i] = True
+            if step % 4 == 3 and any(stops):  # decoding every row each step would cost more than it saves
                 for i in torch.nonzero(~finished).flatten().tolist():
-                    if any(s in self.tokenizer.decode(tokens[rows[i]]) for s in params.stop):
+                    if stops[rows[i]] and any(s in self.tokenizer.decode(tokens[rows[i]]) for s in stops[rows[i]]):
                         finished[i] = True
             if bool(finished.all()):
                 break
@@ -152,28 +161,31 @@ class HFGenerator:
         ends = [text.find(s) + len(s) for s in stop if s in text]
         return tidy_answer(text[:min(ends)] if ends else text, prompt)
 
-    def generate(self, prompts: Sequence[str], params: SamplingParams,
+    def generate(self, prompts: Sequence[str], params: "SamplingParams | Sequence[SamplingParams]",
                  seeds: Sequence[int] | None = None) -> list[list[str]]:
         if not prompts:
             return []
+        each = per_prompt(params, len(prompts))
+        n = each[0].n
         seeds = list(seeds) if seeds is not None else list(range(len(prompts)))
         requests = [(i, j, self.chat_text(p), request_seed(seeds[i], j))
-                    for i, p in enumerate(prompts) for j in range(params.n)]
+                    for i, p in enumerate(prompts) for j in range(n)]
         encoded = [self.tokenizer(text, add_special_tokens=False).input_ids[-self.max_prompt_tokens:]
                    for _, _, text, _ in requests]
         # Longest first, so each batch pads little and the slowest batch starts first.
         order = sorted(range(len(requests)), key=lambda k: -len(encoded[k]))
-        results: list[list[str]] = [[""] * params.n for _ in prompts]
+        results: list[list[str]] = [[""] * n for _ in prompts]
         for start in range(0, len(order), self.batch_size):
             chunk = order[start:start + self.batch_size]
             width = max(len(encoded[k]) for k in chunk)
             pad = self.tokenizer.pad_token_id
             input_ids = torch.tensor([[pad] * (width - len(encoded[k])) + encoded[k] for k in chunk], device=self.device)
             mask = torch.tensor([[0] * (width - len(encoded[k])) + [1] * len(encoded[k]) for k in chunk], device=self.device)
-            token_lists = self.decode(input_ids, mask, params, [requests[k][3] for k in chunk])
+            token_lists = self.decode(input_ids, mask, [each[requests[k][0]] for k in chunk],
+                                      [requests[k][3] for k in chunk])
             for k, token_ids in zip(chunk, token_lists):
                 i, j = requests[k][0], requests[k][1]
-                results[i][j] = self._text(token_ids, params.stop, prompts[i])
+                results[i][j] = self._text(token_ids, each[i].stop, prompts[i])
         return results
 
     @torch.no_grad()

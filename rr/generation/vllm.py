@@ -16,7 +16,7 @@ from typing import Sequence
 from rr.core.prompt import Prompt, as_prompt
 from rr.errors import RRError
 from rr.generation.base import request_seed, tidy_answer
-from rr.tasks.base import SamplingParams
+from rr.tasks.base import SamplingParams, per_prompt
 
 
 GPU_MEMORY_FRACTION = 0.85  # of the GPU's memory: the rest is left to CUDA graphs and other processes
@@ -36,6 +36,8 @@ def memory_fraction(configured: float | None, on_cpu: bool, total_memory_bytes: 
 
 
 class VLLMGenerator:
+    per_prompt_params = True  # generate takes one SamplingParams per prompt (a vLLM request each)
+
     def __init__(self, model: str, *, gpu_memory_utilization: float | None = None, max_lora_rank: int = 64,
                  max_loras: int = 8, seed: int = 0, dtype: str = "auto", revision: str | None = None):
         try:
@@ -94,22 +96,24 @@ class VLLMGenerator:
         """As HFGenerator.chat_text: a str is one user turn; a Prompt renders itself (raw: no template)."""
         return as_prompt(prompt).render(self.tokenizer)
 
-    def generate(self, prompts: Sequence[str], params: SamplingParams,
+    def generate(self, prompts: Sequence[str], params: "SamplingParams | Sequence[SamplingParams]",
                  seeds: Sequence[int] | None = None) -> list[list[str]]:
         from vllm import SamplingParams as VllmSamplingParams
 
+        each = per_prompt(params, len(prompts))
+        n = each[0].n
         seeds = list(seeds) if seeds is not None else list(range(len(prompts)))
         texts, per_request = [], []
         for i, prompt in enumerate(prompts):
-            for j in range(params.n):
+            for j in range(n):
                 texts.append(self._chat(prompt))
                 per_request.append(VllmSamplingParams(
-                    n=1, temperature=params.temperature, top_p=params.top_p, max_tokens=params.max_new_tokens,
-                    seed=request_seed(seeds[i], j) % (2**31), stop=list(params.stop) or None,
+                    n=1, temperature=each[i].temperature, top_p=each[i].top_p, max_tokens=each[i].max_new_tokens,
+                    seed=request_seed(seeds[i], j) % (2**31), stop=list(each[i].stop) or None,
                     include_stop_str_in_output=True))
         outputs = self.llm.generate(texts, per_request, lora_request=self._adapter, use_tqdm=False)
-        flat = [tidy_answer(o.outputs[0].text, prompts[k // params.n]) for k, o in enumerate(outputs)]
-        return [flat[i * params.n:(i + 1) * params.n] for i in range(len(prompts))]
+        flat = [tidy_answer(o.outputs[0].text, prompts[k // n]) for k, o in enumerate(outputs)]
+        return [flat[i * n:(i + 1) * n] for i in range(len(prompts))]
 
     def perplexity(self, texts: Sequence[str]) -> float:
         from vllm import SamplingParams as VllmSamplingParams

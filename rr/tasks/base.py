@@ -41,6 +41,42 @@ class SamplingParams:
     stop: tuple[str, ...] = ()  # generation ends once the answer contains one of these (kept in the text)
 
 
+def per_prompt(params: "SamplingParams | Sequence[SamplingParams]", count: int) -> list[SamplingParams]:
+    """A generate call's params, one per prompt: a generator that takes params per prompt (`per_prompt_params`) gets
+    either one SamplingParams for the whole call or a list, one per prompt, whose prompts then end each at its own
+    stop strings and max_new_tokens. The prompts of one call share how they sample (temperature, top_p, n)."""
+    each = list(params) if isinstance(params, (list, tuple)) else [params] * count
+    if len(each) != count:
+        raise RRError(f"generate: {len(each)} sampling params for {count} prompts; pass one, or one per prompt")
+    if len({(p.temperature, p.top_p, p.n) for p in each}) > 1:
+        raise RRError("generate: the prompts of one call must share temperature, top_p and n; make one call per "
+                      "sampling setting")
+    return each
+
+
+def generate_each(model, prompts: Sequence["str | Prompt"], params: Sequence[SamplingParams],
+                  seeds: Sequence[int] | None = None) -> list[list[str]]:
+    """Each prompt answered with its own params (greedy tasks: its stop strings and max_new_tokens). A model that
+    takes params per prompt answers them in one call, so answers of different lengths share batches and a batch
+    shrinks as its answers end; any other model gets one call per distinct params, in order of first use."""
+    if len(params) != len(prompts):
+        raise RRError(f"generate_each: {len(params)} sampling params for {len(prompts)} prompts")
+    if getattr(model, "per_prompt_params", False):
+        return model.generate(list(prompts), list(params), seeds)
+    groups: dict[SamplingParams, list[int]] = {}
+    for index, each in enumerate(params):
+        groups.setdefault(each, []).append(index)
+    out: list[list[str] | None] = [None] * len(prompts)
+    for each, indices in groups.items():
+        answers = model.generate([prompts[i] for i in indices], each,
+                                 None if seeds is None else [seeds[i] for i in indices])
+        if len(answers) != len(indices):
+            raise RRError(f"the model returned {len(answers)} completion lists for {len(indices)} prompts")
+        for i, answer in zip(indices, answers):
+            out[i] = answer
+    return out  # type: ignore[return-value]
+
+
 @dataclass
 class Evaluation:
     """A task's verdict on one model: the two decision scores and every reported metric.
@@ -88,7 +124,8 @@ class ModelHandle(Protocol):
     def generate(self, prompts: Sequence[str | Prompt], params: SamplingParams,
                  seeds: Sequence[int] | None = None) -> list[list[str]]:
         """Prompts (a str is one user turn; a Prompt is a chat or a raw completion) → `params.n` completions
-        each. Seeds are per prompt."""
+        each. Seeds are per prompt. A handle with `per_prompt_params = True` also takes a list of params, one per
+        prompt (per_prompt); tasks ask through generate_each, which works with either."""
 
     def perplexity(self, texts: Sequence[str]) -> float:
         """Token-level perplexity of plain texts (no chat template)."""

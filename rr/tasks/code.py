@@ -27,7 +27,7 @@ from rr.errors import RRError
 from rr.evaluation.metrics import wilson_interval
 from rr.tasks.arithmetic import ArithmeticItem, arithmetic_prompt, generate_arithmetic_splits, is_correct
 from rr.tasks.base import (SPLITS, Context, Evaluation, Example, ModelHandle, SamplingParams, StopEarly, check_forms,
-                           check_split)
+                           check_split, generate_each)
 from rr.tasks.code_forms import (CODE_FORMS, FORMS_BY_SPLIT, FRAMED_FORMS, HELD_OUT_FORMS, FormItem, form_items, framed_like,
                                  has_parts)
 from rr.tasks.code_problems import (BUILTIN_PROBLEMS, CODE_STOP, GENERAL_TEXT, VALIDATION_GENERAL_TEXT, CodeProblem,
@@ -357,12 +357,14 @@ class CodeTask:
         return sum(is_correct(response, item.answer) for response, item in zip(answers, arithmetic))
 
     def grade(self, model: ModelHandle, items: Sequence[FormItem]) -> list[SandboxResult]:
-        """Each item's answer (greedy) graded in the sandbox."""
-        results: list[SandboxResult | None] = [None] * len(items)
-        for indices, graded in self._graded_batches(model, items):
-            for i, result in zip(indices, graded):
-                results[i] = result
-        return results  # type: ignore[return-value]
+        """Each item's answer (greedy, ending at its form's stop strings) graded in the sandbox; asked in one call."""
+        answers = _first_completions(generate_each(model, [item.prompt() for item in items],
+                                                   [self._code_params(item) for item in items]), len(items))
+        return self.run_solutions([item.problem for item in items],
+                                  [item.program(answer) for item, answer in zip(items, answers)])
+
+    def _code_params(self, item) -> SamplingParams:
+        return SamplingParams(max_new_tokens=self.config.max_new_tokens, stop=item.stop)
 
     def _graded_batches(self, model: ModelHandle, items: Sequence[FormItem]):
         """(item indices, their sandbox results) for each answer batch: forms that end their answers alike are asked
@@ -373,8 +375,7 @@ class CodeTask:
             by_stop.setdefault(item.stop, []).append(index)
         for stop, indices in by_stop.items():
             answers = _first_completions(model.generate([items[i].prompt() for i in indices],
-                                                        SamplingParams(max_new_tokens=c.max_new_tokens, stop=stop)),
-                                         len(indices))
+                                                        self._code_params(items[indices[0]])), len(indices))
             yield indices, self.run_solutions([items[i].problem for i in indices],
                                               [items[i].program(answer) for i, answer in zip(indices, answers)])
 
