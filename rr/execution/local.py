@@ -8,7 +8,7 @@ from typing import Callable, Sequence
 from rr.core.profile import phase
 from rr.execution.base import Composition
 from rr.generation.answer_cache import AnswerCache, CachedModel, base_identity, composition_identity
-from rr.release.ledger import ComposedModel, Pem, tensors_digest
+from rr.release.ledger import ComposedModel, Pem
 from rr.tasks.base import Evaluation, Example, SamplingParams, StopEarly
 
 
@@ -72,11 +72,9 @@ class LocalExecutor:
         if self._base_identity is None:
             config = self.job.config
             generator = self.job.generator
-            weights = None if hasattr(generator, "use_adapter") else tensors_digest(
-                sorted(self.job.model.state_dict().items()))  # the weights themselves, where this process holds them
             self._base_identity = base_identity(
-                self.job, weights, backend=config.generation.backend, batch_size=config.generation.batch_size,
-                device=self.job.device, system_prompt=getattr(generator, "system_prompt", None),
+                self.job, not hasattr(generator, "use_adapter"), backend=config.generation.backend,
+                batch_size=config.generation.batch_size, device=self.job.device, system_prompt=getattr(generator, "system_prompt", None),
                 max_prompt_tokens=getattr(generator, "max_prompt_tokens", None))
         return {**self._base_identity, "threads": torch.get_num_threads()}
 

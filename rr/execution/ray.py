@@ -626,10 +626,7 @@ class RayExecutor:
         max_bytes = self.job.config.generation.answer_cache_mb * 2**20
         if max_bytes <= 0 or ray.util.client.ray.is_connected():  # through ray://, the job directory is not the cluster's
             return None
-        from rr.release.ledger import tensors_digest
-
-        weights = None if self.spec["backend"] == "vllm" else tensors_digest(sorted(self.job.model.state_dict().items()))
-        identity = base_identity(self.job, weights, executor="ray",
+        identity = base_identity(self.job, self.spec["backend"] != "vllm", executor="ray",
                                  **{name: self.spec[name] for name in ("backend", "batch_size", "device", "threads")})
         return {"directory": str(self.job.dir / "cache" / "answers"), "max_bytes": max_bytes, "identity": identity}
 

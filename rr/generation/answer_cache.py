@@ -117,15 +117,18 @@ def composition_identity(composition) -> list:
     return [(pem_digest(weighted.pem), float(weighted.merge_weight)) for weighted in composition]
 
 
-def base_identity(job, weights: str | None, **settings) -> dict:
+def base_identity(job, hashes_weights: bool, **settings) -> dict:
     """What decides an answer besides the composition and the call: the format, rr's and torch's versions, the
-    model as configured and its weights' hash (None where the serving process alone holds them, e.g. vLLM), and the
-    serving `settings` (backend, batch size, device, threads, ...) of the executor that generates."""
+    model as configured and, with `hashes_weights`, its weights' hash (from the job's model in this process; off
+    where the serving process alone holds the weights, e.g. vLLM), and the serving `settings` (backend, batch
+    size, device, threads, ...) of the executor that generates."""
     import torch
 
     import rr
+    from rr.release.ledger import tensors_digest
 
     model = job.config.model
+    weights = tensors_digest(sorted(job.model.state_dict().items())) if hashes_weights else None
     return {"format": ANSWER_CACHE_FORMAT, "rr": rr.__version__, "torch": torch.__version__,
             "model": [model.name_or_path, model.revision, model.gguf_file, model.dtype], "weights": weights, **settings}
 
